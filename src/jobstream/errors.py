@@ -1,0 +1,148 @@
+"""Errors that become RFC 9457 problem+json responses, and the handlers that render them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+import redis.exceptions
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+logger = logging.getLogger("jobstream.errors")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemError(Exception):
+    """An error with an HTTP status; ``detail`` is shown to the client, so it must hold no internals."""
+
+    status = 500
+    title = "Internal Server Error"
+    slug = "internal"
+
+    def __init__(
+        self,
+        detail: str | None = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        errors: Sequence[Mapping[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        self.headers = dict(headers or {})
+        self.errors = list(errors) if errors is not None else None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(status={self.status}, detail={self.detail!r})"
+
+
+class BadRequest(ProblemError):
+    status, title, slug = 400, "Bad Request", "bad-request"
+
+
+class Unauthorized(ProblemError):
+    status, title, slug = 401, "Unauthorized", "unauthorized"
+
+    def __init__(self, detail: str | None = None) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="jobstream"'})
+
+
+class Forbidden(ProblemError):
+    status, title, slug = 403, "Forbidden", "forbidden"
+
+
+class JobNotFound(ProblemError):
+    status, title, slug = 404, "Not Found", "not-found"
+
+    def __init__(self, detail: str = "No such job (it may have expired).") -> None:
+        super().__init__(detail)
+
+
+class JobEnded(ProblemError):
+    status, title, slug = 409, "Conflict", "job-ended"
+
+
+class PayloadTooLarge(ProblemError):
+    status, title, slug = 413, "Content Too Large", "too-large"
+
+
+class UnsupportedMediaType(ProblemError):
+    status, title, slug = 415, "Unsupported Media Type", "unsupported-media-type"
+
+
+class ValidationFailed(ProblemError):
+    status, title, slug = 422, "Unprocessable Content", "validation"
+
+
+class RateLimited(ProblemError):
+    status, title, slug = 429, "Too Many Requests", "rate-limited"
+
+
+class Unavailable(ProblemError):
+    status, title, slug = 503, "Service Unavailable", "unavailable"
+
+
+def problem_response(
+    status: int,
+    detail: str,
+    *,
+    title: str | None = None,
+    slug: str | None = None,
+    headers: Mapping[str, str] | None = None,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+) -> Response:
+    title = title or HTTPStatus(status).phrase
+    body: dict[str, Any] = {
+        "type": f"https://jobstream.dev/problems/{slug or HTTPStatus(status).phrase.lower().replace(' ', '-')}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+    }
+    if errors is not None:
+        body["errors"] = list(errors)
+    return JSONResponse(body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_MEDIA_TYPE)
+
+
+def pydantic_errors(exc: Any) -> list[dict[str, Any]]:
+    """Field errors of a pydantic ValidationError, without echoing the input back."""
+    return [{"loc": list(err["loc"]), "msg": err["msg"]} for err in exc.errors(include_url=False, include_input=False)]
+
+
+async def handle_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProblemError)
+    return problem_response(
+        exc.status, exc.detail, title=exc.title, slug=exc.slug, headers=exc.headers, errors=exc.errors
+    )
+
+
+async def handle_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    detail = {404: "No route matches this path.", 405: "This method is not allowed here."}.get(
+        exc.status_code, HTTPStatus(exc.status_code).phrase
+    )
+    return problem_response(exc.status_code, detail, headers=exc.headers)
+
+
+async def handle_redis_down(request: Request, exc: Exception) -> Response:
+    logger.warning("redis unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return problem_response(
+        503, "The job store is unavailable; retry shortly.", slug="unavailable", headers={"Retry-After": "2"}
+    )
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(500, "An unexpected error occurred.", slug="internal")
+
+
+EXCEPTION_HANDLERS = {
+    ProblemError: handle_problem,
+    HTTPException: handle_http,
+    redis.exceptions.ConnectionError: handle_redis_down,
+    redis.exceptions.TimeoutError: handle_redis_down,
+    Exception: handle_unexpected,
+}

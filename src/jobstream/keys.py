@@ -1,0 +1,35 @@
+"""The Redis key schema: the only place key names are spelled. No I/O here.
+
+Every key of one job carries the job id as a hash tag (``{<id>}``) so that, on a Redis
+Cluster, a job's metadata and stream share one slot and a Lua script may touch both.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+prefix = "jobstream"
+#: Work queue: a stream read by a consumer group.
+queue_key = f"{prefix}:queue"
+queue_group = "workers"
+#: Prefix handed to the `limits` library for create rate limiting.
+rate_limit_prefix = f"{prefix}:rate"
+
+
+def meta_key(job_id: str) -> str:
+    return f"{prefix}:{{{job_id}}}:meta"
+
+
+def events_key(job_id: str) -> str:
+    return f"{prefix}:{{{job_id}}}:events"
+
+
+def idempotency_key(user: str, key: str) -> str:
+    # Hashing keeps arbitrary client text out of key names.
+    digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()
+    return f"{prefix}:idem:{digest}"
+
+
+def sse_leases_key(user: str) -> str:
+    digest = hashlib.sha256(user.encode()).hexdigest()[:32]
+    return f"{prefix}:sse:{digest}"

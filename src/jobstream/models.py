@@ -1,0 +1,138 @@
+"""Wire models: what clients send and what they get back."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+
+
+class JobStatus(StrEnum):
+    #: Created and queued; no worker has started it.
+    pending = "pending"
+    #: A worker (or an external producer) is producing events.
+    running = "running"
+    #: Ended with a result.
+    completed = "completed"
+    #: Ended with a failure.
+    failed = "failed"
+    #: Ended by a cancel request.
+    cancelled = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled})
+TERMINAL_EVENT = "done"
+#: Event names: lowercase words, so a name can never break an SSE frame.
+EVENT_TYPE_PATTERN = r"^[a-z][a-z0-9_.\-]{0,63}$"
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(min_length=1, max_length=128)
+    input: dict[str, JsonValue] = Field(default_factory=dict)
+    ttl: int | None = Field(default=None, ge=1, description="Idle timeout in seconds, bounded by the server's maximum.")
+
+
+class Progress(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    current: int | float = Field(ge=0)
+    total: int | float | None = Field(default=None, gt=0)
+    message: str | None = Field(default=None, max_length=1000)
+    percent: float | None = None
+
+    @model_validator(mode="after")
+    def _fill_percent(self) -> Progress:
+        if self.total:
+            self.percent = round(min(100.0, 100.0 * self.current / self.total), 2)
+        else:
+            self.percent = None
+        return self
+
+
+class DeltaData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+
+
+class FailureData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    message: str = Field(max_length=4000)
+
+
+class StatusData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: JobStatus
+
+    @field_validator("status")
+    @classmethod
+    def _not_pending(cls, value: JobStatus) -> JobStatus:
+        if value is JobStatus.pending:
+            raise ValueError("a job cannot move back to 'pending'")
+        return value
+
+
+class DoneData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    status: JobStatus
+
+    @field_validator("status")
+    @classmethod
+    def _terminal(cls, value: JobStatus) -> JobStatus:
+        if not value.terminal:
+            raise ValueError("'done' needs a terminal status: completed, failed or cancelled")
+        return value
+
+
+#: Event types whose data has a fixed shape.
+EVENT_SCHEMAS: dict[str, type[BaseModel]] = {
+    "delta": DeltaData,
+    "progress": Progress,
+    "failure": FailureData,
+    "status": StatusData,
+    "done": DoneData,
+}
+
+
+class EventIn(BaseModel):
+    """One event appended by a producer. Known types have their data checked."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(pattern=EVENT_TYPE_PATTERN)
+    data: JsonValue = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_data(self) -> EventIn:
+        schema = EVENT_SCHEMAS.get(self.type)
+        if schema is not None:
+            self.data = schema.model_validate(self.data).model_dump(mode="json", exclude_none=self.type != "progress")
+        elif self.type in ("result", "log") and not isinstance(self.data, dict):
+            raise ValueError(f"'{self.type}' data must be a JSON object")
+        return self
+
+
+class Event(BaseModel):
+    """One event as stored and as read back."""
+
+    id: str
+    type: str
+    data: JsonValue
+
+
+def iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,282 @@
+"""The OpenAPI 3.1 document served at /openapi.json, built from the same models the routes use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import TypeAdapter
+
+from jobstream import __version__
+from jobstream.models import EventIn, JobCreate, Progress
+
+_REF = "#/components/schemas/"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": _REF + name}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/problem+json": {"schema": _ref("Problem")}}}
+
+
+def _json(description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string", "format": "uuid"}}
+_TOKEN = {
+    "name": "token",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "Read token, for clients that cannot send headers (EventSource).",
+}
+_AUTH_ERRORS = {
+    "401": _problem("Missing or invalid credentials"),
+    "403": _problem("Another user's job"),
+    "404": _problem("No such job"),
+    "503": _problem("Redis unavailable"),
+}
+
+_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+
+_SCHEMAS: dict[str, Any] = {
+    "Problem": {
+        "type": "object",
+        "required": ["type", "title", "status", "detail"],
+        "properties": {
+            "type": {"type": "string"},
+            "title": {"type": "string"},
+            "status": {"type": "integer"},
+            "detail": {"type": "string"},
+            "errors": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+                        "msg": {"type": "string"},
+                    },
+                },
+            },
+        },
+    },
+    "JobCreated": {
+        "type": "object",
+        "required": ["id", "type", "status", "created_at", "expires_at", "token", "links"],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "type": {"type": "string"},
+            "status": {"type": "string"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "token": {"type": "string"},
+            "links": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+    },
+    "Job": {
+        "type": "object",
+        "required": [
+            "id",
+            "type",
+            "status",
+            "progress",
+            "created_at",
+            "updated_at",
+            "started_at",
+            "completed_at",
+            "expires_at",
+            "error",
+            "result",
+            "last_event_id",
+        ],
+        "properties": {
+            "id": {"type": "string", "format": "uuid"},
+            "type": {"type": "string"},
+            "status": {"enum": ["pending", "running", "completed", "failed", "cancelled"]},
+            "progress": {"anyOf": [_ref("Progress"), {"type": "null"}]},
+            "created_at": {"type": "string", "format": "date-time"},
+            "updated_at": _NULLABLE_TIME,
+            "started_at": _NULLABLE_TIME,
+            "completed_at": _NULLABLE_TIME,
+            "expires_at": _NULLABLE_TIME,
+            "error": {"anyOf": [{"type": "object", "properties": {"message": {"type": "string"}}}, {"type": "null"}]},
+            "result": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+            "last_event_id": {"type": ["string", "null"]},
+        },
+    },
+    "EventOut": {
+        "type": "object",
+        "required": ["id", "type", "data"],
+        "properties": {"id": {"type": "string"}, "type": {"type": "string"}, "data": {}},
+    },
+    "PollResult": {
+        "type": "object",
+        "required": ["events", "next", "status", "done"],
+        "properties": {
+            "events": {"type": "array", "items": _ref("EventOut")},
+            "next": {"type": "string"},
+            "status": {"type": "string"},
+            "done": {"type": "boolean"},
+            "truncated": {"type": "object", "properties": {"first_id": {"type": "string"}}},
+        },
+    },
+}
+
+
+def _model_schemas() -> dict[str, Any]:
+    schemas: dict[str, Any] = {}
+    for name, model in (("JobCreate", JobCreate), ("EventIn", EventIn), ("Progress", Progress)):
+        schema = TypeAdapter(model).json_schema(ref_template=_REF + "{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[name] = schema
+    return schemas
+
+
+def _paths() -> dict[str, Any]:
+    job = "/v1/jobs/{job_id}"
+    rate_headers = {
+        name: {"schema": {"type": "integer"}} for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
+    }
+    return {
+        "/v1/jobs": {
+            "post": {
+                "summary": "Create a job",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "maxLength": 255},
+                    }
+                ],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("JobCreate")}}},
+                "responses": {
+                    "201": {**_json("Created", _ref("JobCreated")), "headers": rate_headers},
+                    "200": _json("The job an earlier request with this Idempotency-Key created", _ref("JobCreated")),
+                    "400": _problem("Bad Idempotency-Key"),
+                    "401": _problem("Missing or invalid credentials"),
+                    "403": _problem("A read token cannot create"),
+                    "413": _problem("Body too large"),
+                    "415": _problem("Not JSON"),
+                    "422": _problem("Invalid request"),
+                    "429": _problem("Rate limited"),
+                    "503": _problem("Redis unavailable"),
+                },
+            }
+        },
+        job: {
+            "get": {
+                "summary": "Job status",
+                "parameters": [_JOB_ID, _TOKEN],
+                "responses": {
+                    "200": _json("The job", _ref("Job")),
+                    "304": {"description": "Not modified"},
+                    **_AUTH_ERRORS,
+                },
+            },
+            "delete": {
+                "summary": "Delete a job",
+                "parameters": [_JOB_ID],
+                "responses": {"204": {"description": "Deleted"}, **_AUTH_ERRORS},
+            },
+        },
+        f"{job}/events": {
+            "get": {
+                "summary": "Follow events (server-sent events)",
+                "parameters": [
+                    _JOB_ID,
+                    _TOKEN,
+                    {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
+                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Event stream",
+                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+                    },
+                    "204": {"description": "The reader has already seen `done`"},
+                    "400": _problem("Malformed event id"),
+                    "429": _problem("Too many streams"),
+                    **_AUTH_ERRORS,
+                },
+            },
+            "post": {
+                "summary": "Append events (external producers)",
+                "parameters": [_JOB_ID],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"anyOf": [_ref("EventIn"), {"type": "array", "items": _ref("EventIn")}]}
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json(
+                        "Appended",
+                        {"type": "object", "properties": {"ids": {"type": "array", "items": {"type": "string"}}}},
+                    ),
+                    "409": _problem("Job ended, or not an external job"),
+                    "413": _problem("Body too large"),
+                    "415": _problem("Not JSON"),
+                    "422": _problem("Invalid events"),
+                    **_AUTH_ERRORS,
+                },
+            },
+        },
+        f"{job}/poll": {
+            "get": {
+                "summary": "Poll events (long-poll with wait)",
+                "parameters": [
+                    _JOB_ID,
+                    _TOKEN,
+                    {"name": "after", "in": "query", "schema": {"type": "string"}},
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                    },
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "schema": {"type": "number", "minimum": 0, "maximum": 30, "default": 0},
+                    },
+                ],
+                "responses": {"200": _json("Events", _ref("PollResult")), "400": _problem("Bad query"), **_AUTH_ERRORS},
+            }
+        },
+        f"{job}/cancel": {
+            "post": {
+                "summary": "Cancel a job",
+                "parameters": [_JOB_ID],
+                "responses": {
+                    "202": _json("Cancelling", {"type": "object", "properties": {"status": {"type": "string"}}}),
+                    "409": _problem("Job already ended"),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/healthz": {"get": {"summary": "Process alive", "responses": {"200": {"description": "OK"}}}},
+        "/readyz": {
+            "get": {
+                "summary": "Redis reachable",
+                "responses": {"200": {"description": "Ready"}, "503": _problem("Not ready")},
+            }
+        },
+        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics"}}}},
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "jobstream", "version": __version__},
+        "components": {
+            "schemas": {**_model_schemas(), **_SCHEMAS},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+    }

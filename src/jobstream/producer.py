@@ -1,0 +1,133 @@
+"""JobContext: the handle a job body writes its events through.
+
+Deltas are coalesced before they reach Redis (flushed every ``flush_ms`` or ``flush_bytes``), so a
+model that yields one token per call costs one XADD per batch, not one per token. Any other event
+flushes pending text first, so readers always see events in the order the job produced them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from pydantic import JsonValue, ValidationError
+
+from jobstream.errors import ValidationFailed, pydantic_errors
+from jobstream.models import EventIn, Progress, to_json
+from jobstream.store import JobStore, OutgoingEvent
+
+
+class JobFailed(Exception):
+    """Raise from a handler to fail the job with ``message`` shown to readers as is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class JobContext:
+    def __init__(
+        self,
+        store: JobStore,
+        job_id: str,
+        job_type: str,
+        *,
+        attempt: int = 1,
+        flush_ms: int = 100,
+        flush_bytes: int = 4096,
+    ) -> None:
+        self._store = store
+        self.job_id = job_id
+        self.job_type = job_type
+        self.attempt = attempt
+        self._flush_s = flush_ms / 1000
+        self._flush_bytes = flush_bytes
+        self._pending: list[str] = []
+        self._pending_bytes = 0
+        self._timer: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._error: BaseException | None = None
+
+    def __repr__(self) -> str:
+        return f"JobContext(job_id={self.job_id!r}, type={self.job_type!r}, attempt={self.attempt})"
+
+    async def delta(self, text: str) -> None:
+        """Append text to the job's output."""
+        self._raise_deferred()
+        if not text:
+            return
+        self._pending.append(text)
+        self._pending_bytes += len(text.encode())
+        if self._pending_bytes >= self._flush_bytes or self._flush_s == 0:
+            await self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.create_task(self._flush_later())
+
+    async def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
+        try:
+            data = Progress(current=current, total=total, message=message).model_dump(mode="json")
+        except ValidationError as exc:
+            raise ValueError(f"invalid progress: {pydantic_errors(exc)}") from None
+        await self.emit("progress", data)
+
+    async def log(self, message: str, **fields: JsonValue) -> None:
+        await self.emit("log", {"message": message, **fields})
+
+    async def emit(self, type: str, data: JsonValue) -> None:
+        """Append one event of any type; known types (delta, progress, ...) have their data checked."""
+        try:
+            event = EventIn(type=type, data=data)
+        except ValidationError as exc:
+            raise ValidationFailed(f"invalid {type!r} event", errors=pydantic_errors(exc)) from None
+        await self.append([OutgoingEvent(event.type, to_json(event.data))])
+
+    async def append(self, events: list[OutgoingEvent]) -> list[str]:
+        """Flush pending text, then append ``events`` in one atomic step."""
+        self._raise_deferred()
+        async with self._lock:
+            return await self._store.append(self.job_id, self._take_pending() + events)
+
+    async def flush(self) -> None:
+        async with self._lock:
+            pending = self._take_pending()
+            if pending:
+                await self._store.append(self.job_id, pending)
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _take_pending(self) -> list[OutgoingEvent]:
+        if self._timer is not None and self._timer is not asyncio.current_task():
+            self._timer.cancel()
+        self._timer = None
+        if not self._pending:
+            return []
+        text = "".join(self._pending)
+        self._pending.clear()
+        self._pending_bytes = 0
+        return [OutgoingEvent("delta", json.dumps({"text": text}, ensure_ascii=False, separators=(",", ":")))]
+
+    async def _flush_later(self) -> None:
+        await asyncio.sleep(self._flush_s)
+        try:
+            await self.flush()
+        except Exception as exc:  # surfaced at the handler's next call
+            self._error = exc
+
+    def _raise_deferred(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+def result_data(value: Any) -> dict[str, Any]:
+    """A handler's return value as the ``result`` event's object."""
+    if isinstance(value, dict):
+        return value
+    if hasattr(value, "model_dump"):
+        dumped: dict[str, Any] = value.model_dump(mode="json")
+        return dumped
+    return {"value": value}

@@ -1,0 +1,78 @@
+"""The work queue: a Redis Stream read through a consumer group, with leases renewed by XCLAIM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from jobstream import keys
+
+RawEntries = list[tuple[str, dict[str, str] | None]]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueEntry:
+    entry_id: str
+    job_id: str
+
+
+class WorkQueue:
+    def __init__(self, client: aioredis.Redis, consumer: str) -> None:
+        self._redis = client
+        self.consumer = consumer
+
+    async def ensure_group(self) -> None:
+        try:
+            await self._redis.xgroup_create(keys.queue_key, keys.queue_group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def take(self, count: int, block_ms: int) -> list[QueueEntry]:
+        """New entries for this consumer; they stay pending (leased) until acked."""
+        reply = cast(
+            list[tuple[str, RawEntries]] | None,
+            await self._redis.xreadgroup(
+                keys.queue_group, self.consumer, {keys.queue_key: ">"}, count=count, block=block_ms
+            ),
+        )
+        return [entry for _, entries in reply or [] for entry in _entries(entries)]
+
+    async def renew(self, entry_ids: list[str]) -> None:
+        """Reset the idle time of entries this consumer holds, so no other worker reclaims them."""
+        if entry_ids:
+            await self._redis.xclaim(
+                keys.queue_key,
+                keys.queue_group,
+                self.consumer,
+                min_idle_time=0,
+                message_ids=list[int | bytes | str | memoryview](entry_ids),
+                justid=True,
+            )
+
+    async def reclaim(self, lease_ms: int, count: int = 50) -> list[QueueEntry]:
+        """Entries whose holder has not renewed them for ``lease_ms``: their worker is presumed dead."""
+        reply = await self._redis.xautoclaim(
+            keys.queue_key, keys.queue_group, self.consumer, min_idle_time=lease_ms, start_id="0-0", count=count
+        )
+        orphans = [entry_id for entry_id, fields in reply[1] if not fields]
+        if orphans:
+            await self._redis.xack(keys.queue_key, keys.queue_group, *orphans)
+        return _entries(reply[1])
+
+    async def finish(self, entry_id: str) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(keys.queue_key, keys.queue_group, entry_id)
+            pipe.xdel(keys.queue_key, entry_id)
+            await pipe.execute()
+
+    async def depth(self) -> int:
+        return int(await self._redis.xlen(keys.queue_key))
+
+
+def _entries(raw: RawEntries) -> list[QueueEntry]:
+    # XAUTOCLAIM on Redis 6.2 returns entries deleted from the stream with no fields: nothing to run.
+    return [QueueEntry(entry_id, fields["job"]) for entry_id, fields in raw if fields and "job" in fields]

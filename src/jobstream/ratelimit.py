@@ -1,0 +1,99 @@
+"""Per-user limits shared by every gateway through Redis: create rate and open SSE connections."""
+
+from __future__ import annotations
+
+import math
+import time
+import uuid
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from limits import parse
+from limits.aio.storage import RedisStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+
+from jobstream import keys
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    allowed: bool
+    limit: int
+    remaining: int
+    reset_s: int
+
+    def headers(self) -> dict[str, str]:
+        headers = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(self.reset_s),
+        }
+        if not self.allowed:
+            headers["Retry-After"] = str(max(1, self.reset_s))
+        return headers
+
+
+class CreateLimiter:
+    """The `limits` moving window on Redis, sharing the gateway's connection pool."""
+
+    def __init__(self, client: aioredis.Redis, redis_url: str, rate: str) -> None:
+        self._item = parse(rate)
+        self._storage = RedisStorage(
+            "async+" + redis_url,
+            implementation="redispy",
+            key_prefix=keys.rate_limit_prefix,
+            connection_pool=client.connection_pool,  # type: ignore[arg-type]
+        )
+        self._limiter = MovingWindowRateLimiter(self._storage)
+
+    async def hit(self, user: str) -> RateDecision:
+        allowed = await self._limiter.hit(self._item, "create", user)
+        stats = await self._limiter.get_window_stats(self._item, "create", user)
+        reset_s = max(0, math.ceil(stats.reset_time - time.time()))
+        return RateDecision(allowed, self._item.amount, max(0, stats.remaining), reset_s)
+
+
+#: Drop expired leases, then take one if the user holds fewer than the limit.
+#: KEYS: the user's lease set. ARGV: now_ms, expires_ms, lease id, limit, key ttl_ms.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
+
+
+class ConnectionLeases:
+    """Open SSE connections per user, as leases in a sorted set scored by expiry.
+
+    A gateway renews the leases of its open connections; if it dies they expire by themselves.
+    """
+
+    def __init__(self, client: aioredis.Redis, limit: int, lease_s: int) -> None:
+        self._redis = client
+        self._limit = limit
+        self._lease_ms = lease_s * 1000
+        self._acquire = client.register_script(_ACQUIRE)
+
+    async def acquire(self, user: str) -> str | None:
+        lease = uuid.uuid4().hex
+        now = _now_ms()
+        args: list[int | str] = [now, now + self._lease_ms, lease, self._limit, self._lease_ms * 2]
+        taken = await self._acquire(keys=[keys.sse_leases_key(user)], args=args)
+        return lease if taken else None
+
+    async def renew(self, user: str, lease: str) -> None:
+        key = keys.sse_leases_key(user)
+        await self._redis.zadd(key, {lease: _now_ms() + self._lease_ms}, xx=True)
+        await self._redis.pexpire(key, self._lease_ms * 2)
+
+    async def release(self, user: str, lease: str) -> None:
+        await self._redis.zrem(keys.sse_leases_key(user), lease)
+
+    async def count(self, user: str) -> int:
+        return int(await self._redis.zcount(keys.sse_leases_key(user), _now_ms(), "+inf"))
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000

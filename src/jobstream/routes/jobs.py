@@ -1,0 +1,189 @@
+"""Job resources: create, status, cancel, append, delete. Thin endpoints over store, auth and limits."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import uuid
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from jobstream import keys, metrics
+from jobstream.auth import require_user
+from jobstream.errors import BadRequest, JobEnded, RateLimited, ValidationFailed, pydantic_errors
+from jobstream.models import TERMINAL_EVENT, EventIn, JobCreate, JobStatus, to_json
+from jobstream.registry import EXTERNAL
+from jobstream.routes._common import load_job, read_json
+from jobstream.services import Services, services
+from jobstream.store import JobRecord, OutgoingEvent, done_event
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+MAX_EVENTS_PER_APPEND = 1000
+_events_adapter: TypeAdapter[EventIn | list[EventIn]] = TypeAdapter(EventIn | list[EventIn])
+
+
+def links(job_id: str) -> dict[str, str]:
+    base = f"/v1/jobs/{job_id}"
+    return {"self": base, "events": f"{base}/events", "poll": f"{base}/poll", "cancel": f"{base}/cancel"}
+
+
+async def create_job(request: Request) -> Response:
+    svc = services(request)
+    principal = svc.auth.authenticate(request)
+    require_user(principal)
+    payload = _validate_create(svc, await read_json(request, svc.settings.max_body_bytes))
+    idem_key = _idempotency_key(request, principal.user)
+    fingerprint = hashlib.sha256(to_json(payload.model_dump(mode="json")).encode()).hexdigest()
+    if idem_key is not None and (earlier := await svc.store.recall_idempotent(idem_key)) is not None:
+        return _replay(earlier, fingerprint)
+
+    decision = await svc.limiter.hit(principal.user)
+    if not decision.allowed:
+        metrics.rate_limited.inc()
+        raise RateLimited("Too many jobs created; retry after the time in Retry-After.", headers=decision.headers())
+
+    job_id = str(uuid.uuid4())
+    ttl_s = payload.ttl or svc.settings.job_ttl_s
+    record = JobRecord.new(job_id=job_id, owner=principal.user, job_type=payload.type, input=payload.input, ttl_s=ttl_s)
+    body = {**record.created_view(), "token": svc.auth.issue_read_token(job_id, principal.user), "links": links(job_id)}
+    if idem_key is not None:
+        earlier = await svc.store.remember_idempotent(idem_key, {"fingerprint": fingerprint, "body": body}, ttl_s)
+        if earlier is not None:  # a concurrent retry won the race
+            return _replay(earlier, fingerprint)
+    try:
+        await svc.store.create(record)
+    except BaseException:
+        if idem_key is not None:
+            await svc.store.forget_idempotent(idem_key)
+        raise
+    metrics.jobs_created.labels(payload.type).inc()
+    headers = {"Location": body["links"]["self"], **decision.headers()}
+    return JSONResponse(body, status_code=201, headers=headers)
+
+
+def _validate_create(svc: Services, raw: Any) -> JobCreate:
+    try:
+        payload = JobCreate.model_validate(raw)
+    except ValidationError as exc:
+        raise ValidationFailed("The job request is not valid.", errors=pydantic_errors(exc)) from None
+    if not svc.registry.knows(payload.type):
+        known = ", ".join([*svc.registry.names(), EXTERNAL])
+        raise ValidationFailed(
+            f"Unknown job type {payload.type[:128]!r}.",
+            errors=[{"loc": ["type"], "msg": f"unknown job type; known types: {known}"}],
+        )
+    if payload.ttl is not None and payload.ttl > svc.settings.max_ttl_s:
+        raise ValidationFailed(
+            "The ttl is above the server's maximum.",
+            errors=[{"loc": ["ttl"], "msg": f"must be at most {svc.settings.max_ttl_s}"}],
+        )
+    spec = svc.registry.get(payload.type)
+    if spec is not None:
+        spec.parse_input(payload.input)
+    return payload
+
+
+def _idempotency_key(request: Request, user: str) -> str | None:
+    value = request.headers.get("idempotency-key")
+    if value is None:
+        return None
+    if not _IDEMPOTENCY_KEY.match(value):
+        raise BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters.")
+    return keys.idempotency_key(user, value)
+
+
+def _replay(earlier: dict[str, Any], fingerprint: str) -> Response:
+    if earlier.get("fingerprint") != fingerprint:
+        raise ValidationFailed(
+            "This Idempotency-Key was used with a different request body.",
+            errors=[{"loc": ["header", "Idempotency-Key"], "msg": "reused with a different body"}],
+        )
+    body = earlier["body"]
+    return JSONResponse(body, status_code=200, headers={"Location": body["links"]["self"]})
+
+
+def _etag(view: dict[str, Any]) -> str:
+    return '"' + hashlib.sha256(to_json(view).encode()).hexdigest()[:32] + '"'
+
+
+def _matches(if_none_match: str, etag: str) -> bool:
+    tags = [tag.strip().removeprefix("W/") for tag in if_none_match.split(",")]
+    return "*" in tags or etag in tags
+
+
+async def get_job(request: Request) -> Response:
+    _, job = await load_job(request)
+    view = job.view()
+    etag = _etag(view)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _matches(request.headers.get("if-none-match", ""), etag):
+        return Response(status_code=304, headers=headers)
+    return JSONResponse(view, headers=headers)
+
+
+async def cancel_job(request: Request) -> Response:
+    _, job = await load_job(request, write=True)
+    store = services(request).store
+    status, job_type = await store.request_cancel(job.id)
+    if status is JobStatus.pending or job_type == EXTERNAL:
+        # No worker holds it: end it here. A worker that picks it up later sees it ended.
+        try:
+            await store.append(job.id, [done_event(JobStatus.cancelled)])
+        except JobEnded:
+            pass
+    return JSONResponse({"status": "cancelling"}, status_code=202)
+
+
+async def append_events(request: Request) -> Response:
+    _, job = await load_job(request, write=True)
+    svc = services(request)
+    if job.type != EXTERNAL:
+        raise JobEnded("Only jobs of type 'external' take events over HTTP; a worker writes this one.")
+    events = _validate_events(await read_json(request, svc.settings.max_body_bytes))
+    outgoing = [OutgoingEvent(event.type, to_json(event.data)) for event in events]
+    ids = await svc.store.append(job.id, outgoing + _implied_done(events))
+    return JSONResponse({"ids": ids[: len(outgoing)]}, status_code=201)
+
+
+def _validate_events(raw: Any) -> list[EventIn]:
+    try:
+        parsed = _events_adapter.validate_python(raw)
+    except ValidationError as exc:
+        raise ValidationFailed("The events are not valid.", errors=pydantic_errors(exc)) from None
+    events = parsed if isinstance(parsed, list) else [parsed]
+    if not 1 <= len(events) <= MAX_EVENTS_PER_APPEND:
+        raise ValidationFailed(
+            f"Send 1 to {MAX_EVENTS_PER_APPEND} events.", errors=[{"loc": ["body"], "msg": "wrong number of events"}]
+        )
+    for index, event in enumerate(events):
+        if event.type == TERMINAL_EVENT and index != len(events) - 1:
+            raise ValidationFailed(
+                "'done' must be the last event.", errors=[{"loc": [index, "type"], "msg": "'done' must be last"}]
+            )
+        if event.type == "status" and event.data != {"status": "running"}:
+            raise ValidationFailed(
+                "A 'status' event may only announce 'running'; end a job with 'done'.",
+                errors=[{"loc": [index, "data", "status"], "msg": "only 'running' is allowed"}],
+            )
+    return events
+
+
+def _implied_done(events: list[EventIn]) -> list[OutgoingEvent]:
+    """A result or failure ends the job; add the `done` a producer left out, so readers see the end."""
+    if events[-1].type == TERMINAL_EVENT:
+        return []
+    for event in reversed(events):
+        if event.type == "result":
+            return [done_event(JobStatus.completed)]
+        if event.type == "failure":
+            return [done_event(JobStatus.failed)]
+    return []
+
+
+async def delete_job(request: Request) -> Response:
+    _, job = await load_job(request, write=True)
+    await services(request).store.delete(job.id)
+    return Response(status_code=204)

@@ -1,0 +1,61 @@
+"""Operations endpoints and the demo page."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response
+
+from jobstream.errors import problem_response
+from jobstream.openapi import openapi_document
+from jobstream.services import services
+
+
+def static_dir() -> Path:
+    """``static/`` inside an installed wheel, or at the top of a source checkout."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "static", here.parent.parent / "static"):
+        if candidate.is_dir():
+            return candidate
+    raise RuntimeError(f"static files not found next to {here}")
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    try:
+        await services(request).redis.ping()
+    except (RedisError, OSError):
+        return problem_response(503, "Redis is not reachable.", slug="unavailable", headers={"Retry-After": "2"})
+    return JSONResponse({"status": "ready"})
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+@cache
+def _openapi() -> dict[str, object]:
+    return openapi_document()
+
+
+async def openapi(request: Request) -> Response:
+    return JSONResponse(_openapi())
+
+
+async def dev_info(request: Request) -> Response:
+    """The dev credential for the demo page; only under `jobstream dev`, which listens on loopback."""
+    settings = services(request).settings
+    if not settings.dev_mode:
+        return problem_response(404, "No route matches this path.")
+    return JSONResponse({"api_key": next(iter(settings.api_keys), None)}, headers={"Cache-Control": "no-store"})
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(static_dir() / "index.html", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,184 @@
+"""Reading a job: server-sent events and polling, both resuming by the same cursor rules."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import anyio
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from jobstream import metrics
+from jobstream.cursor import NEWEST, START, is_before, resolve_cursor
+from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
+from jobstream.models import JobStatus, to_json
+from jobstream.routes._common import load_job
+from jobstream.services import Services, services
+from jobstream.store import JobRecord, JobStore, StoredEvent
+
+SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
+#: A reader that cannot take a write for this long is dropped; it resumes from its last id.
+SEND_TIMEOUT_S = 30.0
+RELEASE_TIMEOUT_S = 2.0
+
+
+def encode_event(event: StoredEvent) -> bytes:
+    # ServerSentEvent splits data on every line break, so no content can start a frame of its own.
+    encoded: bytes = ServerSentEvent(data=event.data, event=event.type, id=event.id, sep="\n").encode()
+    return encoded
+
+
+def _ping() -> ServerSentEvent:
+    return ServerSentEvent(comment="ping", sep="\n")
+
+
+async def resolve_start(store: JobStore, job: JobRecord, cursor: str | None) -> tuple[str, str | None]:
+    """Where reading starts (an exclusive stream id), and the oldest kept id if events were trimmed away."""
+    if cursor is None:
+        return START, None
+    if cursor == NEWEST:
+        return (await store.newest_event_id(job.id)) or START, None
+    first_kept = await store.trimmed_first_id(job.id)
+    if first_kept is not None and is_before(cursor, first_kept):
+        return cursor, first_kept
+    return cursor, None
+
+
+def has_seen_end(job: JobRecord, cursor: str | None) -> bool:
+    """True when the reader's cursor is at (or past) the job's final `done` event."""
+    if not job.status.terminal or cursor is None or job.last_event_id is None:
+        return False
+    return cursor == NEWEST or not is_before(cursor, job.last_event_id)
+
+
+async def stream_events(request: Request) -> Response:
+    principal, job = await load_job(request)
+    svc = services(request)
+    cursor = resolve_cursor(request.headers.get("last-event-id"), request.query_params.get("last_event_id"))
+    if has_seen_end(job, cursor):
+        # 204 is the one answer that makes EventSource stop reconnecting.
+        return Response(status_code=204)
+    lease = await svc.leases.acquire(principal.user)
+    if lease is None:
+        raise RateLimited(
+            f"At most {svc.settings.max_sse_per_user} open event streams per user.",
+            headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
+        )
+    try:
+        after, first_kept = await resolve_start(svc.store, job, cursor)
+    except BaseException:
+        await svc.leases.release(principal.user, lease)
+        raise
+    return EventSourceResponse(
+        _frames(svc, job.id, principal.user, lease, after, first_kept),
+        headers=SSE_HEADERS,
+        ping=svc.settings.heartbeat_s,
+        ping_message_factory=_ping,
+        sep="\n",
+        send_timeout=SEND_TIMEOUT_S,
+    )
+
+
+async def _frames(
+    svc: Services, job_id: str, user: str, lease: str, after: str, first_kept: str | None
+) -> AsyncIterator[bytes | ServerSentEvent]:
+    """The body of one SSE response: retry, history and live events, until `done`, deletion,
+    the maximum lifetime or shutdown. Each batch is one write."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + svc.settings.sse_max_lifetime_s
+    renew_every = svc.settings.sse_lease_s / 3
+    next_renew = loop.time() + renew_every
+    metrics.sse_open.inc()
+    try:
+        yield ServerSentEvent(retry=svc.settings.retry_ms, sep="\n")
+        if first_kept is not None:
+            yield ServerSentEvent(data=to_json({"first_id": first_kept}), event="truncated", sep="\n")
+        async with contextlib.aclosing(svc.feed.follow(job_id, after)) as batches:
+            async for batch in batches:
+                frames, finished = _encode_batch(batch)
+                if frames:
+                    metrics.events_delivered.labels("sse").inc(len(batch))
+                    yield frames
+                now = loop.time()
+                if finished or now >= deadline or svc.shutdown.is_set():
+                    return
+                if now >= next_renew:
+                    await svc.leases.renew(user, lease)
+                    next_renew = now + renew_every
+                if not batch and not await svc.store.exists(job_id):
+                    return
+    finally:
+        metrics.sse_open.dec()
+        # Runs inside a cancelled scope when the client left: shield the release, bounded.
+        with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
+            await svc.leases.release(user, lease)
+
+
+def _encode_batch(batch: list[StoredEvent]) -> tuple[bytes, bool]:
+    """Frames of a batch up to and including `done`, and whether `done` was among them."""
+    frames = bytearray()
+    for event in batch:
+        frames += encode_event(event)
+        if event.is_done:
+            return bytes(frames), True
+    return bytes(frames), False
+
+
+class PollQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    after: str | None = None
+    limit: int = Field(100, ge=1, le=1000)
+    wait: float = Field(0, ge=0, le=30)
+
+
+def _poll_query(request: Request, max_wait_s: float) -> PollQuery:
+    try:
+        query = PollQuery.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise BadRequest("Invalid query parameters.", errors=pydantic_errors(exc)) from None
+    if query.wait > max_wait_s:
+        raise BadRequest(
+            "Invalid query parameters.", errors=[{"loc": ["wait"], "msg": f"must be at most {max_wait_s:g}"}]
+        )
+    return query
+
+
+async def poll_events(request: Request) -> Response:
+    _, job = await load_job(request)
+    svc = services(request)
+    query = _poll_query(request, svc.settings.poll_max_wait_s)
+    cursor = resolve_cursor(None, query.after)
+    after, first_kept = await resolve_start(svc.store, job, cursor)
+    events = await svc.store.read(job.id, after, query.limit)
+    if not events and query.wait > 0 and not job.status.terminal:
+        metrics.polls.labels("long").inc()
+        events = (await svc.feed.wait(job.id, after, query.wait))[: query.limit]
+        refreshed = await svc.store.get(job.id)
+        if refreshed is None:
+            raise JobNotFound()
+        job = refreshed
+    else:
+        metrics.polls.labels("short").inc()
+    metrics.events_delivered.labels("poll").inc(len(events))
+    body = _poll_body(job, events, after, cursor)
+    if first_kept is not None:
+        body["truncated"] = {"first_id": first_kept}
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+
+def _poll_body(job: JobRecord, events: list[StoredEvent], after: str, cursor: str | None) -> dict[str, object]:
+    decoded = [event.as_dict() for event in events]
+    done_events = [event for event in decoded if event["type"] == "done"]
+    status = JobStatus(done_events[-1]["data"]["status"]) if done_events else job.status
+    done = bool(done_events) or (not events and has_seen_end(job, cursor))
+    return {
+        "events": decoded,
+        "next": events[-1].id if events else after,
+        "status": status.value,
+        "done": done,
+    }

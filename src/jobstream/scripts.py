@@ -1,0 +1,73 @@
+"""Lua scripts that change a job atomically. Each touches only keys of one job (one hash tag)."""
+
+from __future__ import annotations
+
+#: Append events and move the status in one step, so status and its event never disagree.
+#: KEYS: meta, events.
+#: ARGV: now_ms, maxlen, retention_s, failed_retention_s, new_status ('' = unchanged), nfields,
+#:       nfields field/value pairs for the meta hash, then type/data pairs of the events.
+#: Returns {'ok', id...} | {'gone'} | {'ended', status}.
+APPEND = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status == 'completed' or status == 'failed' or status == 'cancelled' then return {'ended', status} end
+local now = tonumber(ARGV[1])
+local maxlen = ARGV[2]
+local new_status = ARGV[5]
+local nfields = tonumber(ARGV[6])
+local first = 7 + 2 * nfields
+local last
+if status == 'pending' and ARGV[first] ~= 'status' and ARGV[first] ~= 'done' then
+  -- A producer's first event starts the job: readers always see 'running' before output.
+  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', 'status', 'd', '{"status":"running"}')
+  if new_status == '' then new_status = 'running' end
+end
+local ids = {'ok'}
+redis.call('HINCRBY', KEYS[1], 'appended', (#ARGV - first + 1) / 2 + (last and 1 or 0))
+for i = first, #ARGV, 2 do
+  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', ARGV[i], 'd', ARGV[i + 1])
+  ids[#ids + 1] = last
+end
+for i = 7, first - 1, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+local effective = status
+if new_status ~= '' then effective = new_status end
+local ttl
+if effective == 'completed' or effective == 'cancelled' then
+  ttl = tonumber(ARGV[3])
+  redis.call('HSET', KEYS[1], 'completed_ms', now)
+elseif effective == 'failed' then
+  ttl = tonumber(ARGV[4])
+  redis.call('HSET', KEYS[1], 'completed_ms', now)
+else
+  ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s'))
+end
+if status == 'pending' and effective == 'running' then
+  redis.call('HSET', KEYS[1], 'started_ms', now)
+end
+redis.call('HSET', KEYS[1], 'status', effective, 'updated_ms', now, 'last_event_id', last,
+  'expires_ms', now + ttl * 1000)
+redis.call('EXPIRE', KEYS[1], ttl)
+redis.call('EXPIRE', KEYS[2], ttl)
+return ids
+"""
+
+#: Flag a job for cancellation. KEYS: meta. Returns {'ok', status, type} | {'gone'} | {'ended', status}.
+REQUEST_CANCEL = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status == 'completed' or status == 'failed' or status == 'cancelled' then return {'ended', status} end
+redis.call('HSET', KEYS[1], 'cancel', '1')
+return {'ok', status, redis.call('HGET', KEYS[1], 'type')}
+"""
+
+#: Start one run of a job by a worker. KEYS: meta.
+#: Returns {'ok', attempt} | {'gone'} | {'ended', status} | {'cancelled'}.
+START_ATTEMPT = """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if status == 'completed' or status == 'failed' or status == 'cancelled' then return {'ended', status} end
+if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {'cancelled'} end
+return {'ok', redis.call('HINCRBY', KEYS[1], 'attempt', 1)}
+"""

@@ -1,0 +1,35 @@
+"""What a gateway process holds while it runs, built in the app's lifespan and shared by the routes."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from starlette.requests import Request
+
+from jobstream.auth import Authenticator
+from jobstream.feed import Feed
+from jobstream.ratelimit import ConnectionLeases, CreateLimiter
+from jobstream.registry import Registry
+from jobstream.settings import Settings
+from jobstream.store import JobStore
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: Registry
+    redis: aioredis.Redis
+    store: JobStore
+    feed: Feed
+    auth: Authenticator
+    limiter: CreateLimiter
+    leases: ConnectionLeases
+    #: Set when the gateway shuts down: open streams end so that their readers reconnect elsewhere.
+    shutdown: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def services(request: Request) -> Services:
+    found: Services = request.app.state.services
+    return found

@@ -1,0 +1,103 @@
+"""Every operator setting, read once from ``JOBSTREAM_*`` environment variables and passed down."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from limits import parse
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="JOBSTREAM_", extra="ignore", frozen=True)
+
+    #: None means "not configured": `serve` and `worker` fall back to DEFAULT_REDIS_URL,
+    #: `dev` starts an embedded Redis instead.
+    redis_url: str | None = None
+    #: "key1=alice,key2=bob": API key -> user id.
+    api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    jwt_secret: str | None = None
+    #: Signs read tokens; every gateway of a deployment must share it.
+    token_secret: str = Field(default_factory=lambda: secrets.token_urlsafe(32))
+    job_ttl_s: int = Field(600, ge=1)
+    max_ttl_s: int = Field(86400, ge=1)
+    retention_s: int = Field(600, ge=1)
+    failed_retention_s: int = Field(3600, ge=1)
+    stream_maxlen: int = Field(10000, ge=10)
+    heartbeat_s: float = Field(15, gt=0)
+    max_sse_per_user: int = Field(5, ge=1)
+    sse_lease_s: int = Field(60, ge=5)
+    create_rate: str = "10/minute"
+    max_body_bytes: int = Field(65536, ge=256)
+    sse_max_lifetime_s: float = Field(3600, gt=0)
+    retry_ms: int = Field(3000, ge=0)
+    poll_max_wait_s: float = Field(30, ge=0)
+    #: Modules imported at start-up so their @handler functions register.
+    app: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    worker_concurrency: int = Field(10, ge=1)
+    worker_lease_s: int = Field(30, ge=2)
+    max_attempts: int = Field(3, ge=1)
+    delta_flush_ms: int = Field(100, ge=0)
+    delta_flush_bytes: int = Field(4096, ge=1)
+    shutdown_grace_s: float = Field(10, ge=0)
+    log_level: str = "INFO"
+    #: Set by `jobstream dev`: the demo page may read the dev API key from /dev.json.
+    dev_mode: bool = False
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _parse_api_keys(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        pairs: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            key, sep, user = item.partition("=")
+            if not sep or not key.strip() or not user.strip():
+                raise ValueError(f"expected 'key=user' pairs separated by commas, got {item!r}")
+            pairs[key.strip()] = user.strip()
+        return pairs
+
+    @field_validator("app", mode="before")
+    @classmethod
+    def _parse_app(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("create_rate")
+    @classmethod
+    def _check_rate(cls, value: str) -> str:
+        try:
+            parse(value)
+        except ValueError as exc:
+            raise ValueError(f"expected a rate such as '10/minute', got {value!r}") from exc
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+    @property
+    def effective_redis_url(self) -> str:
+        return self.redis_url or DEFAULT_REDIS_URL
+
+
+class SettingsError(Exception):
+    """Invalid configuration, with a one-line message naming each bad variable."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"JOBSTREAM_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
+        )
+        raise SettingsError(f"invalid settings: {problems}") from None

@@ -1,0 +1,276 @@
+"""JobStore: every Redis read and write of a job's metadata and event stream."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+
+from jobstream import keys, scripts
+from jobstream.errors import JobEnded, JobNotFound
+from jobstream.models import TERMINAL_EVENT, JobStatus, iso, to_json
+from jobstream.settings import Settings
+
+#: Stream entries as redis-py returns them with decode_responses=True.
+Entries = list[tuple[str, dict[str, str]]]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as kept in the stream; ``data`` stays encoded JSON so it is written to readers as is."""
+
+    id: str
+    type: str
+    data: str
+
+    @property
+    def is_done(self) -> bool:
+        return self.type == TERMINAL_EVENT
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "type": self.type, "data": json.loads(self.data)}
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEvent:
+    type: str
+    data: str
+
+
+def done_event(status: JobStatus) -> OutgoingEvent:
+    return OutgoingEvent(TERMINAL_EVENT, to_json({"status": status.value}))
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A job's metadata hash, decoded."""
+
+    fields: Mapping[str, str]
+
+    @classmethod
+    def new(cls, *, job_id: str, owner: str, job_type: str, input: Mapping[str, Any], ttl_s: int) -> JobRecord:
+        created = now_ms()
+        return cls(
+            {
+                "id": job_id,
+                "type": job_type,
+                "owner": owner,
+                "status": JobStatus.pending.value,
+                "created_ms": str(created),
+                "updated_ms": str(created),
+                "expires_ms": str(created + ttl_s * 1000),
+                "ttl_s": str(ttl_s),
+                "input": to_json(input),
+                "attempt": "0",
+            }
+        )
+
+    @property
+    def id(self) -> str:
+        return self.fields["id"]
+
+    @property
+    def type(self) -> str:
+        return self.fields["type"]
+
+    @property
+    def owner(self) -> str:
+        return self.fields["owner"]
+
+    @property
+    def status(self) -> JobStatus:
+        return JobStatus(self.fields["status"])
+
+    @property
+    def input(self) -> dict[str, Any]:
+        value: dict[str, Any] = json.loads(self.fields.get("input", "{}"))
+        return value
+
+    @property
+    def last_event_id(self) -> str | None:
+        return self.fields.get("last_event_id")
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self.fields.get("cancel") == "1"
+
+    def _ms(self, name: str) -> int | None:
+        value = self.fields.get(name)
+        return int(value) if value else None
+
+    def _json(self, name: str) -> Any:
+        value = self.fields.get(name)
+        return json.loads(value) if value else None
+
+    def view(self) -> dict[str, Any]:
+        """The body of ``GET /v1/jobs/{id}``."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "status": self.status.value,
+            "progress": self._json("progress"),
+            "created_at": iso(self._ms("created_ms")),
+            "updated_at": iso(self._ms("updated_ms")),
+            "started_at": iso(self._ms("started_ms")),
+            "completed_at": iso(self._ms("completed_ms")),
+            "expires_at": iso(self._ms("expires_ms")),
+            "error": self._json("error"),
+            "result": self._json("result"),
+            "last_event_id": self.last_event_id,
+        }
+
+    def created_view(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "type": self.type,
+            "status": self.status.value,
+            "created_at": iso(self._ms("created_ms")),
+            "expires_at": iso(self._ms("expires_ms")),
+        }
+
+
+#: Meta fields that follow the latest event of a type, so GET shows them without reading the stream.
+_META_FIELD_OF_EVENT = {"progress": "progress", "result": "result", "failure": "error"}
+
+
+class JobStore:
+    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+        self._redis = client
+        self._settings = settings
+        self._append = client.register_script(scripts.APPEND)
+        self._request_cancel = client.register_script(scripts.REQUEST_CANCEL)
+        self._start_attempt = client.register_script(scripts.START_ATTEMPT)
+
+    async def create(self, job: JobRecord) -> None:
+        """Store the metadata with its TTL, then queue the job. Both are done before this returns."""
+        job_id, ttl_s = job.id, int(job.fields["ttl_s"])
+        meta = keys.meta_key(job_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(meta, mapping=cast(Mapping[Any, Any], job.fields))
+            pipe.expire(meta, ttl_s)
+            await pipe.execute()
+        if job.type != "external":
+            try:
+                await self._redis.xadd(keys.queue_key, {"job": job_id})
+            except BaseException:
+                # The queue is on another slot than the job: undo the half-made job rather than leave it pending.
+                await self._redis.delete(meta)
+                raise
+
+    async def get(self, job_id: str) -> JobRecord | None:
+        fields = cast(dict[str, str], await self._redis.hgetall(keys.meta_key(job_id)))
+        return JobRecord(fields) if fields else None
+
+    async def exists(self, job_id: str) -> bool:
+        return bool(await self._redis.exists(keys.meta_key(job_id)))
+
+    async def append(self, job_id: str, events: Sequence[OutgoingEvent]) -> list[str]:
+        """Append events and apply the status change they carry, atomically. Raises JobNotFound or JobEnded."""
+        if not events:
+            return []
+        new_status = ""
+        meta_fields: dict[str, str] = {}
+        for event in events:
+            if event.type in ("status", TERMINAL_EVENT):
+                new_status = json.loads(event.data)["status"]
+            if event.type in _META_FIELD_OF_EVENT:
+                meta_fields[_META_FIELD_OF_EVENT[event.type]] = event.data
+        args: list[str | int] = [
+            now_ms(),
+            self._settings.stream_maxlen,
+            self._settings.retention_s,
+            self._settings.failed_retention_s,
+            new_status,
+            len(meta_fields),
+        ]
+        for name, value in meta_fields.items():
+            args += [name, value]
+        for event in events:
+            args += [event.type, event.data]
+        reply = await self._append(keys=[keys.meta_key(job_id), keys.events_key(job_id)], args=args)
+        if reply[0] == "gone":
+            raise JobNotFound()
+        if reply[0] == "ended":
+            raise JobEnded(f"The job has already ended ({reply[1]}).")
+        return list(reply[1:])
+
+    async def request_cancel(self, job_id: str) -> tuple[JobStatus, str]:
+        """Flag the job for cancellation; returns its status and type at that moment."""
+        reply = await self._request_cancel(keys=[keys.meta_key(job_id)])
+        if reply[0] == "gone":
+            raise JobNotFound()
+        if reply[0] == "ended":
+            raise JobEnded(f"The job has already ended ({reply[1]}).")
+        return JobStatus(reply[1]), reply[2]
+
+    async def start_attempt(self, job_id: str) -> tuple[str, int]:
+        """Count a worker's run of a job. Returns ('ok', attempt), ('gone'|'ended'|'cancelled', 0)."""
+        reply = await self._start_attempt(keys=[keys.meta_key(job_id)])
+        if reply[0] == "ok":
+            return "ok", int(reply[1])
+        return reply[0], 0
+
+    async def should_stop(self, job_ids: Sequence[str]) -> set[str]:
+        """Of running jobs, those a worker must stop: cancel requested, ended elsewhere, or gone."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(keys.meta_key(job_id), ["cancel", "status"])
+            replies = await pipe.execute()
+        return {
+            job_id
+            for job_id, (cancel, status) in zip(job_ids, replies, strict=True)
+            if status is None or cancel == "1" or JobStatus(status).terminal
+        }
+
+    async def delete(self, job_id: str) -> bool:
+        removed = await self._redis.delete(keys.meta_key(job_id), keys.events_key(job_id))
+        return bool(removed)
+
+    async def read(self, job_id: str, after: str, count: int) -> list[StoredEvent]:
+        """Events strictly after ``after`` (a stream id), oldest first."""
+        entries = cast(
+            Entries, await self._redis.xrange(keys.events_key(job_id), min=f"({after}", max="+", count=count)
+        )
+        return [decode_entry(entry_id, fields) for entry_id, fields in entries]
+
+    async def trimmed_first_id(self, job_id: str) -> str | None:
+        """The oldest kept event id if the stream has lost old events to its MAXLEN cap, else None."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.hget(keys.meta_key(job_id), "appended")
+            pipe.xlen(keys.events_key(job_id))
+            pipe.xrange(keys.events_key(job_id), count=1)
+            appended, length, first = await pipe.execute()
+        if not first or int(appended or 0) <= int(length):
+            return None
+        first_id: str = first[0][0]
+        return first_id
+
+    async def newest_event_id(self, job_id: str) -> str | None:
+        entries = cast(Entries, await self._redis.xrevrange(keys.events_key(job_id), count=1))
+        return entries[0][0] if entries else None
+
+    async def remember_idempotent(self, key: str, value: Mapping[str, Any], ttl_s: int) -> dict[str, Any] | None:
+        """Store ``value`` under ``key`` unless one exists; returns the existing value or None if stored."""
+        stored = await self._redis.set(key, to_json(value), nx=True, ex=ttl_s)
+        if stored:
+            return None
+        return await self.recall_idempotent(key)
+
+    async def recall_idempotent(self, key: str) -> dict[str, Any] | None:
+        raw = await self._redis.get(key)
+        return json.loads(raw) if raw else None
+
+    async def forget_idempotent(self, key: str) -> None:
+        await self._redis.delete(key)
+
+
+def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StoredEvent:
+    return StoredEvent(entry_id, fields["t"], fields["d"])

@@ -1,0 +1,204 @@
+"""Fixtures: one real redis-server per session (flushed per test), and live gateways + workers
+served by uvicorn on loopback ports, each in a thread with its own event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import uvicorn
+from httpx_sse import ServerSentEvent, connect_sse
+
+import tests.handlers  # noqa: F401  (registers the test.* job types)
+from jobstream.app import create_app
+from jobstream.connection import create_redis
+from jobstream.devredis import EmbeddedRedis, free_port
+from jobstream.registry import default_registry, load_modules
+from jobstream.settings import Settings
+from jobstream.worker import Worker
+
+API_KEYS = {"key-alice": "alice", "key-bob": "bob"}
+ALICE = {"Authorization": "Bearer key-alice"}
+BOB = {"Authorization": "Bearer key-bob"}
+JWT_SECRET = "jwt-secret-for-tests-0123456789abcdef"
+TOKEN_SECRET = "token-secret-for-tests-0123456789abcdef"
+
+
+def make_settings(redis_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "redis_url": redis_url,
+        "api_keys": API_KEYS,
+        "jwt_secret": JWT_SECRET,
+        "token_secret": TOKEN_SECRET,
+        "create_rate": "1000/minute",
+        "delta_flush_ms": 20,
+        "shutdown_grace_s": 1,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[EmbeddedRedis]:
+    load_modules([])
+    server = EmbeddedRedis().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: EmbeddedRedis) -> str:
+    with redis.Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    """A plain synchronous client, for looking at what the gateway stored."""
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    client.close()
+
+
+@dataclass
+class LiveStack:
+    """A gateway (and optionally a worker) on a loopback port, run in a background thread."""
+
+    settings: Settings
+    with_worker: bool = True
+    port: int = field(default_factory=free_port)
+    worker: Worker | None = None
+
+    def __post_init__(self) -> None:
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> LiveStack:
+        self._thread.start()
+        if not self._ready.wait(15):
+            raise RuntimeError("live stack did not start")
+        return self
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=15, **kwargs)
+
+    def _run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        app = create_app(self.settings, default_registry)
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=1, lifespan="on"
+        )
+        self._server = uvicorn.Server(config)
+        worker_task = None
+        if self.with_worker:
+            client = create_redis(self.settings.effective_redis_url, blocking_reads=True)
+            self.worker = Worker(self.settings, default_registry, client, concurrency=4)
+            worker_task = asyncio.create_task(self.worker.run())
+        serve = asyncio.create_task(self._server.serve())
+        while not self._server.started and not serve.done():
+            await asyncio.sleep(0.01)
+        self._ready.set()
+        await serve
+        if self.worker is not None and worker_task is not None:
+            self.worker.stop()
+            await worker_task
+            await self.worker.client.aclose()
+
+    def stop(self) -> None:
+        if self._server is not None and self._loop is not None:
+            server, worker = self._server, self.worker
+
+            def request_exit() -> None:
+                server.should_exit = True
+                if worker is not None:
+                    worker.stop()
+
+            self._loop.call_soon_threadsafe(request_exit)
+        self._thread.join(15)
+
+
+@pytest.fixture
+def make_stack(redis_url: str) -> Iterator[Callable[..., LiveStack]]:
+    stacks: list[LiveStack] = []
+
+    def make(*, with_worker: bool = True, **overrides: Any) -> LiveStack:
+        stack = LiveStack(make_settings(redis_url, **overrides), with_worker=with_worker).start()
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.stop()
+
+
+@pytest.fixture
+def stack(make_stack: Callable[..., LiveStack]) -> LiveStack:
+    return make_stack()
+
+
+@pytest.fixture
+def client(stack: LiveStack) -> Iterator[httpx.Client]:
+    with stack.client() as http:
+        yield http
+
+
+def create_job(
+    http: httpx.Client, job_type: str = "external", headers: dict[str, str] | None = None, **body: Any
+) -> dict[str, Any]:
+    response = http.post("/v1/jobs", json={"type": job_type, **body}, headers=headers or ALICE)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
+    return created
+
+
+def append(http: httpx.Client, job: dict[str, Any], events: Any, headers: dict[str, str] | None = None) -> list[str]:
+    response = http.post(f"/v1/jobs/{job['id']}/events", json=events, headers=headers or ALICE)
+    assert response.status_code == 201, response.text
+    ids: list[str] = response.json()["ids"]
+    return ids
+
+
+def read_sse(
+    http: httpx.Client, job: dict[str, Any], *, headers: dict[str, str] | None = None, **params: str
+) -> tuple[httpx.Response, list[ServerSentEvent]]:
+    """Follow a job's event stream until the server closes it."""
+    events: list[ServerSentEvent] = []
+    with connect_sse(
+        http,
+        "GET",
+        f"/v1/jobs/{job['id']}/events",
+        params={"token": job["token"], **params},
+        headers=dict(headers or {}),
+    ) as source:
+        if source.response.status_code == 200:
+            events = [event for event in source.iter_sse() if event.event != "message" or event.data]
+        return source.response, events
+
+
+def poll_all(http: httpx.Client, job: dict[str, Any], after: str | None = None, **params: Any) -> list[dict[str, Any]]:
+    """Poll until `done`, returning every event."""
+    events: list[dict[str, Any]] = []
+    for _ in range(1000):
+        query = {"token": job["token"], **params, **({"after": after} if after else {})}
+        body = http.get(f"/v1/jobs/{job['id']}/poll", params=query).json()
+        events += body["events"]
+        after = body["next"]
+        if body["done"]:
+            return events
+    raise AssertionError("poll never reached done")
