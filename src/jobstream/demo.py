@@ -55,5 +55,6 @@ async def fail(ctx: JobContext, input: FailInput) -> None:
     rng = random.Random(ctx.job_id)
     for index in range(input.after):
         await ctx.delta(_word(index, rng))
+        await ctx.flush()
         await asyncio.sleep(input.delay_ms / 1000)
     raise JobFailed(f"demo.fail failed on purpose after {input.after} deltas")

@@ -1,0 +1,107 @@
+"""The commands as a user runs them: `jobstream dev` end to end, and start-up errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from jobstream.devredis import free_port
+
+
+def children_of(parent: int) -> list[tuple[int, str]]:
+    """(pid, command line) of the processes whose parent is ``parent``, read from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+                command = cmdline.read().replace(b"\0", b" ").decode(errors="replace")
+        except (FileNotFoundError, ProcessLookupError, IndexError):
+            continue
+        if ppid == parent:
+            found.append((int(entry), command))
+    return found
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
+    return {**env, **extra}
+
+
+def test_dev_whenStarted_thenServesAStoryEndToEndAndStopsEverything() -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "jobstream", "dev", "--port", str(port)],
+        env=_clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = ""
+        deadline = time.monotonic() + 20
+        while "Ctrl-C" not in banner and time.monotonic() < deadline:
+            banner += process.stdout.readline()
+        key = re.search(r"API key\s+(\S+)", banner)
+        assert key, banner
+        assert f"http://127.0.0.1:{port}/" in banner and "curl" in banner
+        redis_children = [p for p in children_of(process.pid) if "redis-server" in p[1]]
+        assert len(redis_children) == 1
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=15) as http:
+            for _ in range(100):
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            auth = {"Authorization": f"Bearer {key.group(1)}"}
+            job = http.post("/v1/jobs", json={"type": "demo.story", "input": {"words": 5, "delay_ms": 0}}, headers=auth)
+            assert job.status_code == 201, job.text
+            body = job.json()
+            with http.stream("GET", body["links"]["events"], params={"token": body["token"]}) as stream:
+                text = "".join(stream.iter_text())
+            assert "event: done" in text and '"status":"completed"' in text
+            assert http.get("/").status_code == 200
+            assert http.get("/dev.json").json() == {"api_key": key.group(1)}
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=20) == 0
+        for pid, _ in redis_children:
+            assert not os.path.exists(f"/proc/{pid}") or _is_zombie(pid), "the embedded Redis was left running"
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_serve_whenSettingInvalid_thenOneClearLineNoTraceback() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobstream", "serve"],
+        env=_clean_env(JOBSTREAM_JOB_TTL_S="soon", JOBSTREAM_API_KEYS="novalue"),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "JOBSTREAM_JOB_TTL_S" in lines[0] and "JOBSTREAM_API_KEYS" in lines[0]
+    assert "Traceback" not in result.stderr
