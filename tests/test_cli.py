@@ -105,3 +105,35 @@ def test_serve_whenSettingInvalid_thenOneClearLineNoTraceback() -> None:
     assert len(lines) == 1, result.stderr
     assert "JOBSTREAM_JOB_TTL_S" in lines[0] and "JOBSTREAM_API_KEYS" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(redis_url: str) -> None:
+    port = free_port()
+    env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_API_KEYS="k-serve=alice", JOBSTREAM_TOKEN_SECRET="s" * 32)
+    gateway = subprocess.Popen([sys.executable, "-m", "jobstream", "serve", "--port", str(port)], env=env)
+    worker = subprocess.Popen([sys.executable, "-m", "jobstream", "worker", "--concurrency", "2"], env=env)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
+            for _ in range(200):
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.05)
+            auth = {"Authorization": "Bearer k-serve"}
+            created = http.post(
+                "/v1/jobs", json={"type": "demo.story", "input": {"words": 4, "delay_ms": 0}}, headers=auth
+            )
+            body = created.json()
+            with http.stream("GET", body["links"]["events"], params={"token": body["token"]}) as stream:
+                text = "".join(stream.iter_text())
+            assert text.count("event: delta") == 4 and "event: done" in text
+        for process in (gateway, worker):
+            process.send_signal(signal.SIGTERM)
+        assert gateway.wait(timeout=20) == 0
+        assert worker.wait(timeout=20) == 0
+    finally:
+        for process in (gateway, worker):
+            if process.poll() is None:
+                process.kill()
+                process.wait()

@@ -302,3 +302,15 @@ def test_sse_whenJobDeleted_thenOpenReaderCloses(client: httpx.Client, stack: Li
     response, _ = read_sse(client, job)
     thread.join()
     assert response.status_code == 200 and time.monotonic() - started < 10
+
+
+def test_sse_whenHead_thenHeadersOnlyAndNoSlotTaken(make_stack: Callable[..., LiveStack]) -> None:
+    stack = make_stack(with_worker=False, max_sse_per_user=1)
+    with stack.client() as http:
+        job = create_job(http)
+        url = f"/v1/jobs/{job['id']}/events"
+        for _ in range(3):
+            head = http.head(url, params={"token": job["token"]})
+            assert head.status_code == 200 and head.headers["content-type"].startswith("text/event-stream")
+        with http.stream("GET", url, params={"token": job["token"]}) as response:
+            assert response.status_code == 200

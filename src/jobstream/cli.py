@@ -59,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         load_modules(settings.app)
     except (SettingsError, ImportError) as exc:
         sys.exit(f"jobstream: {exc}")
+    if args.command == "serve":
+        _warn_about_serve_settings(settings)
     try:
         if args.command == "serve":
             asyncio.run(_serve(settings, args.host, args.port, with_worker=False))
@@ -104,6 +106,16 @@ async def _serve(settings: Settings, host: str, port: int, *, with_worker: bool)
             await worker_task
         if worker is not None:
             await worker.client.aclose()
+
+
+def _warn_about_serve_settings(settings: Settings) -> None:
+    if "token_secret" not in settings.model_fields_set:
+        logger.warning(
+            "JOBSTREAM_TOKEN_SECRET is not set: read tokens are signed with a random per-process secret, "
+            "so they stop working on restart and on other gateways"
+        )
+    if not settings.api_keys and not settings.jwt_secret:
+        logger.warning("neither JOBSTREAM_API_KEYS nor JOBSTREAM_JWT_SECRET is set: every request will get 401")
 
 
 def _make_worker(settings: Settings, concurrency: int) -> Worker:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 
 class JobStatus(StrEnum):
@@ -69,27 +69,15 @@ class FailureData(BaseModel):
 
 
 class StatusData(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    status: JobStatus
+    """A `status` event only announces that a job runs; a job ends with `done`."""
 
-    @field_validator("status")
-    @classmethod
-    def _not_pending(cls, value: JobStatus) -> JobStatus:
-        if value is JobStatus.pending:
-            raise ValueError("a job cannot move back to 'pending'")
-        return value
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["running"]
 
 
 class DoneData(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    status: JobStatus
-
-    @field_validator("status")
-    @classmethod
-    def _terminal(cls, value: JobStatus) -> JobStatus:
-        if not value.terminal:
-            raise ValueError("'done' needs a terminal status: completed, failed or cancelled")
-        return value
+    status: Literal["completed", "failed", "cancelled"]
 
 
 #: Event types whose data has a fixed shape.

@@ -62,6 +62,9 @@ async def stream_events(request: Request) -> Response:
     if has_seen_end(job, cursor):
         # 204 is the one answer that makes EventSource stop reconnecting.
         return Response(status_code=204)
+    if request.method == "HEAD":
+        # Headers only: no stream starts, so no connection slot is taken.
+        return Response(headers=SSE_HEADERS, media_type="text/event-stream")
     lease = await svc.leases.acquire(principal.user)
     if lease is None:
         raise RateLimited(
