@@ -32,6 +32,18 @@ def children_of(parent: int) -> list[tuple[int, str]]:
     return found
 
 
+def wait_ready(http: httpx.Client, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if http.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError("the gateway never became ready")
+
+
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
     return {**env, **extra}
@@ -59,12 +71,7 @@ def test_dev_whenStarted_thenServesAStoryEndToEndAndStopsEverything() -> None:
         assert len(redis_children) == 1
         base = f"http://127.0.0.1:{port}"
         with httpx.Client(base_url=base, timeout=15) as http:
-            for _ in range(100):
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
+            wait_ready(http)
             auth = {"Authorization": f"Bearer {key.group(1)}"}
             job = http.post("/v1/jobs", json={"type": "demo.story", "input": {"words": 5, "delay_ms": 0}}, headers=auth)
             assert job.status_code == 201, job.text
@@ -114,12 +121,7 @@ def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(red
     worker = subprocess.Popen([sys.executable, "-m", "jobstream", "worker", "--concurrency", "2"], env=env)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
-            for _ in range(200):
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.05)
+            wait_ready(http)
             auth = {"Authorization": "Bearer k-serve"}
             created = http.post(
                 "/v1/jobs", json={"type": "demo.story", "input": {"words": 4, "delay_ms": 0}}, headers=auth
