@@ -250,7 +250,7 @@ def test_sse_whenIdle_thenPingComments(make_stack: Callable[..., LiveStack]) -> 
 
 
 def test_sse_whenLifetimeReached_thenClosesAndResumeContinues(make_stack: Callable[..., LiveStack]) -> None:
-    stack = make_stack(with_worker=False, sse_max_lifetime_s=0.5)
+    stack = make_stack(with_worker=False, sse_max_lifetime_s=0.5, heartbeat_s=0.2)
     with stack.client() as http:
         job = create_job(http)
         append(http, job, STORY[:1])

@@ -10,15 +10,14 @@ import pytest
 from pydantic import ValidationError
 from starlette.requests import Request
 
-from jobstream import keys
+from jobstream import keys, sse
 from jobstream.auth import Authenticator, authorize_read, authorize_write
 from jobstream.cursor import NEWEST, is_before, parse_id, resolve_cursor
 from jobstream.errors import BadRequest, Forbidden, Unauthorized
 from jobstream.models import EventIn, Progress
 from jobstream.observability import redact
-from jobstream.routes.stream import encode_event
 from jobstream.settings import SettingsError, load_settings
-from jobstream.store import JobRecord, StoredEvent
+from jobstream.store import JobRecord
 from tests.conftest import JWT_SECRET, TOKEN_SECRET, make_settings
 
 
@@ -130,7 +129,7 @@ def test_eventIn_whenTypeNotAName_thenRejected(name: str) -> None:
 
 
 def test_encodeEvent_whenDataHasLineBreaks_thenEveryLineIsData() -> None:
-    frame = encode_event(StoredEvent("1-0", "delta", "line1\ninjected\r\nevent: done\rdata: x")).decode()
+    frame = sse.frame("1-0", "delta", "line1\ninjected\r\nevent: done\rdata: x").decode()
     lines = frame.split("\n")
     assert lines[0] == "id: 1-0" and lines[1] == "event: delta"
     assert all(line.startswith("data: ") for line in lines[2:-2]) and lines[-2:] == ["", ""]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
@@ -10,7 +11,7 @@ from starlette.applications import Starlette
 from jobstream.auth import Authenticator
 from jobstream.connection import create_redis
 from jobstream.errors import EXCEPTION_HANDLERS
-from jobstream.feed import DirectFeed
+from jobstream.hub import Hub
 from jobstream.ratelimit import ConnectionLeases, CreateLimiter
 from jobstream.registry import Registry, default_registry, load_modules
 from jobstream.routes import build_routes
@@ -18,22 +19,22 @@ from jobstream.services import Services
 from jobstream.settings import Settings
 from jobstream.store import JobStore
 
-#: Connections of the pool that blocking reads (one per waiting reader) draw from.
-BLOCKING_POOL_SIZE = 1000
-
 
 def build_services(settings: Settings, registry: Registry) -> Services:
     url = settings.effective_redis_url
     client = create_redis(url)
+    store = JobStore(client, settings)
+    # A lease outlives several heartbeat ticks, on which open streams renew it.
+    lease_s = max(settings.sse_lease_s, math.ceil(4 * settings.heartbeat_s))
     return Services(
         settings=settings,
         registry=registry,
         redis=client,
-        store=JobStore(client, settings),
-        feed=DirectFeed(create_redis(url, max_connections=BLOCKING_POOL_SIZE, blocking_reads=True)),
+        store=store,
+        feed=Hub(client, store, tick_s=settings.heartbeat_s),
         auth=Authenticator(settings),
         limiter=CreateLimiter(client, url, settings.create_rate),
-        leases=ConnectionLeases(client, settings.max_sse_per_user, settings.sse_lease_s),
+        leases=ConnectionLeases(client, settings.max_sse_per_user, lease_s),
     )
 
 
@@ -46,6 +47,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         svc = build_services(settings, registry)
         app.state.services = svc
+        await svc.feed.start()
         try:
             yield
         finally:

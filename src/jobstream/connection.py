@@ -17,9 +17,12 @@ CONNECT_TIMEOUT_S = 2.0
 COMMAND_TIMEOUT_S = 5.0
 #: Blocking reads (XREAD/XREADGROUP BLOCK) never block longer than this; the socket timeout sits above it.
 MAX_BLOCK_MS = 5000
+#: Connections one process opens at most; callers beyond it wait for a free one. Redis runs commands
+#: one at a time, so more connections add no throughput.
+MAX_CONNECTIONS = 16
 
 
-def create_redis(url: str, *, max_connections: int = 64, blocking_reads: bool = False) -> aioredis.Redis:
+def create_redis(url: str, *, max_connections: int = MAX_CONNECTIONS, blocking_reads: bool = False) -> aioredis.Redis:
     """A client whose pool waits (up to a bound) for a free connection instead of failing.
 
     ``blocking_reads`` raises the socket timeout above MAX_BLOCK_MS: redis-py's default would cut an

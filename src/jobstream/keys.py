@@ -24,6 +24,11 @@ def events_key(job_id: str) -> str:
     return f"{prefix}:{{{job_id}}}:events"
 
 
+def live_channel(job_id: str) -> str:
+    """Pub/sub channel on which appends publish their events, for the gateways' hubs."""
+    return f"{prefix}:{{{job_id}}}:live"
+
+
 def idempotency_key(user: str, key: str) -> str:
     # Hashing keeps arbitrary client text out of key names.
     digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()

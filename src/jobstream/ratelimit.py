@@ -73,6 +73,7 @@ class ConnectionLeases:
     def __init__(self, client: aioredis.Redis, limit: int, lease_s: int) -> None:
         self._redis = client
         self._limit = limit
+        self.lease_s = lease_s
         self._lease_ms = lease_s * 1000
         self._acquire = client.register_script(_ACQUIRE)
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-#: Append events and move the status in one step, so status and its event never disagree.
+#: Append events and move the status in one step, so status and its event never disagree, then
+#: publish them for the gateways' hubs (id, type and data joined by \x1e, events by \x1f).
 #: KEYS: meta, events.
-#: ARGV: now_ms, maxlen, retention_s, failed_retention_s, new_status ('' = unchanged), nfields,
-#:       nfields field/value pairs for the meta hash, then type/data pairs of the events.
+#: ARGV: now_ms, maxlen, retention_s, failed_retention_s, new_status ('' = unchanged), channel,
+#:       nfields, nfields field/value pairs for the meta hash, then type/data pairs of the events.
 #: Returns {'ok', id...} | {'gone'} | {'ended', status}.
 APPEND = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -14,21 +15,26 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' then ret
 local now = tonumber(ARGV[1])
 local maxlen = ARGV[2]
 local new_status = ARGV[5]
-local nfields = tonumber(ARGV[6])
-local first = 7 + 2 * nfields
+local nfields = tonumber(ARGV[7])
+local first = 8 + 2 * nfields
 local last
+local published = {}
+local FS, ES = string.char(30), string.char(31)
 if status == 'pending' and ARGV[first] ~= 'status' and ARGV[first] ~= 'done' then
   -- A producer's first event starts the job: readers always see 'running' before output.
-  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', 'status', 'd', '{"status":"running"}')
+  local running = '{"status":"running"}'
+  last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', 'status', 'd', running)
+  published[1] = last .. FS .. 'status' .. FS .. running
   if new_status == '' then new_status = 'running' end
 end
 local ids = {'ok'}
-redis.call('HINCRBY', KEYS[1], 'appended', (#ARGV - first + 1) / 2 + (last and 1 or 0))
+redis.call('HINCRBY', KEYS[1], 'appended', (#ARGV - first + 1) / 2 + #published)
 for i = first, #ARGV, 2 do
   last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', ARGV[i], 'd', ARGV[i + 1])
   ids[#ids + 1] = last
+  published[#published + 1] = last .. FS .. ARGV[i] .. FS .. ARGV[i + 1]
 end
-for i = 7, first - 1, 2 do
+for i = 8, first - 1, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 local effective = status
@@ -50,6 +56,7 @@ redis.call('HSET', KEYS[1], 'status', effective, 'updated_ms', now, 'last_event_
   'expires_ms', now + ttl * 1000)
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
+redis.call('PUBLISH', ARGV[6], table.concat(published, ES))
 return ids
 """
 

@@ -10,7 +10,7 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 
-from jobstream import keys, scripts
+from jobstream import keys, scripts, sse
 from jobstream.errors import JobEnded, JobNotFound
 from jobstream.models import TERMINAL_EVENT, JobStatus, iso, to_json
 from jobstream.settings import Settings
@@ -23,13 +23,35 @@ def now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-@dataclass(frozen=True, slots=True)
 class StoredEvent:
-    """An event as kept in the stream; ``data`` stays encoded JSON so it is written to readers as is."""
+    """An event as kept in the stream; ``data`` stays encoded JSON so it is written to readers as is.
 
-    id: str
-    type: str
-    data: str
+    Its SSE frame is encoded on first use and kept: the hub hands one object to every local reader.
+    """
+
+    __slots__ = ("_frame", "data", "id", "type")
+
+    def __init__(self, id: str, type: str, data: str) -> None:
+        self.id = id
+        self.type = type
+        self.data = data
+        self._frame: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"StoredEvent({self.id!r}, {self.type!r}, {self.data!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StoredEvent):
+            return NotImplemented
+        return (self.id, self.type, self.data) == (other.id, other.type, other.data)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    @property
+    def frame(self) -> bytes:
+        if self._frame is None:
+            self._frame = sse.frame(self.id, self.type, self.data)
+        return self._frame
 
     @property
     def is_done(self) -> bool:
@@ -172,6 +194,12 @@ class JobStore:
     async def exists(self, job_id: str) -> bool:
         return bool(await self._redis.exists(keys.meta_key(job_id)))
 
+    async def exist(self, job_ids: Sequence[str]) -> list[bool]:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(keys.meta_key(job_id))
+            return [bool(found) for found in await pipe.execute()]
+
     async def append(self, job_id: str, events: Sequence[OutgoingEvent]) -> list[str]:
         """Append events and apply the status change they carry, atomically. Raises JobNotFound or JobEnded."""
         if not events:
@@ -189,6 +217,7 @@ class JobStore:
             self._settings.retention_s,
             self._settings.failed_retention_s,
             new_status,
+            keys.live_channel(job_id),
             len(meta_fields),
         ]
         for name, value in meta_fields.items():
@@ -232,6 +261,8 @@ class JobStore:
 
     async def delete(self, job_id: str) -> bool:
         removed = await self._redis.delete(keys.meta_key(job_id), keys.events_key(job_id))
+        # An empty message tells the hubs that the job is gone, so open readers close at once.
+        await self._redis.publish(keys.live_channel(job_id), "")
         return bool(removed)
 
     async def read(self, job_id: str, after: str, count: int) -> list[StoredEvent]:

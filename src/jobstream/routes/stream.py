@@ -8,13 +8,14 @@ from collections.abc import AsyncIterator
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jobstream import metrics
+from jobstream import metrics, sse
 from jobstream.cursor import NEWEST, START, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
+from jobstream.hub import HubClosed, JobGone, SubscriberOverflow
 from jobstream.models import JobStatus, to_json
 from jobstream.routes._common import load_job
 from jobstream.services import Services, services
@@ -24,16 +25,6 @@ SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "
 #: A reader that cannot take a write for this long is dropped; it resumes from its last id.
 SEND_TIMEOUT_S = 30.0
 RELEASE_TIMEOUT_S = 2.0
-
-
-def encode_event(event: StoredEvent) -> bytes:
-    # ServerSentEvent splits data on every line break, so no content can start a frame of its own.
-    encoded: bytes = ServerSentEvent(data=event.data, event=event.type, id=event.id, sep="\n").encode()
-    return encoded
-
-
-def _ping() -> ServerSentEvent:
-    return ServerSentEvent(comment="ping", sep="\n")
 
 
 async def resolve_start(store: JobStore, job: JobRecord, cursor: str | None) -> tuple[str, str | None]:
@@ -79,41 +70,46 @@ async def stream_events(request: Request) -> Response:
     return EventSourceResponse(
         _frames(svc, job.id, principal.user, lease, after, first_kept),
         headers=SSE_HEADERS,
-        ping=svc.settings.heartbeat_s,
-        ping_message_factory=_ping,
-        sep="\n",
+        ping=0,  # pings come from the hub's per-process tick, not one timer per connection
         send_timeout=SEND_TIMEOUT_S,
     )
 
 
 async def _frames(
     svc: Services, job_id: str, user: str, lease: str, after: str, first_kept: str | None
-) -> AsyncIterator[bytes | ServerSentEvent]:
+) -> AsyncIterator[bytes]:
     """The body of one SSE response: retry, history and live events, until `done`, deletion,
-    the maximum lifetime or shutdown. Each batch is one write."""
+    the maximum lifetime or shutdown. Each batch is one write; idle streams ping on the hub's tick."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.settings.sse_max_lifetime_s
-    renew_every = svc.settings.sse_lease_s / 3
+    renew_every = svc.leases.lease_s / 3
     next_renew = loop.time() + renew_every
     metrics.sse_open.inc()
     try:
-        yield ServerSentEvent(retry=svc.settings.retry_ms, sep="\n")
+        yield sse.retry(svc.settings.retry_ms)
         if first_kept is not None:
-            yield ServerSentEvent(data=to_json({"first_id": first_kept}), event="truncated", sep="\n")
+            yield sse.unnamed_frame("truncated", to_json({"first_id": first_kept}))
         async with contextlib.aclosing(svc.feed.follow(job_id, after)) as batches:
             async for batch in batches:
-                frames, finished = _encode_batch(batch)
-                if frames:
+                if not batch:
+                    yield sse.PING
+                else:
+                    chunk, finished = _encode_batch(batch)
                     metrics.events_delivered.labels("sse").inc(len(batch))
-                    yield frames
+                    yield chunk
+                    if finished:
+                        return
                 now = loop.time()
-                if finished or now >= deadline or svc.shutdown.is_set():
+                if now >= deadline or svc.shutdown.is_set():
                     return
                 if now >= next_renew:
                     await svc.leases.renew(user, lease)
                     next_renew = now + renew_every
-                if not batch and not await svc.store.exists(job_id):
-                    return
+    except SubscriberOverflow:
+        # Too far behind: close with a retry hint; the reader resumes from its last id, from Redis.
+        yield sse.retry(svc.settings.retry_ms)
+    except (JobGone, HubClosed):
+        return
     finally:
         metrics.sse_open.dec()
         # Runs inside a cancelled scope when the client left: shield the release, bounded.
@@ -123,12 +119,10 @@ async def _frames(
 
 def _encode_batch(batch: list[StoredEvent]) -> tuple[bytes, bool]:
     """Frames of a batch up to and including `done`, and whether `done` was among them."""
-    frames = bytearray()
-    for event in batch:
-        frames += encode_event(event)
+    for index, event in enumerate(batch):
         if event.is_done:
-            return bytes(frames), True
-    return bytes(frames), False
+            return b"".join(e.frame for e in batch[: index + 1]), True
+    return b"".join(event.frame for event in batch), False
 
 
 class PollQuery(BaseModel):

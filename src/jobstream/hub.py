@@ -1,0 +1,369 @@
+"""The fan-out hub: one Redis subscription per process serves every local reader of a job.
+
+Appends publish their events on the job's channel from the same Lua script that writes the
+stream (see ``scripts.APPEND``), so the hub never polls Redis. For each job that has local
+readers the hub holds one channel subscription; each published batch is decoded and SSE-encoded
+once per process and handed to every local subscriber's bounded buffer.
+
+Joining is gap-free: a subscriber registers and the hub confirms the channel subscription
+*before* the subscriber reads history with XRANGE; events published after that arrive in its
+buffer, and any it already read from history are dropped by id. If the Redis connection drops,
+published events may be lost, so every subscriber is reset: it re-joins and re-reads from its last
+id. A subscriber that falls further behind than its buffer allows is closed; the reader reconnects
+and catches up from Redis, which costs the other readers nothing.
+
+Heartbeats are one timer per process: each tick wakes every subscriber, whose reader writes a
+ping if it is idle; the same tick drops channels whose job expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from jobstream import keys
+from jobstream.cursor import StreamId, parse_id
+from jobstream.store import JobStore, StoredEvent
+
+logger = logging.getLogger("jobstream.hub")
+
+#: Separators of a published batch: events by RS... fields by US. Neither can occur in
+#: compact JSON (control characters are escaped), in an event type, or in a stream id.
+EVENT_SEP = "\x1f"
+FIELD_SEP = "\x1e"
+HISTORY_PAGE = 500
+JOIN_TIMEOUT_S = 5.0
+
+
+class SubscriberOverflow(Exception):
+    """The subscriber fell further behind than its buffer allows."""
+
+
+class JobGone(Exception):
+    """The job was deleted or expired while a reader followed it."""
+
+
+class HubClosed(Exception):
+    """The gateway is shutting down."""
+
+
+class _Reset(Exception):
+    """The hub's connection was lost: re-join and re-read from the last id."""
+
+
+def decode_batch(payload: str) -> list[StoredEvent]:
+    events = []
+    for item in payload.split(EVENT_SEP):
+        event_id, event_type, data = item.split(FIELD_SEP, 2)
+        events.append(StoredEvent(event_id, event_type, data))
+    return events
+
+
+@dataclass(eq=False)
+class Subscription:
+    """One local reader's bounded buffer of live events."""
+
+    max_events: int
+    max_bytes: int
+    queue: deque[StoredEvent] = field(default_factory=deque)
+    size_bytes: int = 0
+    #: Events with ids up to this one were read from history: drop them from the live feed.
+    floor: StreamId | None = None
+    overflowed: bool = False
+    reset: bool = False
+    gone: bool = False
+    closed: bool = False
+    ticked: bool = False
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, events: list[StoredEvent]) -> None:
+        if self.overflowed:
+            return
+        self.queue.extend(events)
+        self.size_bytes += sum(len(event.data) for event in events)
+        if len(self.queue) > self.max_events or self.size_bytes > self.max_bytes:
+            self.overflowed = True
+            self.queue.clear()
+            self.size_bytes = 0
+        self.wakeup.set()
+
+    def take(self) -> list[StoredEvent]:
+        """Queued events, without those already read from history."""
+        events = list(self.queue)
+        self.queue.clear()
+        self.size_bytes = 0
+        if self.floor is not None and events:
+            floor = self.floor
+            events = [event for event in events if parse_id(event.id) > floor]
+            if events:
+                self.floor = None  # ids only grow from here on
+        return events
+
+    async def next(self) -> list[StoredEvent]:
+        """Wait for live events or a tick; [] means a tick (write a ping if idle)."""
+        while True:
+            self._raise_if_ended()
+            events = self.take()
+            if events:
+                return events
+            if self.ticked:
+                self.ticked = False
+                return []
+            self.wakeup.clear()
+            await self.wakeup.wait()
+
+    def _raise_if_ended(self) -> None:
+        if self.reset:
+            self.reset = False
+            self.queue.clear()
+            self.size_bytes = 0
+            raise _Reset()
+        if self.closed:
+            raise HubClosed()
+        if self.gone:
+            raise JobGone()
+        if self.overflowed:
+            raise SubscriberOverflow()
+
+
+@dataclass(eq=False)
+class _Channel:
+    job_id: str
+    subscribers: set[Subscription] = field(default_factory=set)
+    ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class Hub:
+    """Implements the ``Feed`` protocol with one pubsub connection per process."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        store: JobStore,
+        *,
+        tick_s: float = 15.0,
+        max_events: int = 1000,
+        max_bytes: int = 1 << 20,
+    ) -> None:
+        self._redis = client
+        self._store = store
+        self._tick_s = tick_s
+        self._max_events = max_events
+        self._max_bytes = max_bytes
+        self._pubsub = client.pubsub()
+        self._channels: dict[str, _Channel] = {}
+        self._by_name: dict[str, _Channel] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = False
+        #: Times the Redis subscription was lost and every reader re-read from its last id.
+        self.resets = 0
+        self._subscribed_once = asyncio.Event()
+
+    def __repr__(self) -> str:
+        readers = sum(len(channel.subscribers) for channel in self._channels.values())
+        return f"Hub(channels={len(self._channels)}, subscribers={readers})"
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._tick_loop())]
+
+    async def close(self) -> None:
+        self._closed = True
+        for channel in list(self._channels.values()):
+            for sub in channel.subscribers:
+                sub.closed = True
+                sub.wakeup.set()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # ---- the Feed protocol
+
+    async def follow(self, job_id: str, after: str) -> AsyncGenerator[list[StoredEvent]]:
+        sub = self._subscription()
+        cursor = after
+        try:
+            while True:
+                await self._join(job_id, sub)
+                async for page in self._history(job_id, cursor):
+                    cursor = page[-1].id
+                    yield page
+                sub.floor = parse_id(cursor)
+                try:
+                    while True:
+                        batch = await sub.next()
+                        if batch:
+                            cursor = batch[-1].id
+                        yield batch
+                except _Reset:
+                    self._leave(job_id, sub)
+        finally:
+            self._leave(job_id, sub)
+
+    async def wait(self, job_id: str, after: str, timeout_s: float) -> list[StoredEvent]:
+        sub = self._subscription()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._join(job_id, sub)
+                history = await self._store.read(job_id, after, HISTORY_PAGE)
+                if history:
+                    return history
+                sub.floor = parse_id(after)
+                while True:
+                    try:
+                        batch = await sub.next()
+                    except _Reset:
+                        return await self._store.read(job_id, after, HISTORY_PAGE)
+                    if batch:
+                        return batch
+        except (TimeoutError, JobGone, SubscriberOverflow, HubClosed):
+            return []
+        finally:
+            self._leave(job_id, sub)
+
+    # ---- subscriptions
+
+    def _subscription(self) -> Subscription:
+        if self._closed:
+            raise HubClosed()
+        return Subscription(self._max_events, self._max_bytes)
+
+    async def _history(self, job_id: str, cursor: str) -> AsyncGenerator[list[StoredEvent]]:
+        while True:
+            page = await self._store.read(job_id, cursor, HISTORY_PAGE)
+            if page:
+                cursor = page[-1].id
+                yield page
+            if len(page) < HISTORY_PAGE:
+                return
+
+    async def _join(self, job_id: str, sub: Subscription) -> None:
+        """Register ``sub`` and wait until the job's channel subscription is live (callers `_leave`)."""
+        channel = self._channels.get(job_id)
+        created = channel is None
+        if channel is None:
+            channel = _Channel(job_id)
+            self._channels[job_id] = channel
+            self._by_name[keys.live_channel(job_id)] = channel
+        channel.subscribers.add(sub)
+        if created:
+            await self._pubsub.subscribe(keys.live_channel(job_id))
+            if not self._subscribed_once.is_set():
+                assert self._pubsub.connection is not None
+                self._pubsub.connection.register_connect_callback(self._on_reconnect)
+                self._subscribed_once.set()
+        # History is read only once the subscription is live, so nothing falls between the two.
+        await asyncio.wait_for(asyncio.shield(channel.ready), JOIN_TIMEOUT_S)
+
+    def _leave(self, job_id: str, sub: Subscription) -> None:
+        channel = self._channels.get(job_id)
+        if channel is None or sub not in channel.subscribers:
+            return
+        channel.subscribers.discard(sub)
+        if not channel.subscribers:
+            del self._channels[job_id]
+            name = keys.live_channel(job_id)
+            self._by_name.pop(name, None)
+            if not self._closed:
+                # Fire and forget: the confirmation arrives on the reader loop.
+                asyncio.get_running_loop().create_task(self._unsubscribe(name))
+
+    async def _unsubscribe(self, name: str) -> None:
+        if name in self._by_name:  # re-joined meanwhile
+            return
+        with contextlib.suppress(RedisError, OSError):
+            await self._pubsub.unsubscribe(name)
+
+    # ---- the reader
+
+    async def _read_loop(self) -> None:
+        await self._subscribed_once.wait()
+        while True:
+            try:
+                message = await self._pubsub.get_message(timeout=1.0)
+            except (RedisError, OSError) as exc:
+                # redis-py reconnects (and re-subscribes) on the next read; readers re-join meanwhile.
+                logger.warning("hub lost its redis subscription: %s", exc)
+                self._reset_all()
+                await asyncio.sleep(0.5)
+                continue
+            if message is not None:
+                self._handle(message)
+
+    async def _on_reconnect(self, connection: object) -> None:
+        # Events published while the connection was down are lost to pubsub, not to the stream.
+        logger.info("hub reconnected to redis: readers re-read from their last ids")
+        self._reset_all()
+
+    def _handle(self, message: dict[str, object]) -> None:
+        channel = self._by_name.get(str(message["channel"]))
+        if channel is None:
+            return
+        if message["type"] == "subscribe":
+            if not channel.ready.done():
+                channel.ready.set_result(None)
+        elif message["type"] == "message":
+            payload = str(message["data"])
+            if not payload:
+                self._end(channel, gone=True)
+                return
+            try:
+                events = decode_batch(payload)
+            except ValueError:
+                logger.error("hub got a malformed batch on %s; its readers re-read from redis", channel.job_id)
+                self._reset(channel)
+                return
+            for sub in channel.subscribers:
+                sub.push(events)
+
+    def _reset_all(self) -> None:
+        """After a lost connection: every subscriber re-joins and re-reads from its last id."""
+        self.resets += 1
+        for channel in self._channels.values():
+            if channel.ready.done():
+                channel.ready = asyncio.get_running_loop().create_future()
+            self._reset(channel)
+
+    def _reset(self, channel: _Channel) -> None:
+        for sub in channel.subscribers:
+            sub.reset = True
+            sub.wakeup.set()
+
+    def _end(self, channel: _Channel, *, gone: bool) -> None:
+        for sub in channel.subscribers:
+            sub.gone = gone
+            sub.wakeup.set()
+
+    async def _tick_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._tick_s)
+            for channel in list(self._channels.values()):
+                for sub in channel.subscribers:
+                    sub.ticked = True
+                    sub.wakeup.set()
+            with contextlib.suppress(RedisError, OSError):
+                await self._drop_expired()
+
+    async def _drop_expired(self) -> None:
+        """Jobs whose TTL ran out publish nothing: look for them once per tick, for all readers at once."""
+        job_ids = list(self._channels)
+        if not job_ids:
+            return
+        for job_id, exists in zip(job_ids, await self._store.exist(job_ids), strict=True):
+            channel = self._channels.get(job_id)
+            if not exists and channel is not None:
+                self._end(channel, gone=True)

@@ -1,0 +1,253 @@
+"""The fan-out hub on a real Redis: gap-free joins under concurrent appends, O(1) Redis work per
+batch, bounded buffers, clean unsubscribes, and recovery from a lost connection."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import random
+import tracemalloc
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+import pytest
+import redis
+
+from jobstream import keys
+from jobstream.connection import MAX_CONNECTIONS, create_redis
+from jobstream.hub import Hub, JobGone, SubscriberOverflow
+from jobstream.store import JobRecord, JobStore, OutgoingEvent, StoredEvent
+from tests.conftest import make_settings
+
+
+@asynccontextmanager
+async def hub_and_store(redis_url: str, **hub_options: Any) -> AsyncIterator[tuple[Hub, JobStore]]:
+    client = create_redis(redis_url)
+    store = JobStore(client, make_settings(redis_url))
+    hub = Hub(client, store, **hub_options)
+    await hub.start()
+    try:
+        yield hub, store
+    finally:
+        await hub.close()
+        await client.aclose()
+
+
+async def new_job(store: JobStore) -> str:
+    job_id = str(uuid.uuid4())
+    await store.create(JobRecord.new(job_id=job_id, owner="alice", job_type="external", input={}, ttl_s=60))
+    return job_id
+
+
+def delta(text: str) -> OutgoingEvent:
+    return OutgoingEvent("delta", '{"text":"' + text + '"}')
+
+
+def run(scenario: Callable[[], Awaitable[None]], timeout_s: float = 40) -> None:
+    asyncio.run(asyncio.wait_for(scenario(), timeout_s))
+
+
+async def collect(hub: Hub, job_id: str, after: str, until: int) -> list[StoredEvent]:
+    """Follow until ``until`` events arrived (ticks ignored)."""
+    received: list[StoredEvent] = []
+    async with aclosing(hub.follow(job_id, after)) as batches:
+        async for batch in batches:
+            received += batch
+            if len(received) >= until:
+                break
+    return received
+
+
+def test_join_whenAppendsRunConcurrently_thenEverySubscriberGetsExactSequence(redis_url: str) -> None:
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (hub, store):
+            job_id = await new_job(store)
+            total = 600
+            appended: list[str] = []
+
+            async def produce() -> None:
+                for index in range(total):
+                    appended.extend(await store.append(job_id, [delta(str(index))]))
+                    if index % 20 == 0:
+                        await asyncio.sleep(0.001)
+
+            async def join_later(rng: random.Random) -> tuple[str, list[StoredEvent]]:
+                await asyncio.sleep(rng.random() * 0.3)
+                # Resume from a random id already seen (or from the start).
+                after = rng.choice(["0-0", *appended]) if appended else "0-0"
+                expected_count = total + 1 - (appended.index(after) + 2 if after != "0-0" else 0)
+                return after, await collect(hub, job_id, after, expected_count)
+
+            rng = random.Random(7)
+            producer = asyncio.create_task(produce())
+            results = await asyncio.gather(*(join_later(random.Random(rng.random())) for _ in range(40)))
+            await producer
+            stream = await store.read(job_id, "0-0", 10_000)
+            ids = [event.id for event in stream]
+            for after, received in results:
+                start = 0 if after == "0-0" else ids.index(after) + 1
+                assert [event.id for event in received] == ids[start:], f"gap or duplicate after {after}"
+
+    run(scenario)
+
+
+def _command_calls(rdb: redis.Redis, name: str) -> int:
+    stats = rdb.info("commandstats").get(f"cmdstat_{name}")
+    return int(stats["calls"]) if stats else 0
+
+
+def test_fanout_whenManyReaders_thenRedisWorkPerBatchIsConstant(redis_url: str, rdb: redis.Redis) -> None:
+    readers = 300
+
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (hub, store):
+            job_id = await new_job(store)
+            clients_before = len(rdb.client_list())
+            got: list[list[StoredEvent]] = [[] for _ in range(readers)]
+
+            async def reader(slot: int) -> None:
+                got[slot] = await collect(hub, job_id, "0-0", 51)  # status + 50 deltas
+
+            tasks = [asyncio.create_task(reader(i)) for i in range(readers)]
+            await asyncio.sleep(0.5)  # every reader has joined and read (empty) history
+            reads_before = _command_calls(rdb, "xrange") + _command_calls(rdb, "xread")
+            for index in range(50):
+                await store.append(job_id, [delta(str(index))])
+            await asyncio.gather(*tasks)
+            reads_after = _command_calls(rdb, "xrange") + _command_calls(rdb, "xread")
+            assert reads_after == reads_before, "live events must not cost a Redis read per reader"
+            opened = len(rdb.client_list()) - clients_before
+            assert opened <= MAX_CONNECTIONS + 1, f"{opened} Redis connections for {readers} readers"
+            assert all([e.id for e in g] == [e.id for e in got[0]] for g in got)
+            # Each event is encoded once per process: every reader got the same object.
+            assert all(g[5] is got[0][5] for g in got)
+
+    run(scenario)
+
+
+def test_slowSubscriber_whenBufferExceeded_thenOnlyItIsDropped(redis_url: str) -> None:
+    async def scenario() -> None:
+        async with hub_and_store(redis_url, max_events=20, tick_s=0.1) as (hub, store):
+            job_id = await new_job(store)
+            stalled = hub.follow(job_id, "0-0")
+            assert await anext(stalled) == []  # joined; from now on it reads nothing
+            healthy_got: list[StoredEvent] = []
+
+            async def healthy() -> None:
+                healthy_got.extend(await collect(hub, job_id, "0-0", 61))
+
+            task = asyncio.create_task(healthy())
+            await asyncio.sleep(0.2)
+            for index in range(60):
+                await store.append(job_id, [delta(str(index))])
+                await asyncio.sleep(0)
+            await task
+            assert len(healthy_got) == 61
+            with pytest.raises(SubscriberOverflow):
+                while True:
+                    await anext(stalled)
+            await stalled.aclose()
+            assert hub.channel_count == 0
+
+    run(scenario)
+
+
+def test_unsubscribe_whenTenThousandCycles_thenNothingLeftBehind(redis_url: str, rdb: redis.Redis) -> None:
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (hub, store):
+            jobs = [await new_job(store) for _ in range(20)]
+            for job_id in jobs:
+                await store.append(job_id, [delta("x")])
+
+            async def cycle(index: int) -> None:
+                follower = hub.follow(jobs[index % len(jobs)], "0-0")
+                try:
+                    await anext(follower)
+                    if index % 3 == 0:
+                        raise RuntimeError("the reader went away")
+                except RuntimeError:
+                    pass
+                finally:
+                    await follower.aclose()
+
+            await asyncio.gather(*(cycle(i) for i in range(500)))  # warm up allocations
+            gc.collect()
+            tasks_before = len(asyncio.all_tasks())
+            tracemalloc.start()
+            before = tracemalloc.take_snapshot()
+            for start in range(0, 10_000, 500):
+                await asyncio.gather(*(cycle(i) for i in range(start, start + 500)))
+            await asyncio.sleep(0.3)  # pending unsubscribes reach Redis
+            gc.collect()
+            after = tracemalloc.take_snapshot()
+            tracemalloc.stop()
+            grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
+            assert hub.channel_count == 0
+            assert len(asyncio.all_tasks()) <= tasks_before
+            assert rdb.pubsub_channels(keys.live_channel("*")) == []
+            assert grown < 512 * 1024, f"{grown} bytes retained after 10,000 cycles"
+
+    run(scenario, timeout_s=120)
+
+
+def test_lostConnection_whenPubsubKilled_thenReadersResumeWithoutGap(redis_url: str, rdb: redis.Redis) -> None:
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (hub, store):
+            job_id = await new_job(store)
+            got: list[StoredEvent] = []
+
+            async def reader() -> None:
+                got.extend(await collect(hub, job_id, "0-0", 101))
+
+            task = asyncio.create_task(reader())
+            for index in range(100):
+                await store.append(job_id, [delta(str(index))])
+                if index == 30:
+                    assert rdb.client_kill_filter(_type="pubsub") == 1
+                await asyncio.sleep(0.005)
+            await asyncio.wait_for(task, 15)
+            ids = [event.id for event in await store.read(job_id, "0-0", 1000)]
+            assert [event.id for event in got] == ids
+            assert hub.resets >= 1
+
+    run(scenario)
+
+
+def test_wait_whenEventArrives_thenReturnsIt_andTimesOutOtherwise(redis_url: str) -> None:
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (hub, store):
+            job_id = await new_job(store)
+            assert await hub.wait(job_id, "0-0", 0.2) == []
+            waiter = asyncio.create_task(hub.wait(job_id, "0-0", 10))
+            await asyncio.sleep(0.2)
+            ids = await store.append(job_id, [delta("late")])
+            events = await waiter
+            assert [e.type for e in events] == ["status", "delta"] and events[-1].id == ids[-1]
+            assert hub.channel_count == 0
+
+    run(scenario)
+
+
+def test_ticks_whenIdle_thenEmptyBatches_andDeletedJobEndsFollowers(redis_url: str) -> None:
+    async def scenario() -> None:
+        async with hub_and_store(redis_url, tick_s=0.1) as (hub, store):
+            job_id = await new_job(store)
+            follower = hub.follow(job_id, "0-0")
+            assert await anext(follower) == []  # a tick: nothing happened
+            await store.delete(job_id)
+            with pytest.raises(JobGone):
+                while True:
+                    await anext(follower)
+            await follower.aclose()
+            expiring = await new_job(store)
+            follower = hub.follow(expiring, "0-0")
+            await anext(follower)
+            await store._redis.delete(keys.meta_key(expiring))  # as if its TTL ran out
+            with pytest.raises(JobGone):
+                while True:
+                    await anext(follower)
+            await follower.aclose()
+
+    run(scenario)
