@@ -251,3 +251,28 @@ def test_ticks_whenIdle_thenEmptyBatches_andDeletedJobEndsFollowers(redis_url: s
             await follower.aclose()
 
     run(scenario)
+
+
+def test_join_whenManyNewChannelsAtOnce_thenEveryOneIsLive(redis_url: str) -> None:
+    """Regression: concurrent first subscribes on a fresh hub each opened a pub/sub connection,
+    and only the last one was read; readers of the other jobs waited forever."""
+
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (_, store):
+            jobs = [await new_job(store) for _ in range(30)]
+            # A hub on a client that has not connected yet: its first subscribes all open connections.
+            fresh = create_redis(redis_url)
+            hub = Hub(fresh, JobStore(fresh, make_settings(redis_url)))
+            await hub.start()
+            try:
+                followers = [asyncio.create_task(collect(hub, job_id, "0-0", 2)) for job_id in jobs]
+                await asyncio.sleep(0.3)
+                for job_id in jobs:
+                    await store.append(job_id, [delta("live")])
+                results = await asyncio.wait_for(asyncio.gather(*followers), 10)
+                assert all([e.type for e in got] == ["status", "delta"] for got in results)
+            finally:
+                await hub.close()
+                await fresh.aclose()
+
+    run(scenario)

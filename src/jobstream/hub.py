@@ -165,6 +165,8 @@ class Hub:
         #: Times the Redis subscription was lost and every reader re-read from its last id.
         self.resets = 0
         self._subscribed_once = asyncio.Event()
+        self._command_lock = asyncio.Lock()
+        self._last_message_at = 0.0
 
     def __repr__(self) -> str:
         readers = sum(len(channel.subscribers) for channel in self._channels.values())
@@ -261,11 +263,15 @@ class Hub:
             self._by_name[keys.live_channel(job_id)] = channel
         channel.subscribers.add(sub)
         if created:
-            await self._pubsub.subscribe(keys.live_channel(job_id))
-            if not self._subscribed_once.is_set():
-                assert self._pubsub.connection is not None
-                self._pubsub.connection.register_connect_callback(self._on_reconnect)
-                self._subscribed_once.set()
+            # Serialized: redis-py's PubSub opens its connection lazily, and two first subscribes at
+            # once would each open one, leaving the earlier one unread.
+            async with self._command_lock:
+                await self._pubsub.subscribe(keys.live_channel(job_id))
+                if not self._subscribed_once.is_set():
+                    assert self._pubsub.connection is not None
+                    self._pubsub.connection.register_connect_callback(self._on_reconnect)
+                    self._last_message_at = asyncio.get_running_loop().time()
+                    self._subscribed_once.set()
         # History is read only once the subscription is live, so nothing falls between the two.
         await asyncio.wait_for(asyncio.shield(channel.ready), JOIN_TIMEOUT_S)
 
@@ -286,7 +292,8 @@ class Hub:
         if name in self._by_name:  # re-joined meanwhile
             return
         with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.unsubscribe(name)
+            async with self._command_lock:
+                await self._pubsub.unsubscribe(name)
 
     # ---- the reader
 
@@ -294,13 +301,15 @@ class Hub:
         await self._subscribed_once.wait()
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                # No timeout: a per-message timer costs more than the message. The tick pings instead.
+                message = await self._pubsub.get_message(timeout=None)
             except (RedisError, OSError) as exc:
                 # redis-py reconnects (and re-subscribes) on the next read; readers re-join meanwhile.
                 logger.warning("hub lost its redis subscription: %s", exc)
                 self._reset_all()
                 await asyncio.sleep(0.5)
                 continue
+            self._last_message_at = asyncio.get_running_loop().time()
             if message is not None:
                 self._handle(message)
 
@@ -357,6 +366,20 @@ class Hub:
                     sub.wakeup.set()
             with contextlib.suppress(RedisError, OSError):
                 await self._drop_expired()
+                await self._check_connection()
+
+    async def _check_connection(self) -> None:
+        """Ping the subscription each tick; if even the pongs stopped, the connection is dead
+        without having been closed (a lost network path): drop it so that the reader reconnects."""
+        if not self._subscribed_once.is_set() or self._pubsub.connection is None:
+            return
+        silent_s = asyncio.get_running_loop().time() - self._last_message_at
+        if silent_s > 3 * self._tick_s:
+            logger.warning("hub subscription silent for %.0fs: reconnecting", silent_s)
+            await self._pubsub.connection.disconnect()
+            return
+        async with self._command_lock:
+            await self._pubsub.ping()
 
     async def _drop_expired(self) -> None:
         """Jobs whose TTL ran out publish nothing: look for them once per tick, for all readers at once."""

@@ -12,6 +12,7 @@ from jobstream.auth import Authenticator
 from jobstream.feed import Feed
 from jobstream.ratelimit import ConnectionLeases, CreateLimiter
 from jobstream.registry import Registry
+from jobstream.sendwatch import SendWatch
 from jobstream.settings import Settings
 from jobstream.store import JobStore
 
@@ -26,6 +27,7 @@ class Services:
     auth: Authenticator
     limiter: CreateLimiter
     leases: ConnectionLeases
+    send_watch: SendWatch
     #: Set when the gateway shuts down: open streams end so that their readers reconnect elsewhere.
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
 

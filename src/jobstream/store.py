@@ -204,6 +204,22 @@ class JobStore:
         """Append events and apply the status change they carry, atomically. Raises JobNotFound or JobEnded."""
         if not events:
             return []
+        reply = await self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events))
+        return _append_result(reply)
+
+    async def append_many(self, appends: Sequence[tuple[str, Sequence[OutgoingEvent]]]) -> list[list[str]]:
+        """Several appends (each atomic on its own) in one round trip; raises as ``append`` on the first failure."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id, events in appends:
+                await self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events), client=pipe)
+            replies = await pipe.execute()
+        return [_append_result(reply) for reply in replies]
+
+    @staticmethod
+    def _append_keys(job_id: str) -> list[str]:
+        return [keys.meta_key(job_id), keys.events_key(job_id)]
+
+    def _append_args(self, job_id: str, events: Sequence[OutgoingEvent]) -> list[str | int]:
         new_status = ""
         meta_fields: dict[str, str] = {}
         for event in events:
@@ -224,12 +240,7 @@ class JobStore:
             args += [name, value]
         for event in events:
             args += [event.type, event.data]
-        reply = await self._append(keys=[keys.meta_key(job_id), keys.events_key(job_id)], args=args)
-        if reply[0] == "gone":
-            raise JobNotFound()
-        if reply[0] == "ended":
-            raise JobEnded(f"The job has already ended ({reply[1]}).")
-        return list(reply[1:])
+        return args
 
     async def request_cancel(self, job_id: str) -> tuple[JobStatus, str]:
         """Flag the job for cancellation; returns its status and type at that moment."""
@@ -301,6 +312,14 @@ class JobStore:
 
     async def forget_idempotent(self, key: str) -> None:
         await self._redis.delete(key)
+
+
+def _append_result(reply: list[str]) -> list[str]:
+    if reply[0] == "gone":
+        raise JobNotFound()
+    if reply[0] == "ended":
+        raise JobEnded(f"The job has already ended ({reply[1]}).")
+    return list(reply[1:])
 
 
 def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StoredEvent:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from sse_starlette import EventSourceResponse
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -18,12 +19,12 @@ from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_erro
 from jobstream.hub import HubClosed, JobGone, SubscriberOverflow
 from jobstream.models import JobStatus, to_json
 from jobstream.routes._common import load_job
+from jobstream.sendwatch import WatchedEventSourceResponse
 from jobstream.services import Services, services
 from jobstream.store import JobRecord, JobStore, StoredEvent
 
+logger = logging.getLogger("jobstream.stream")
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
-#: A reader that cannot take a write for this long is dropped; it resumes from its last id.
-SEND_TIMEOUT_S = 30.0
 RELEASE_TIMEOUT_S = 2.0
 
 
@@ -67,11 +68,11 @@ async def stream_events(request: Request) -> Response:
     except BaseException:
         await svc.leases.release(principal.user, lease)
         raise
-    return EventSourceResponse(
+    return WatchedEventSourceResponse(
         _frames(svc, job.id, principal.user, lease, after, first_kept),
         headers=SSE_HEADERS,
         ping=0,  # pings come from the hub's per-process tick, not one timer per connection
-        send_timeout=SEND_TIMEOUT_S,
+        watch=svc.send_watch,  # stalled sends, likewise
     )
 
 
@@ -95,7 +96,7 @@ async def _frames(
                     yield sse.PING
                 else:
                     chunk, finished = _encode_batch(batch)
-                    metrics.events_delivered.labels("sse").inc(len(batch))
+                    metrics.deliveries.sse += len(batch)
                     yield chunk
                     if finished:
                         return
@@ -110,6 +111,10 @@ async def _frames(
         yield sse.retry(svc.settings.retry_ms)
     except (JobGone, HubClosed):
         return
+    except (RedisError, TimeoutError, OSError) as exc:
+        # Redis is unreachable: the reader retries after the hint and resumes from its last id.
+        logger.warning("event stream of job %s ended by a redis error: %s", job_id, type(exc).__name__)
+        yield sse.retry(svc.settings.retry_ms)
     finally:
         metrics.sse_open.dec()
         # Runs inside a cancelled scope when the client left: shield the release, bounded.
@@ -161,7 +166,7 @@ async def poll_events(request: Request) -> Response:
         job = refreshed
     else:
         metrics.polls.labels("short").inc()
-    metrics.events_delivered.labels("poll").inc(len(events))
+    metrics.deliveries.poll += len(events)
     body = _poll_body(job, events, after, cursor)
     if first_kept is not None:
         body["truncated"] = {"first_id": first_kept}

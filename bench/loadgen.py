@@ -1,0 +1,246 @@
+"""Load generator: raw asyncio sockets on uvloop, so that it is not the bottleneck.
+
+Modes (one process each, started by ``bench/run.py``; prints one JSON line of results):
+
+- ``sse``: open every given SSE path (one connection each), print ``READY`` once all answered,
+  read the window's start (epoch seconds) from stdin, then count the events the publisher stamped
+  (``"t"``) inside the window ``[start, start + seconds)``, waiting ``GRACE_S`` after it for late
+  ones: per-connection sequence checks (gaps, duplicates) and append-to-receive latency.
+- ``idle``: open every path, print ``READY``, hold the connections until stdin closes.
+- ``poll``: each path is polled in a loop (``wait`` in the path makes it a long-poll).
+- ``create``: POST creates at a fixed rate and measure each latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+
+import uvloop
+
+_EVENT = re.compile(rb'"seq":(\d+),"t":(\d+)')
+#: How long after the window events published inside it may still arrive and count.
+GRACE_S = 2.0
+_CONTENT_LENGTH = re.compile(rb"content-length: (\d+)", re.IGNORECASE)
+
+
+@dataclass
+class Stats:
+    deliveries: int = 0
+    gaps: int = 0
+    duplicates: int = 0
+    errors: int = 0
+    latencies_us: list[int] = field(default_factory=list)
+    requests: int = 0
+    counting: bool = False
+    window_ns: tuple[int, int] = (0, 0)
+    #: Connections that received no event of the window.
+    silent: int = 0
+
+    def summary(self, seconds: float) -> dict[str, object]:
+        lat = sorted(self.latencies_us)
+
+        def pct(p: float) -> float | None:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] / 1000, 2) if lat else None
+
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "deliveries": self.deliveries,
+            "deliveries_per_s": round(self.deliveries / seconds, 1),
+            "requests": self.requests,
+            "requests_per_s": round(self.requests / seconds, 1),
+            "gaps": self.gaps,
+            "duplicates": self.duplicates,
+            "errors": self.errors,
+            "silent_connections": self.silent,
+            "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": round(lat[-1] / 1000, 2) if lat else None},
+            "loadgen_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        }
+
+
+async def _open(
+    host: str, port: int, path: str, headers: str = ""
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nAccept: text/event-stream\r\n{headers}\r\n".encode())
+    head = await reader.readuntil(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"{path}: {head[:60]!r}")
+    return reader, writer
+
+
+async def _follow(reader: asyncio.StreamReader, stats: Stats, stop: asyncio.Event) -> None:
+    last_seq = -1
+    stats.silent += 1
+    counted = False
+    tail = b""
+    while not stop.is_set():
+        chunk = await reader.read(65536)
+        if not chunk:
+            return
+        data = tail + chunk
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            tail = data
+            continue
+        tail = data[cut + 2 :]
+        now_ns = time.time_ns()
+        window_start, window_end = stats.window_ns
+        for match in _EVENT.finditer(data, 0, cut):
+            seq = int(match[1])
+            if seq <= last_seq:
+                stats.duplicates += 1
+                continue
+            if last_seq >= 0 and seq != last_seq + 1:
+                stats.gaps += 1
+            last_seq = seq
+            stamped = int(match[2])
+            if window_start <= stamped < window_end:
+                if not counted:
+                    counted = True
+                    stats.silent -= 1
+                stats.deliveries += 1
+                stats.latencies_us.append((now_ns - stamped) // 1000)
+
+
+async def sse(host: str, port: int, paths: list[str], seconds: float, headers: str) -> dict[str, object]:
+    stats = Stats()
+    stop = asyncio.Event()
+    opened = []
+    for start in range(0, len(paths), 200):  # connect in waves: a burst of 10,000 SYNs overflows the backlog
+        opened += await asyncio.gather(*(_open(host, port, path, headers) for path in paths[start : start + 200]))
+    followers = [asyncio.create_task(_follow(reader, stats, stop)) for reader, _ in opened]
+    print("READY", flush=True)
+    start = float(await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline))
+    stats.window_ns = (int(start * 1e9), int((start + seconds) * 1e9))
+    await asyncio.sleep(max(0.0, start + seconds + GRACE_S - time.time()))
+    elapsed = seconds
+    stop.set()
+    for task in followers:
+        task.cancel()
+    for _, writer in opened:
+        writer.close()
+    return stats.summary(elapsed)
+
+
+async def idle(host: str, port: int, paths: list[str], headers: str) -> dict[str, object]:
+    opened = []
+    for start in range(0, len(paths), 200):
+        opened += await asyncio.gather(*(_open(host, port, path, headers) for path in paths[start : start + 200]))
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    for _, writer in opened:
+        writer.close()
+    return {"connections": len(opened)}
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = _CONTENT_LENGTH.search(head)
+    body = await reader.readexactly(int(length[1])) if length else b""
+    return int(head[9:12]), body
+
+
+async def _poller(host: str, port: int, path: str, stats: Stats, stop: asyncio.Event, headers: str) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    while not stop.is_set():
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n".encode())
+        status, _ = await _read_response(reader)
+        if status != 200:
+            stats.errors += 1
+        if stats.counting:
+            stats.requests += 1
+    writer.close()
+
+
+async def poll(host: str, port: int, paths: list[str], seconds: float, headers: str) -> dict[str, object]:
+    stats = Stats(counting=False)
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(_poller(host, port, path, stats, stop, headers)) for path in paths]
+    await asyncio.sleep(1.0)  # warm up: every poller connected
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    stats.counting = True
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    stats.counting = False
+    elapsed = time.monotonic() - started
+    stop.set()
+    await asyncio.wait(tasks, timeout=35)
+    return stats.summary(elapsed)
+
+
+async def create(host: str, port: int, rate: float, seconds: float, headers: str, body: bytes) -> dict[str, object]:
+    stats = Stats()
+    connections = [await asyncio.open_connection(host, port) for _ in range(16)]
+    free: asyncio.Queue[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = asyncio.Queue()
+    for connection in connections:
+        free.put_nowait(connection)
+    request = (
+        f"POST /v1/jobs HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n{headers}\r\n"
+    ).encode() + body
+
+    async def one() -> None:
+        reader, writer = await free.get()
+        started = time.perf_counter_ns()
+        writer.write(request)
+        status, _ = await _read_response(reader)
+        stats.latencies_us.append((time.perf_counter_ns() - started) // 1000)
+        stats.requests += 1
+        if status != 201:
+            stats.errors += 1
+        free.put_nowait((reader, writer))
+
+    print("READY", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    pending = set()
+    sent = 0
+    while (now := loop.time()) - start < seconds:
+        due = int((now - start) * rate) - sent
+        for _ in range(due):
+            pending.add(asyncio.create_task(one()))
+            sent += 1
+        await asyncio.sleep(0.002)
+    await asyncio.gather(*pending)
+    return stats.summary(loop.time() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("mode", choices=["sse", "idle", "poll", "create"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--paths", help="file with one path per line")
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--rate", type=float, default=200)
+    parser.add_argument("--header", default="", help="extra header line, e.g. 'Authorization: Bearer k'")
+    parser.add_argument("--body", default='{"type": "external"}')
+    args = parser.parse_args()
+    gc.disable()  # a bounded run: no collector pauses in the measurements
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    paths = open(args.paths).read().split() if args.paths else []
+    headers = f"{args.header}\r\n" if args.header else ""
+    host = "127.0.0.1"
+    if args.mode == "sse":
+        result = uvloop.run(sse(host, args.port, paths, args.seconds, headers))
+    elif args.mode == "idle":
+        result = uvloop.run(idle(host, args.port, paths, headers))
+    elif args.mode == "poll":
+        result = uvloop.run(poll(host, args.port, paths, args.seconds, headers))
+    else:
+        result = uvloop.run(create(host, args.port, args.rate, args.seconds, headers, args.body.encode()))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
