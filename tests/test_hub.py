@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import random
+import time
 import tracemalloc
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,8 +32,11 @@ async def hub_and_store(redis_url: str, **hub_options: Any) -> AsyncIterator[tup
     try:
         yield hub, store
     finally:
+        started = time.monotonic()
         await hub.close()
         await client.aclose()
+        # Regression: a cancellation swallowed inside a redis-py call kept the tick loop alive and close() hung.
+        assert time.monotonic() - started < 5, "Hub.close() must return promptly"
 
 
 async def new_job(store: JobStore) -> str:

@@ -299,7 +299,7 @@ class Hub:
 
     async def _read_loop(self) -> None:
         await self._subscribed_once.wait()
-        while True:
+        while not self._closed:
             try:
                 # No timeout: a per-message timer costs more than the message. The tick pings instead.
                 message = await self._pubsub.get_message(timeout=None)
@@ -358,7 +358,8 @@ class Hub:
             sub.wakeup.set()
 
     async def _tick_loop(self) -> None:
-        while True:
+        # Checks the flag too: redis-py can swallow a cancellation that lands inside one of its calls.
+        while not self._closed:
             await asyncio.sleep(self._tick_s)
             for channel in list(self._channels.values()):
                 for sub in channel.subscribers:
@@ -371,15 +372,20 @@ class Hub:
     async def _check_connection(self) -> None:
         """Ping the subscription each tick; if even the pongs stopped, the connection is dead
         without having been closed (a lost network path): drop it so that the reader reconnects."""
-        if not self._subscribed_once.is_set() or self._pubsub.connection is None:
+        connection = self._pubsub.connection
+        now = asyncio.get_running_loop().time()
+        if not self._by_name or connection is None:
+            self._last_message_at = now  # nothing to lose while nothing is followed
             return
-        silent_s = asyncio.get_running_loop().time() - self._last_message_at
+        silent_s = now - self._last_message_at
         if silent_s > 3 * self._tick_s:
-            logger.warning("hub subscription silent for %.0fs: reconnecting", silent_s)
-            await self._pubsub.connection.disconnect()
+            logger.warning("hub subscription silent for %.1fs: reconnecting", silent_s)
+            await connection.disconnect()
             return
+        # Sent on the connection itself: PubSub.ping() would run redis-py's own health check, which
+        # reads a reply that belongs to the reader loop.
         async with self._command_lock:
-            await self._pubsub.ping()
+            await connection.send_command("PING", check_health=False)
 
     async def _drop_expired(self) -> None:
         """Jobs whose TTL ran out publish nothing: look for them once per tick, for all readers at once."""
