@@ -86,11 +86,12 @@ async def _follow(reader: asyncio.StreamReader, stats: Stats, stop: asyncio.Even
         if not chunk:
             return
         data = tail + chunk
-        cut = data.rfind(b"\n\n")
+        # Up to the last complete line: a data line never spans it (frames may end in \n\n or \r\n\r\n).
+        cut = data.rfind(b"\n")
         if cut < 0:
             tail = data
             continue
-        tail = data[cut + 2 :]
+        tail = data[cut + 1 :]
         now_ns = time.time_ns()
         window_start, window_end = stats.window_ns
         for match in _EVENT.finditer(data, 0, cut):

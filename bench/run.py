@@ -102,7 +102,7 @@ def wait_http(port: int, path: str = "/healthz", timeout_s: float = 20) -> None:
 
 
 NCHAN_CONF = """
-load_module modules/ngx_nchan_module.so;
+load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
 worker_processes 2;
 worker_rlimit_nofile 65536;
 error_log {dir}/error.log warn;
@@ -110,6 +110,7 @@ pid {dir}/nginx.pid;
 events {{ worker_connections 30000; }}
 http {{
   access_log off;
+  keepalive_requests 100000000;  # the publisher sends every POST on one connection
   upstream redis_server {{ nchan_redis_server redis://127.0.0.1:{redis_port}; }}
   server {{
     listen 127.0.0.1:{port};
@@ -131,7 +132,7 @@ http {{
 
 
 @contextmanager
-def server(target: str, redis_url: str, redis_port: int) -> Iterator[tuple[int, int]]:
+def server(target: str, redis_url: str, redis_port: int, processes: int = 1) -> Iterator[tuple[int, int]]:
     """Start the server under test; yields (port, pid)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -145,7 +146,7 @@ def server(target: str, redis_url: str, redis_port: int) -> Iterator[tuple[int, 
             "JOBSTREAM_CREATE_RATE": "100000000/minute",
             "JOBSTREAM_LOG_LEVEL": "WARNING",
         }
-        command = [sys.executable, "-m", "jobstream", "serve", "--port", str(port)]
+        command = [sys.executable, "-m", "jobstream", "serve", "--port", str(port), "--workers", str(processes)]
     elif target == "naive":
         env["REDIS_URL"] = redis_url
         command = [
@@ -231,8 +232,11 @@ async def publish(target: str, redis_url: str, port: int, job_ids: list[str], ra
 
     async def drain() -> None:
         while nchan is not None:
-            if not await nchan[0].read(65536):
-                return
+            chunk = await nchan[0].read(65536)
+            if not chunk:
+                raise RuntimeError("nchan closed the publisher's connection")
+            if b"HTTP/1.1 4" in chunk or b"HTTP/1.1 5" in chunk:
+                raise RuntimeError(f"nchan refused a publish: {chunk[:200]!r}")
 
     drainer = asyncio.create_task(drain())
     loop = asyncio.get_running_loop()
@@ -244,6 +248,8 @@ async def publish(target: str, redis_url: str, port: int, job_ids: list[str], ra
             await publish_due([job_ids[(sent + i) % len(job_ids)] for i in range(due)])
             sent += due
         await asyncio.sleep(0.002)
+    if drainer.done():
+        drainer.result()  # raises what went wrong
     drainer.cancel()
     await client.aclose()
     return sent
@@ -285,7 +291,7 @@ def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
 def fanout(args: argparse.Namespace) -> dict[str, Any]:
     with EmbeddedRedis(extra_args=["--maxclients", "30000"]).start() as embedded:
         rdb = redis.Redis.from_url(embedded.url)
-        with server(args.target, embedded.url, embedded.port) as (port, pid):
+        with server(args.target, embedded.url, embedded.port, args.processes) as (port, pid):
             jobs = make_jobs(embedded.url, args.jobs)
             paths = [sse_path(args.target, job_id, token) for job_id, token in jobs for _ in range(args.readers)]
             gen = loadgen("sse", port, paths, ["--seconds", str(args.seconds)])
@@ -403,6 +409,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--wait", type=float, default=0)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--processes", type=int, default=1, help="hub target: `jobstream serve --workers N`")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the server and loadgen

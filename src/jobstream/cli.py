@@ -5,18 +5,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging.config
+import os
 import secrets
 import signal
 import sys
 from collections.abc import Coroutine, Iterator
 
 import uvicorn
-from sse_starlette.sse import AppStatus
 
 from jobstream import __version__
-from jobstream.app import create_app
+from jobstream.app import create_app, tune_gc
 from jobstream.connection import create_redis, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
 from jobstream.observability import log_config
@@ -44,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
         cmd.add_argument("--host", default="127.0.0.1")
         cmd.add_argument("--port", type=int, default=8000)
         cmd.add_argument("--app", action="append", default=[], help="module with job handlers (repeatable)")
+    commands.choices["serve"].add_argument(
+        "--workers", type=int, default=1, help="gateway processes sharing the port (default 1)"
+    )
     worker = commands.add_parser("worker", help="run jobs from the queue")
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--app", action="append", default=[], help="module with job handlers (repeatable)")
@@ -63,7 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "serve":
         _warn_about_serve_settings(settings)
     try:
-        if args.command == "serve":
+        if args.command == "serve" and args.workers > 1:
+            _serve_processes(settings, args.host, args.port, args.workers)
+        elif args.command == "serve":
             _run(_serve(settings, args.host, args.port, with_worker=False))
         elif args.command == "worker":
             _run(_work(settings, args.concurrency or settings.worker_concurrency))
@@ -77,12 +81,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _run(main: Coroutine[None, None, None]) -> None:
     """Run on uvloop when it is installed (uvicorn[standard] brings it), else on asyncio's loop."""
-    # Objects made at start-up live for good: keep them out of every later collection, and collect
-    # the young generation less often. Full collections over thousands of streams' objects otherwise
-    # stall the event loop for tens of milliseconds, which readers see as latency.
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    tune_gc()
     try:
         import uvloop
     except ImportError:
@@ -107,7 +106,9 @@ async def _serve(settings: Settings, host: str, port: int, *, with_worker: bool)
     def stop() -> None:
         server.should_exit = True
         # Open SSE responses end at once; EventSource reconnects (to another gateway) from its last id.
-        AppStatus.should_exit = True
+        services = getattr(app.state, "services", None)
+        if services is not None:
+            services.feed.stop_readers()
         if worker is not None:
             worker.stop()
 
@@ -133,6 +134,22 @@ def _warn_about_serve_settings(settings: Settings) -> None:
         )
     if not settings.api_keys and not settings.jwt_secret:
         logger.warning("neither JOBSTREAM_API_KEYS nor JOBSTREAM_JWT_SECRET is set: every request will get 401")
+
+
+def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> None:
+    """Several gateway processes on one port (uvicorn's supervisor); each has its own hub."""
+    # The processes build their settings from the environment: hand them the handler modules.
+    os.environ["JOBSTREAM_APP"] = ",".join(settings.app)
+    uvicorn.run(
+        "jobstream.app:app_from_environment",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_config=log_config(settings.log_level),
+        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        proxy_headers=True,
+    )
 
 
 def _make_worker(settings: Settings, concurrency: int) -> Worker:

@@ -179,12 +179,16 @@ class Hub:
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._tick_loop())]
 
-    async def close(self) -> None:
+    def stop_readers(self) -> None:
+        """End every follower now (gateway shutdown): their readers reconnect, to another gateway."""
         self._closed = True
         for channel in list(self._channels.values()):
             for sub in channel.subscribers:
                 sub.closed = True
                 sub.wakeup.set()
+
+    async def close(self) -> None:
+        self.stop_readers()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -217,6 +221,8 @@ class Hub:
             self._leave(job_id, sub)
 
     async def wait(self, job_id: str, after: str, timeout_s: float) -> list[StoredEvent]:
+        if self._closed:
+            return []
         sub = self._subscription()
         try:
             async with asyncio.timeout(timeout_s):

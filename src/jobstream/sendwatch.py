@@ -1,9 +1,13 @@
-"""Drops SSE connections whose client stopped reading, with one timer per process.
+"""The SSE response of the hot path, and the one watch per process that drops stalled readers.
 
-sse-starlette can time out each send on its own (``send_timeout``), but that enters a cancel scope
-and arms a timer for every write, which costs more than the write. Instead each response notes
-when its current send started, and one task per process cancels the responses whose send has
-been stuck longer than the timeout. The reader reconnects and resumes from its last id.
+Deliberate divergence from sse-starlette's ``EventSourceResponse`` (measured in bench/RESULTS.md):
+it runs four tasks per connection (stream, ping, shutdown watcher, disconnect listener) and enters
+a cancel scope with a timer for every send. At thousands of connections those cost more memory
+and CPU than the writes themselves. Here a connection is its request task plus one task that
+waits for the client's disconnect; pings come from the hub's per-process tick; and a send that
+stays stuck (a client that stopped reading) is found by one task per process, which cancels that
+response. The reader reconnects and resumes from its last id. sse-starlette still encodes any
+frame whose content needs line splitting (see ``jobstream.sse``).
 """
 
 from __future__ import annotations
@@ -11,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncGenerator, Iterator, Mapping
 
 import anyio
-from sse_starlette import EventSourceResponse
-from starlette.types import Message, Receive, Scope, Send
+from starlette.background import BackgroundTask
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 logger = logging.getLogger("jobstream.sendwatch")
 
@@ -69,22 +73,52 @@ class SendWatch:
                     tracked.cancel_scope.cancel()
 
 
-class WatchedEventSourceResponse(EventSourceResponse):
-    """An EventSourceResponse whose stalled sends are ended by a process-wide SendWatch."""
+class EventStreamResponse(Response):
+    """``text/event-stream`` from an async generator of ready-encoded chunks, one send each."""
 
-    def __init__(self, *args: Any, watch: SendWatch, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    media_type = "text/event-stream"
+
+    def __init__(
+        self,
+        chunks: AsyncGenerator[bytes],
+        *,
+        watch: SendWatch,
+        headers: Mapping[str, str] | None = None,
+        background: BackgroundTask | None = None,
+    ) -> None:
+        self.status_code = 200
+        self.background = background
+        self.init_headers(headers)
+        self._chunks = chunks
         self._watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        if scope["method"] == "HEAD":
+            await self._chunks.aclose()  # never started: headers only
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         loop = asyncio.get_running_loop()
         with anyio.CancelScope() as cancel_scope, self._watch.track(cancel_scope) as tracked:
+            disconnect = asyncio.create_task(_cancel_on_disconnect(receive, cancel_scope))
+            try:
+                async with contextlib.aclosing(self._chunks) as chunks:
+                    async for chunk in chunks:
+                        tracked.send_started = loop.time()
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                        tracked.send_started = None
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            except OSError:
+                pass  # the client went away mid-write
+            finally:
+                disconnect.cancel()
+        if self.background is not None:
+            await self.background()
 
-            async def timed_send(message: Message) -> None:
-                tracked.send_started = loop.time()
-                try:
-                    await send(message)
-                finally:
-                    tracked.send_started = None
 
-            await super().__call__(scope, receive, timed_send)
+async def _cancel_on_disconnect(receive: Receive, cancel_scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            cancel_scope.cancel()
+            return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,7 +19,7 @@ from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_erro
 from jobstream.hub import HubClosed, JobGone, SubscriberOverflow
 from jobstream.models import JobStatus, to_json
 from jobstream.routes._common import load_job
-from jobstream.sendwatch import WatchedEventSourceResponse
+from jobstream.sendwatch import EventStreamResponse
 from jobstream.services import Services, services
 from jobstream.store import JobRecord, JobStore, StoredEvent
 
@@ -68,17 +68,14 @@ async def stream_events(request: Request) -> Response:
     except BaseException:
         await svc.leases.release(principal.user, lease)
         raise
-    return WatchedEventSourceResponse(
-        _frames(svc, job.id, principal.user, lease, after, first_kept),
-        headers=SSE_HEADERS,
-        ping=0,  # pings come from the hub's per-process tick, not one timer per connection
-        watch=svc.send_watch,  # stalled sends, likewise
+    return EventStreamResponse(
+        _frames(svc, job.id, principal.user, lease, after, first_kept), headers=SSE_HEADERS, watch=svc.send_watch
     )
 
 
 async def _frames(
     svc: Services, job_id: str, user: str, lease: str, after: str, first_kept: str | None
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes]:
     """The body of one SSE response: retry, history and live events, until `done`, deletion,
     the maximum lifetime or shutdown. Each batch is one write; idle streams ping on the hub's tick."""
     loop = asyncio.get_running_loop()
