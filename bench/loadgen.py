@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import re
 import resource
@@ -226,7 +225,6 @@ def main() -> None:
     parser.add_argument("--header", default="", help="extra header line, e.g. 'Authorization: Bearer k'")
     parser.add_argument("--body", default='{"type": "external"}')
     args = parser.parse_args()
-    gc.disable()  # a bounded run: no collector pauses in the measurements
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     paths = open(args.paths).read().split() if args.paths else []

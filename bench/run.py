@@ -207,12 +207,23 @@ def sse_path(target: str, job_id: str, token: str) -> str:
     ]
 
 
+async def _drain_nchan(reader: asyncio.StreamReader) -> None:
+    """Read Nchan's answers to the publisher's POSTs; fail loudly on a refusal or a closed connection."""
+    while True:
+        chunk = await reader.read(65536)
+        if not chunk:
+            raise RuntimeError("nchan closed the publisher's connection")
+        if b"HTTP/1.1 4" in chunk or b"HTTP/1.1 5" in chunk:
+            raise RuntimeError(f"nchan refused a publish: {chunk[:200]!r}")
+
+
 async def publish(target: str, redis_url: str, port: int, job_ids: list[str], rate: float, seconds: float) -> int:
     """Append events at ``rate`` per second, round-robin over the jobs; returns how many."""
     seqs = dict.fromkeys(job_ids, 0)
     client = create_redis(redis_url)
     store = JobStore(client, Settings(redis_url=redis_url, stream_maxlen=100000))
-    nchan = await asyncio.open_connection("127.0.0.1", port) if target == "nchan" else None
+    # Nchan answers the POSTs of one connection one after the other: spread them over several.
+    nchan = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)] if target == "nchan" else []
 
     def event(job_id: str) -> str:
         seq = seqs[job_id]
@@ -221,24 +232,18 @@ async def publish(target: str, redis_url: str, port: int, job_ids: list[str], ra
 
     async def publish_due(due_jobs: list[str]) -> None:
         """Each event is its own append (its own XADD and publish), sent in one pipeline per tick."""
-        if nchan is None:
+        if not nchan:
             await store.append_many([(job_id, [OutgoingEvent("delta", event(job_id))]) for job_id in due_jobs])
             return
         for job_id in due_jobs:
             body = event(job_id).encode()
-            nchan[1].write(
+            # One connection per job keeps each job's events in order.
+            writer = nchan[hash(job_id) % len(nchan)][1]
+            writer.write(
                 f"POST /pub/{job_id} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
             )
 
-    async def drain() -> None:
-        while nchan is not None:
-            chunk = await nchan[0].read(65536)
-            if not chunk:
-                raise RuntimeError("nchan closed the publisher's connection")
-            if b"HTTP/1.1 4" in chunk or b"HTTP/1.1 5" in chunk:
-                raise RuntimeError(f"nchan refused a publish: {chunk[:200]!r}")
-
-    drainer = asyncio.create_task(drain())
+    drainers = [asyncio.create_task(_drain_nchan(reader)) for reader, _ in nchan]
     loop = asyncio.get_running_loop()
     start = loop.time()
     sent = 0
@@ -248,9 +253,10 @@ async def publish(target: str, redis_url: str, port: int, job_ids: list[str], ra
             await publish_due([job_ids[(sent + i) % len(job_ids)] for i in range(due)])
             sent += due
         await asyncio.sleep(0.002)
-    if drainer.done():
-        drainer.result()  # raises what went wrong
-    drainer.cancel()
+    for drainer in drainers:
+        if drainer.done():
+            drainer.result()  # raises what went wrong
+        drainer.cancel()
     await client.aclose()
     return sent
 

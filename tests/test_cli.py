@@ -139,3 +139,41 @@ def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(red
             if process.poll() is None:
                 process.kill()
                 process.wait()
+
+
+def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> None:
+    port = free_port()
+    env = _clean_env(
+        JOBSTREAM_REDIS_URL=redis_url,
+        JOBSTREAM_API_KEYS="k-serve=alice",
+        JOBSTREAM_TOKEN_SECRET="s" * 32,
+        JOBSTREAM_MAX_SSE_PER_USER="50",
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "jobstream", "serve", "--port", str(port), "--workers", "2"], env=env
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
+            wait_ready(http)
+            assert len(children_of(gateway.pid)) >= 2
+            auth = {"Authorization": "Bearer k-serve"}
+            job = http.post("/v1/jobs", json={"type": "external"}, headers=auth).json()
+            url = job["links"]["events"]
+            # Several connections, spread by the kernel over both processes, all see the same events.
+            streams = [http.stream("GET", url, params={"token": job["token"]}) for _ in range(6)]
+            responses = [stream.__enter__() for stream in streams]
+            http.post(
+                f"{job['links']['self']}/events",
+                json=[{"type": "delta", "data": {"text": "hi"}}, {"type": "done", "data": {"status": "completed"}}],
+                headers=auth,
+            )
+            for stream, response in zip(streams, responses, strict=True):
+                text = "".join(response.iter_text())
+                stream.__exit__(None, None, None)
+                assert '"text":"hi"' in text and "event: done" in text
+        gateway.send_signal(signal.SIGTERM)
+        assert gateway.wait(timeout=20) == 0
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
