@@ -1,0 +1,89 @@
+"""Markdown tables from a results file of bench/matrix.sh (its median lines).
+
+Usage: ``python -m bench.report bench/results/<run>.jsonl``
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+
+def _fanout(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| jobs × readers | events/s in | target | delivered/s (expected) | p50 / p99 / max ms | gaps | dups "
+        "| server CPU ms per 1,000 | Redis CPU ms per 1,000 | deliveries per server CPU-s | Redis conns "
+        "| loadgen CPU-s |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lat = r["latency_ms"]
+        out.append(
+            f"| {r['jobs']} × {r['readers']} | {r['rate']:g} | {r['target']} "
+            f"| {r['deliveries_per_s']:,.0f} ({r['expected_deliveries_per_s']:,.0f}) "
+            f"| {lat['p50']} / {lat['p99']} / {lat['max']} | {r['gaps']} | {r['duplicates']} "
+            f"| {r['server_cpu_ms_per_1000']} | {r['redis_cpu_ms_per_1000']} | {r['deliveries_per_server_cpu_s']:,.0f} "
+            f"| {r['redis_connections']} | {r['loadgen_cpu_s']} |"
+        )
+    return out
+
+
+def _idle(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| target | connections | server RSS before → after (KiB) | RSS per connection (KiB) "
+        "| Redis connections before → after |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['target']} | {r['connections']:,} | {r['rss_kib_before']:,} → {r['rss_kib_after']:,} "
+            f"| {r['rss_kib_per_connection']} | {r['redis_connections_before']} → {r['redis_connections_after']} |"
+        )
+    return out
+
+
+def _poll(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| clients | wait | requests/s | non-200 answers | server CPU ms per request | loadgen CPU-s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        out.append(
+            f"| {r['clients']:,} | {r['wait']:g} s | {r['requests_per_s']:,} | {r['errors']} "
+            f"| {r['server_cpu_ms_per_request']} | {r['loadgen_cpu_s']} |"
+        )
+    return out
+
+
+def _create(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| creates/s asked | creates/s done | p50 / p99 / max ms | non-201 | server CPU ms per create |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lat = r["latency_ms"]
+        out.append(
+            f"| {r['rate']:g} | {r['requests_per_s']} | {lat['p50']} / {lat['p99']} / {lat['max']} "
+            f"| {r['errors']} | {r['server_cpu_ms_per_request']} |"
+        )
+    return out
+
+
+def main() -> None:
+    rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+    rows = [r for r in rows if "median_of" in r]
+    for title, scenario, render in (
+        ("fanout", "fanout", _fanout),
+        ("idle", "idle", _idle),
+        ("poll", "poll", _poll),
+        ("create", "create", _create),
+    ):
+        selected = [r for r in rows if r["scenario"] == scenario]
+        if selected:
+            print(f"#### {title} (median of {selected[0]['median_of']})\n")
+            print("\n".join(render(selected)) + "\n")
+
+
+if __name__ == "__main__":
+    main()
