@@ -82,10 +82,6 @@ class RateLimited(ProblemError):
     status, title, slug = 429, "Too Many Requests", "rate-limited"
 
 
-class Unavailable(ProblemError):
-    status, title, slug = 503, "Service Unavailable", "unavailable"
-
-
 def problem_response(
     status: int,
     detail: str,

@@ -108,14 +108,6 @@ class EventIn(BaseModel):
         return self
 
 
-class Event(BaseModel):
-    """One event as stored and as read back."""
-
-    id: str
-    type: str
-    data: JsonValue
-
-
 def iso(ms: int | None) -> str | None:
     if ms is None:
         return None

@@ -69,9 +69,6 @@ class WorkQueue:
             pipe.xdel(keys.queue_key, entry_id)
             await pipe.execute()
 
-    async def depth(self) -> int:
-        return int(await self._redis.xlen(keys.queue_key))
-
 
 def _entries(raw: RawEntries) -> list[QueueEntry]:
     # XAUTOCLAIM on Redis 6.2 returns entries deleted from the stream with no fields: nothing to run.

@@ -120,10 +120,6 @@ class JobRecord:
     def last_event_id(self) -> str | None:
         return self.fields.get("last_event_id")
 
-    @property
-    def cancel_requested(self) -> bool:
-        return self.fields.get("cancel") == "1"
-
     def _ms(self, name: str) -> int | None:
         value = self.fields.get(name)
         return int(value) if value else None
@@ -190,9 +186,6 @@ class JobStore:
     async def get(self, job_id: str) -> JobRecord | None:
         fields = cast(dict[str, str], await self._redis.hgetall(keys.meta_key(job_id)))
         return JobRecord(fields) if fields else None
-
-    async def exists(self, job_id: str) -> bool:
-        return bool(await self._redis.exists(keys.meta_key(job_id)))
 
     async def exist(self, job_ids: Sequence[str]) -> list[bool]:
         async with self._redis.pipeline(transaction=False) as pipe:

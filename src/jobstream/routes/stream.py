@@ -114,8 +114,9 @@ async def _frames(
         yield sse.retry(svc.settings.retry_ms)
     finally:
         metrics.sse_open.dec()
-        # Runs inside a cancelled scope when the client left: shield the release, bounded.
-        with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True):
+        # Runs inside a cancelled scope when the client left: shield the release, bounded. If Redis
+        # is down the lease lapses by itself.
+        with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True), contextlib.suppress(RedisError, OSError):
             await svc.leases.release(user, lease)
 
 
