@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
@@ -66,38 +65,60 @@ def decode_batch(payload: str) -> list[StoredEvent]:
     return events
 
 
-@dataclass(eq=False)
 class Subscription:
-    """One local reader's bounded buffer of live events."""
+    """One local reader's bounded buffer of live events.
 
-    max_events: int
-    max_bytes: int
-    queue: deque[StoredEvent] = field(default_factory=deque)
-    size_bytes: int = 0
-    #: Events with ids up to this one were read from history: drop them from the live feed.
-    floor: StreamId | None = None
-    overflowed: bool = False
-    reset: bool = False
-    gone: bool = False
-    closed: bool = False
-    ticked: bool = False
-    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    Slots, a list and a bare future rather than a deque and an asyncio.Event: thousands of these
+    live at once, one per open connection.
+    """
 
-    def push(self, events: list[StoredEvent]) -> None:
+    __slots__ = (
+        "_waiter",
+        "closed",
+        "floor",
+        "gone",
+        "max_bytes",
+        "max_events",
+        "overflowed",
+        "queue",
+        "reset",
+        "size_bytes",
+        "ticked",
+    )
+
+    def __init__(self, max_events: int, max_bytes: int) -> None:
+        self.max_events = max_events
+        self.max_bytes = max_bytes
+        self.queue: list[StoredEvent] = []
+        self.size_bytes = 0
+        #: Events with ids up to this one were read from history: drop them from the live feed.
+        self.floor: StreamId | None = None
+        self.overflowed = False
+        self.reset = False
+        self.gone = False
+        self.closed = False
+        self.ticked = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def push(self, events: list[StoredEvent], size_bytes: int) -> None:
         if self.overflowed:
             return
-        self.queue.extend(events)
-        self.size_bytes += sum(len(event.data) for event in events)
+        self.queue += events
+        self.size_bytes += size_bytes
         if len(self.queue) > self.max_events or self.size_bytes > self.max_bytes:
             self.overflowed = True
-            self.queue.clear()
+            self.queue = []
             self.size_bytes = 0
-        self.wakeup.set()
+        self.wake()
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def take(self) -> list[StoredEvent]:
         """Queued events, without those already read from history."""
-        events = list(self.queue)
-        self.queue.clear()
+        events, self.queue = self.queue, []
         self.size_bytes = 0
         if self.floor is not None and events:
             floor = self.floor
@@ -116,13 +137,16 @@ class Subscription:
             if self.ticked:
                 self.ticked = False
                 return []
-            self.wakeup.clear()
-            await self.wakeup.wait()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     def _raise_if_ended(self) -> None:
         if self.reset:
             self.reset = False
-            self.queue.clear()
+            self.queue = []
             self.size_bytes = 0
             raise _Reset()
         if self.closed:
@@ -185,7 +209,7 @@ class Hub:
         for channel in list(self._channels.values()):
             for sub in channel.subscribers:
                 sub.closed = True
-                sub.wakeup.set()
+                sub.wake()
 
     async def close(self) -> None:
         self.stop_readers()
@@ -308,42 +332,49 @@ class Hub:
         while not self._closed:
             try:
                 # No timeout: a per-message timer costs more than the message. The tick pings instead.
-                message = await self._pubsub.get_message(timeout=None)
+                response = await self._pubsub.parse_response(block=True)
+                self._last_message_at = asyncio.get_running_loop().time()
+                if response is None:
+                    continue
+                if response[0] == "message":
+                    self._publish(response[1], response[2])  # the hot path: past redis-py's message dicts
+                else:
+                    # (Un)subscribe confirmations: redis-py keeps its channel bookkeeping for reconnects.
+                    message = await self._pubsub.handle_message(response)  # type: ignore[no-untyped-call]
+                    if message is not None and message["type"] == "subscribe":
+                        self._confirm(str(message["channel"]))
             except (RedisError, OSError) as exc:
                 # redis-py reconnects (and re-subscribes) on the next read; readers re-join meanwhile.
                 logger.warning("hub lost its redis subscription: %s", exc)
                 self._reset_all()
                 await asyncio.sleep(0.5)
-                continue
-            self._last_message_at = asyncio.get_running_loop().time()
-            if message is not None:
-                self._handle(message)
 
     async def _on_reconnect(self, connection: object) -> None:
         # Events published while the connection was down are lost to pubsub, not to the stream.
         logger.info("hub reconnected to redis: readers re-read from their last ids")
         self._reset_all()
 
-    def _handle(self, message: dict[str, object]) -> None:
-        channel = self._by_name.get(str(message["channel"]))
+    def _confirm(self, name: str) -> None:
+        channel = self._by_name.get(name)
+        if channel is not None and not channel.ready.done():
+            channel.ready.set_result(None)
+
+    def _publish(self, name: str, payload: str) -> None:
+        channel = self._by_name.get(name)
         if channel is None:
             return
-        if message["type"] == "subscribe":
-            if not channel.ready.done():
-                channel.ready.set_result(None)
-        elif message["type"] == "message":
-            payload = str(message["data"])
-            if not payload:
-                self._end(channel, gone=True)
-                return
-            try:
-                events = decode_batch(payload)
-            except ValueError:
-                logger.error("hub got a malformed batch on %s; its readers re-read from redis", channel.job_id)
-                self._reset(channel)
-                return
-            for sub in channel.subscribers:
-                sub.push(events)
+        if not payload:
+            self._end(channel, gone=True)
+            return
+        try:
+            events = decode_batch(payload)
+        except ValueError:
+            logger.error("hub got a malformed batch on %s; its readers re-read from redis", channel.job_id)
+            self._reset(channel)
+            return
+        size_bytes = sum(len(event.data) for event in events)
+        for sub in channel.subscribers:
+            sub.push(events, size_bytes)
 
     def _reset_all(self) -> None:
         """After a lost connection: every subscriber re-joins and re-reads from its last id."""
@@ -356,12 +387,12 @@ class Hub:
     def _reset(self, channel: _Channel) -> None:
         for sub in channel.subscribers:
             sub.reset = True
-            sub.wakeup.set()
+            sub.wake()
 
     def _end(self, channel: _Channel, *, gone: bool) -> None:
         for sub in channel.subscribers:
             sub.gone = gone
-            sub.wakeup.set()
+            sub.wake()
 
     async def _tick_loop(self) -> None:
         # Checks the flag too: redis-py can swallow a cancellation that lands inside one of its calls.
@@ -370,7 +401,7 @@ class Hub:
             for channel in list(self._channels.values()):
                 for sub in channel.subscribers:
                     sub.ticked = True
-                    sub.wakeup.set()
+                    sub.wake()
             with contextlib.suppress(RedisError, OSError):
                 await self._drop_expired()
                 await self._check_connection()
