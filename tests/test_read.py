@@ -314,3 +314,35 @@ def test_sse_whenHead_thenHeadersOnlyAndNoSlotTaken(make_stack: Callable[..., Li
             assert head.status_code == 200 and head.headers["content-type"].startswith("text/event-stream")
         with http.stream("GET", url, params={"token": job["token"]}) as response:
             assert response.status_code == 200
+
+
+def test_sse_whenManyReadersComeAndGo_thenNoLeaseOrSubscriptionLeftBehind(
+    make_stack: Callable[..., LiveStack], rdb: redis.Redis
+) -> None:
+    stack = make_stack(with_worker=False, max_sse_per_user=3)
+    with stack.client() as http:
+        jobs = [create_job(http) for _ in range(3)]
+        streams_before = open_streams(http)
+        for round_ in range(40):
+            for job in jobs:
+                with http.stream("GET", f"/v1/jobs/{job['id']}/events", params={"token": job["token"]}) as response:
+                    assert response.status_code == 200, f"slot not released (round {round_})"
+                    next(response.iter_lines())  # the retry line: the stream is open
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            leases = rdb.zcard(keys.sse_leases_key("alice"))
+            channels = rdb.pubsub_channels(keys.live_channel("*"))
+            if leases == 0 and channels == []:
+                break
+            time.sleep(0.05)
+        assert rdb.zcard(keys.sse_leases_key("alice")) == 0
+        assert rdb.pubsub_channels(keys.live_channel("*")) == []
+        assert open_streams(http) == streams_before
+
+
+def open_streams(http: httpx.Client) -> float:
+    """The gateway's open-SSE gauge (process-wide, so tests compare it before and after)."""
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith("jobstream_sse_connections "):
+            return float(line.split()[1])
+    raise AssertionError("jobstream_sse_connections is not exported")
