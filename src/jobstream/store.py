@@ -57,9 +57,6 @@ class StoredEvent:
     def is_done(self) -> bool:
         return self.type == TERMINAL_EVENT
 
-    def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "type": self.type, "data": json.loads(self.data)}
-
 
 @dataclass(frozen=True, slots=True)
 class OutgoingEvent:
