@@ -146,6 +146,8 @@ def test_ops_whenRedisUp_thenHealthyReadyMetrics(client: httpx.Client) -> None:
     create_job(client)
     metrics = client.get("/metrics")
     assert metrics.status_code == 200 and "jobstream_jobs_created_total" in metrics.text
+    # Outside `jobstream dev` no credential is ever served to the demo page.
+    assert_problem(client.get("/dev.json"), 404)
 
 
 def test_redisDown_whenRequests_then503WithRetryAfterNotHang(redis_url: str) -> None:

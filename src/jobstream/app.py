@@ -60,7 +60,8 @@ def build_services(settings: Settings, registry: Registry) -> Services:
     )
 
 
-def create_app(settings: Settings, registry: Registry | None = None) -> Starlette:
+def create_app(settings: Settings, registry: Registry | None = None, *, dev_key: str | None = None) -> Starlette:
+    """The gateway. ``dev_key`` (from `jobstream dev` only) is served to the demo page at /dev.json."""
     if registry is None:
         load_modules(settings.app)
         registry = default_registry
@@ -68,6 +69,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> Starlett
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         svc = build_services(settings, registry)
+        svc.dev_key = dev_key
         app.state.services = svc
         await svc.feed.start()
         await svc.send_watch.start()

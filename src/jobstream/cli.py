@@ -90,8 +90,8 @@ def _run(main: Coroutine[None, None, None]) -> None:
         uvloop.run(main)
 
 
-async def _serve(settings: Settings, host: str, port: int, *, with_worker: bool) -> None:
-    app = create_app(settings, default_registry)
+async def _serve(settings: Settings, host: str, port: int, *, with_worker: bool, dev_key: str | None = None) -> None:
+    app = create_app(settings, default_registry, dev_key=dev_key)
     config = uvicorn.Config(
         app,
         host=host,
@@ -168,16 +168,18 @@ async def _work(settings: Settings, concurrency: int) -> None:
 
 def _dev(settings: Settings, host: str, port: int) -> None:
     updates: dict[str, object] = {}
-    if not settings.api_keys:
-        updates["api_keys"] = {f"dev-{secrets.token_urlsafe(12)}": "dev"}
+    # Only a key made up here is shown to the demo page; configured keys stay the operator's.
+    dev_key = None if settings.api_keys else f"dev-{secrets.token_urlsafe(12)}"
+    if dev_key is not None:
+        updates["api_keys"] = {dev_key: "dev"}
     embedded: EmbeddedRedis | None = None
     if settings.redis_url is None:
         embedded = EmbeddedRedis().start()
         updates["redis_url"] = embedded.url
-    settings = settings.model_copy(update={**updates, "dev_mode": True})
+    settings = settings.model_copy(update=updates)
     try:
         _print_banner(settings, host, port, embedded)
-        _run(_serve(settings, host, port, with_worker=True))
+        _run(_serve(settings, host, port, with_worker=True, dev_key=dev_key))
     finally:
         if embedded is not None:
             embedded.stop()

@@ -30,6 +30,8 @@ class Services:
     send_watch: SendWatch
     #: Set when the gateway shuts down: open streams end so that their readers reconnect elsewhere.
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The API key `jobstream dev` made up, for its demo page; None everywhere else.
+    dev_key: str | None = None
 
 
 def services(request: Request) -> Services:

@@ -45,8 +45,6 @@ class Settings(BaseSettings):
     delta_flush_bytes: int = Field(4096, ge=1)
     shutdown_grace_s: float = Field(10, ge=0)
     log_level: str = "INFO"
-    #: Set by `jobstream dev`: the demo page may read the dev API key from /dev.json.
-    dev_mode: bool = False
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -50,11 +50,11 @@ async def openapi(request: Request) -> Response:
 
 
 async def dev_info(request: Request) -> Response:
-    """The dev credential for the demo page; only under `jobstream dev`, which listens on loopback."""
-    settings = services(request).settings
-    if not settings.dev_mode:
+    """The dev credential for the demo page: only the key `jobstream dev` made up, never a configured one."""
+    dev_key = services(request).dev_key
+    if dev_key is None:
         return problem_response(404, "No route matches this path.")
-    return JSONResponse({"api_key": next(iter(settings.api_keys), None)}, headers={"Cache-Control": "no-store"})
+    return JSONResponse({"api_key": dev_key}, headers={"Cache-Control": "no-store"})
 
 
 async def index(request: Request) -> Response:
