@@ -157,5 +157,9 @@ def test_reclaim_whenWorkerKilled_thenRetriedOrFailedWorkerLost(
         assert events[-2].json() == {"message": "worker lost"}
     else:
         assert any(e.event == "log" and e.json()["attempt"] == 2 for e in events)
+    # The worker acks its queue entry just after writing `done`, which the reader may see first.
+    deadline = time.monotonic() + 5
+    while rdb.xlen(keys.queue_key) and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert rdb.xlen(keys.queue_key) == 0
     assert rdb.xpending(keys.queue_key, keys.queue_group)["pending"] == 0
