@@ -163,3 +163,19 @@ def test_reclaim_whenWorkerKilled_thenRetriedOrFailedWorkerLost(
         time.sleep(0.05)
     assert rdb.xlen(keys.queue_key) == 0
     assert rdb.xpending(keys.queue_key, keys.queue_group)["pending"] == 0
+
+
+def test_cancel_whenManyRunning_thenEveryOneEndsCancelled(client: httpx.Client) -> None:
+    """Regression: a cancellation that landed inside a redis-py call could be swallowed there, and
+    the handler ran on to `completed`; the worker now repeats the cancel until the handler stops."""
+    jobs = [create_job(client, "test.slow", input={"steps": 400, "step_ms": 1}) for _ in range(4)]
+    deadline = time.monotonic() + 10
+    for job in jobs:
+        while client.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()["status"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+    for job in jobs:
+        assert client.post(f"/v1/jobs/{job['id']}/cancel", headers=ALICE).status_code == 202
+    for job in jobs:
+        _, events = read_sse(client, job)
+        assert events[-1].json() == {"status": "cancelled"}

@@ -154,6 +154,10 @@ class Worker:
             await asyncio.sleep(CANCEL_CHECK_S)
 
     async def _stop_cancelled(self) -> None:
+        for running in self._running.values():
+            if running.stop_requested and running.handler_task is not None and not running.handler_task.done():
+                # Again: a cancellation that lands inside a redis-py call can be swallowed there.
+                running.handler_task.cancel()
         active = {r.entry.job_id: r for r in self._running.values() if r.handler_task and not r.stop_requested}
         if not active:
             return
