@@ -33,8 +33,9 @@ from jobstream.store import JobStore, StoredEvent
 
 logger = logging.getLogger("jobstream.hub")
 
-#: Separators of a published batch: events by RS... fields by US. Neither can occur in
-#: compact JSON (control characters are escaped), in an event type, or in a stream id.
+#: Separators of a published batch (set in scripts.APPEND): events by US (0x1f), an event's id,
+#: type and data by RS (0x1e). Neither can occur in compact JSON (control characters are
+#: escaped), in an event type, or in a stream id.
 EVENT_SEP = "\x1f"
 FIELD_SEP = "\x1e"
 HISTORY_PAGE = 500
