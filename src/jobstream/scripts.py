@@ -28,11 +28,14 @@ if status == 'pending' and ARGV[first] ~= 'status' and ARGV[first] ~= 'done' the
   if new_status == '' then new_status = 'running' end
 end
 local ids = {'ok'}
-redis.call('HINCRBY', KEYS[1], 'appended', (#ARGV - first + 1) / 2 + #published)
 for i = first, #ARGV, 2 do
   last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', ARGV[i], 'd', ARGV[i + 1])
   ids[#ids + 1] = last
   published[#published + 1] = last .. FS .. ARGV[i] .. FS .. ARGV[i + 1]
+end
+-- Remember once the MAXLEN cap has dropped events, so readers need not ask the stream each time.
+if redis.call('HINCRBY', KEYS[1], 'appended', #published) > redis.call('XLEN', KEYS[2]) then
+  redis.call('HSET', KEYS[1], 'trimmed', '1')
 end
 for i = 8, first - 1, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])

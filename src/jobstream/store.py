@@ -273,17 +273,17 @@ class JobStore:
         )
         return [decode_entry(entry_id, fields) for entry_id, fields in entries]
 
-    async def trimmed_first_id(self, job_id: str) -> str | None:
-        """The oldest kept event id if the stream has lost old events to its MAXLEN cap, else None."""
-        async with self._redis.pipeline(transaction=False) as pipe:
-            pipe.hget(keys.meta_key(job_id), "appended")
-            pipe.xlen(keys.events_key(job_id))
-            pipe.xrange(keys.events_key(job_id), count=1)
-            appended, length, first = await pipe.execute()
-        if not first or int(appended or 0) <= int(length):
+    async def trimmed_first_id(self, job: JobRecord) -> str | None:
+        """The oldest kept event id if the stream has lost old events to its MAXLEN cap, else None.
+
+        Costs no round trip until the append script has marked the job as trimmed."""
+        if job.fields.get("trimmed") != "1":
             return None
-        first_id: str = first[0][0]
-        return first_id
+        return await self.oldest_event_id(job.id)
+
+    async def oldest_event_id(self, job_id: str) -> str | None:
+        entries = cast(Entries, await self._redis.xrange(keys.events_key(job_id), count=1))
+        return entries[0][0] if entries else None
 
     async def newest_event_id(self, job_id: str) -> str | None:
         entries = cast(Entries, await self._redis.xrevrange(keys.events_key(job_id), count=1))

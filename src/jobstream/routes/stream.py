@@ -35,7 +35,7 @@ async def resolve_start(store: JobStore, job: JobRecord, cursor: str | None) -> 
         return START, None
     if cursor == NEWEST:
         return (await store.newest_event_id(job.id)) or START, None
-    first_kept = await store.trimmed_first_id(job.id)
+    first_kept = await store.trimmed_first_id(job)
     if first_kept is not None and is_before(cursor, first_kept):
         return cursor, first_kept
     return cursor, None
