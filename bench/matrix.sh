@@ -17,6 +17,7 @@ for target in $targets; do
   run fanout --target "$target" --jobs 1 --readers 1000 --rate 20 --seconds 10
 done
 run idle --target hub --jobs 100 --connections 10000 --repeat 1
+for floor in floor-asgi floor-starlette; do run idle --target "$floor" --jobs 100 --connections 10000 --repeat 1; done
 run idle --target naive --jobs 100 --connections 2000 --repeat 1
 if [ -e /usr/lib/nginx/modules/ngx_nchan_module.so ]; then run idle --target nchan --jobs 100 --connections 10000 --repeat 1; fi
 run poll --clients 1000 --jobs 100 --rate 200 --seconds 10

@@ -131,6 +131,14 @@ http {{
 """
 
 
+#: Targets that are a plain uvicorn app: the naive baseline, and the idle scenario's floors.
+UVICORN_APPS = {
+    "naive": "bench.naive_app:app",
+    "floor-asgi": "bench.floor_app:asgi_app",
+    "floor-starlette": "bench.floor_app:starlette_app",
+}
+
+
 @contextmanager
 def server(target: str, redis_url: str, redis_port: int, processes: int = 1) -> Iterator[tuple[int, int]]:
     """Start the server under test; yields (port, pid)."""
@@ -147,18 +155,9 @@ def server(target: str, redis_url: str, redis_port: int, processes: int = 1) -> 
             "JOBSTREAM_LOG_LEVEL": "WARNING",
         }
         command = [sys.executable, "-m", "jobstream", "serve", "--port", str(port), "--workers", str(processes)]
-    elif target == "naive":
+    elif target in UVICORN_APPS:
         env["REDIS_URL"] = redis_url
-        command = [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "bench.naive_app:app",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
+        command = [sys.executable, "-m", "uvicorn", UVICORN_APPS[target], "--port", str(port), "--log-level", "warning"]
     elif target == "nchan":
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(nginx).exists() or not Path("/usr/lib/nginx/modules/ngx_nchan_module.so").exists():
@@ -202,9 +201,9 @@ def make_jobs(redis_url: str, count: int) -> list[tuple[str, str]]:
 
 
 def sse_path(target: str, job_id: str, token: str) -> str:
-    return {"hub": f"/v1/jobs/{job_id}/events?token={token}", "naive": f"/events/{job_id}", "nchan": f"/sub/{job_id}"}[
-        target
-    ]
+    if target == "hub":
+        return f"/v1/jobs/{job_id}/events?token={token}"
+    return f"/sub/{job_id}" if target == "nchan" else f"/events/{job_id}"
 
 
 async def _drain_nchan(reader: asyncio.StreamReader) -> None:
@@ -406,7 +405,7 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("scenario", choices=["fanout", "idle", "poll", "create"])
-    parser.add_argument("--target", choices=["hub", "naive", "nchan"], default="hub")
+    parser.add_argument("--target", choices=["hub", "nchan", *UVICORN_APPS], default="hub")
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--readers", type=int, default=10)
     parser.add_argument("--rate", type=float, default=2000)

@@ -138,6 +138,9 @@ def test_unknownRouteOrMethod_thenProblemJson(client: httpx.Client) -> None:
     response = client.put(f"/v1/jobs/{job['id']}", headers=ALICE)
     assert_problem(response, 405)
     assert set(response.headers["allow"].replace(" ", "").split(",")) >= {"GET", "DELETE"}
+    response = client.delete(f"/v1/jobs/{job['id']}/events", headers=ALICE)
+    assert_problem(response, 405)
+    assert set(response.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD", "POST"}
 
 
 def test_ops_whenRedisUp_thenHealthyReadyMetrics(client: httpx.Client) -> None:
@@ -164,7 +167,9 @@ def test_redisDown_whenRequests_then503WithRetryAfterNotHang(redis_url: str) -> 
             body = assert_problem(response, 503)
             assert response.headers["retry-after"]
             assert "127.0.0.1" not in str(body) and "Error" not in str(body["detail"])
-            assert_problem(http.get("/v1/jobs/6f1c1f4e-4b8f-4c39-9a2e-1c2d3e4f5a6b", headers=ALICE), 503)
+            job_path = "/v1/jobs/6f1c1f4e-4b8f-4c39-9a2e-1c2d3e4f5a6b"
+            for path in (job_path, f"{job_path}/events", f"{job_path}/poll"):
+                assert_problem(http.get(path, headers=ALICE), 503)
             assert time.monotonic() - started < 30
     finally:
         stack.stop()

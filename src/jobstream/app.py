@@ -8,6 +8,7 @@ import math
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from jobstream.auth import Authenticator
 from jobstream.connection import create_redis
@@ -16,6 +17,7 @@ from jobstream.hub import Hub
 from jobstream.ratelimit import ConnectionLeases, CreateLimiter
 from jobstream.registry import Registry, default_registry, load_modules
 from jobstream.routes import build_routes
+from jobstream.routes.hotpath import EventStreamRoute
 from jobstream.sendwatch import SendWatch
 from jobstream.services import Services
 from jobstream.settings import Settings, load_settings
@@ -84,5 +86,6 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
     return Starlette(
         routes=build_routes(),
         exception_handlers=EXCEPTION_HANDLERS,
+        middleware=[Middleware(EventStreamRoute)],
         lifespan=lifespan,
     )

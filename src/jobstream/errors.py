@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -135,7 +135,9 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
     return problem_response(500, "An unexpected error occurred.", slug="internal")
 
 
-EXCEPTION_HANDLERS = {
+ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+EXCEPTION_HANDLERS: dict[type[Exception], ExceptionHandler] = {
     ProblemError: handle_problem,
     HTTPException: handle_http,
     redis.exceptions.ConnectionError: handle_redis_down,
