@@ -75,6 +75,8 @@ class LiveStack:
     with_worker: bool = True
     port: int = field(default_factory=free_port)
     worker: Worker | None = None
+    #: Served to the demo page at /dev.json, as `jobstream dev` does.
+    dev_key: str | None = None
 
     def __post_init__(self) -> None:
         self._ready = threading.Event()
@@ -100,7 +102,7 @@ class LiveStack:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        app = create_app(self.settings, default_registry)
+        app = create_app(self.settings, default_registry, dev_key=self.dev_key)
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=1, lifespan="on"
         )
@@ -137,8 +139,9 @@ class LiveStack:
 def make_stack(redis_url: str) -> Iterator[Callable[..., LiveStack]]:
     stacks: list[LiveStack] = []
 
-    def make(*, with_worker: bool = True, **overrides: Any) -> LiveStack:
-        stack = LiveStack(make_settings(redis_url, **overrides), with_worker=with_worker).start()
+    def make(*, with_worker: bool = True, dev_key: str | None = None, **overrides: Any) -> LiveStack:
+        settings = make_settings(redis_url, **overrides)
+        stack = LiveStack(settings, with_worker=with_worker, dev_key=dev_key).start()
         stacks.append(stack)
         return stack
 

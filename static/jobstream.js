@@ -1,0 +1,400 @@
+// jobstream browser client: follow a job's events over SSE or long-polling, resuming without
+// gaps or duplicates. No dependencies; an ES module. Types: jobstream.d.ts.
+//
+//   import { followJob } from "/static/jobstream.js";
+//   const follow = followJob(job, { onDelta: (text) => ..., onDone: (status) => ... });
+//   follow.close();
+
+const EVENT_TYPES = ["status", "delta", "progress", "result", "failure", "log", "done", "truncated"];
+const BACKOFF_S = [2, 4, 8, 16];
+const MAX_FAILURES = 5;
+const STORAGE_PREFIX = "jobstream:last-event-id:";
+
+/** Stream ids ("<ms>-<seq>") in order; true when a comes after b. */
+export function isAfter(a, b) {
+  if (!b) return true;
+  const [am, as] = a.split("-").map(Number);
+  const [bm, bs] = b.split("-").map(Number);
+  return am > bm || (am === bm && as > bs);
+}
+
+function sessionStore() {
+  try {
+    return window.sessionStorage;
+  } catch {
+    return null; // storage disabled (privacy settings, sandboxed frames)
+  }
+}
+
+function withQuery(url, params) {
+  const target = new URL(url, window.location.href);
+  for (const [name, value] of Object.entries(params)) {
+    if (value !== undefined && value !== null && value !== "") target.searchParams.set(name, String(value));
+  }
+  return target.toString();
+}
+
+function parseData(raw) {
+  try {
+    return JSON.parse(raw);
+  } catch {
+    return raw;
+  }
+}
+
+/** An Error with the HTTP status and problem+json detail of a failed request, if any. */
+export class JobStreamError extends Error {
+  constructor(kind, message, { status = null, retryAfterS = null } = {}) {
+    super(message);
+    this.name = "JobStreamError";
+    this.kind = kind; // "expired" | "unauthorized" | "forbidden" | "rate_limited" | "bad_request" | "unavailable"
+    this.status = status;
+    this.retryAfterS = retryAfterS;
+  }
+}
+
+async function errorFrom(response) {
+  let detail = response.statusText || `HTTP ${response.status}`;
+  try {
+    const body = await response.json();
+    if (body && body.detail) detail = body.detail;
+  } catch {
+    // not problem+json: keep the status text
+  }
+  const kinds = { 400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "expired", 410: "expired", 429: "rate_limited" };
+  const kind = kinds[response.status] || "unavailable";
+  const retryAfter = Number(response.headers.get("Retry-After"));
+  const message = kind === "expired" ? "This job does not exist or has expired." : detail;
+  return new JobStreamError(kind, message, {
+    status: response.status,
+    retryAfterS: Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter : null,
+  });
+}
+
+/** Errors that retrying cannot fix: report them once and stop. */
+function isFinal(error) {
+  return ["expired", "unauthorized", "forbidden", "bad_request"].includes(error.kind);
+}
+
+/** Wait before retry number `failures` (1-based): 2, 4, 8, 16 s, each with up to ±25 % jitter. */
+export function backoffMs(failures, retryAfterS = null, scheduleS = BACKOFF_S) {
+  const base = scheduleS[Math.min(failures, scheduleS.length) - 1] * 1000;
+  const jittered = base * (0.75 + Math.random() * 0.5);
+  return Math.max(jittered, (retryAfterS || 0) * 1000);
+}
+
+/**
+ * Follow a job's events. `job` is the create response, or any object with `id`, `token` and
+ * `links` (`events`, `poll`). Returns `{ close(), transport }`.
+ */
+export function followJob(job, options = {}) {
+  const follower = new Follower(job, options);
+  follower.start();
+  return {
+    close: () => follower.close(),
+    get transport() {
+      return follower.transport;
+    },
+    get lastEventId() {
+      return follower.lastId;
+    },
+  };
+}
+
+class Follower {
+  constructor(job, options) {
+    if (!job || !job.id) throw new TypeError("followJob needs a job with an id");
+    const links = job.links || {};
+    this.job = job;
+    this.eventsUrl = links.events || `/v1/jobs/${job.id}/events`;
+    this.pollUrl = links.poll || `/v1/jobs/${job.id}/poll`;
+    this.options = { transport: "auto", pollWaitS: 25, resume: true, backoffS: BACKOFF_S, ...options };
+    if (!["auto", "sse", "poll"].includes(this.options.transport)) {
+      throw new TypeError(`transport must be "auto", "sse" or "poll", not ${JSON.stringify(this.options.transport)}`);
+    }
+    this.storage = this.options.resume ? sessionStore() : null;
+    this.storageKey = STORAGE_PREFIX + job.id;
+    this.lastId = this.options.after || (this.storage && this.storage.getItem(this.storageKey)) || null;
+    this.transport = null;
+    this.closed = false;
+    this.source = null;
+    this.poller = null;
+    this.timer = null;
+    this.failures = 0;
+    this.offline = false;
+    this.onVisibility = () => this.visibilityChanged();
+    this.onOffline = () => this.wentOffline();
+    this.onOnline = () => this.cameBackOnline();
+  }
+
+  start() {
+    window.addEventListener("offline", this.onOffline);
+    window.addEventListener("online", this.onOnline);
+    const wantsSse = this.options.transport !== "poll";
+    if (wantsSse && typeof window.EventSource === "function") {
+      this.useSse();
+    } else {
+      this.usePoll(wantsSse && this.options.transport === "auto" ? "EventSource is not available" : "asked for");
+    }
+  }
+
+  close() {
+    if (this.closed) return;
+    this.closed = true;
+    window.removeEventListener("offline", this.onOffline);
+    window.removeEventListener("online", this.onOnline);
+    this.stopSse();
+    this.stopPoll();
+  }
+
+  // ---- network changes: a connection opened before the network went away may never say it
+  // died, so both transports stop when the browser goes offline and resume from the last id.
+
+  wentOffline() {
+    if (this.closed) return;
+    this.offline = true;
+    this.stopSse();
+    this.pausePolling();
+  }
+
+  cameBackOnline() {
+    if (this.closed || !this.offline) return;
+    this.offline = false;
+    this.failures = 0;
+    this.pausePolling(); // and any pending retry: one connection at a time
+    if (this.transport === "sse") this.useSse();
+    else this.schedulePoll(0);
+  }
+
+  setTransport(name, reason) {
+    this.transport = name;
+    this.call("onTransport", name, reason);
+  }
+
+  call(name, ...args) {
+    const callback = this.options[name];
+    if (typeof callback !== "function") return;
+    try {
+      callback(...args);
+    } catch (error) {
+      // A bug in the page's callback must not stop the stream.
+      setTimeout(() => {
+        throw error;
+      });
+    }
+  }
+
+  fail(error) {
+    this.close();
+    this.call("onError", error);
+  }
+
+  // ---- delivery: the one place events reach the page, in order and once each
+
+  deliver(event) {
+    if (this.closed) return;
+    if (event.type !== "truncated") {
+      if (!event.id || !isAfter(event.id, this.lastId)) return; // seen already (resume overlap)
+    }
+    const data = event.data;
+    switch (event.type) {
+      case "delta":
+        this.call("onDelta", data.text, event);
+        break;
+      case "progress":
+        this.call("onProgress", data, event);
+        break;
+      case "status":
+        this.call("onStatus", data.status, event);
+        break;
+      case "result":
+        this.call("onResult", data, event);
+        break;
+      case "failure":
+        this.call("onFailure", data, event);
+        break;
+      case "truncated":
+        this.call("onTruncated", data.first_id, event);
+        break;
+      case "done":
+        this.call("onStatus", data.status, event);
+        break;
+    }
+    // After the typed callback, so that a page saving its state here has this event applied.
+    this.call("onEvent", event);
+    if (event.id) {
+      this.lastId = event.id;
+      if (this.storage) this.storage.setItem(this.storageKey, event.id);
+    }
+    if (event.type === "done") {
+      this.close();
+      this.call("onDone", data.status, event);
+    }
+  }
+
+  // ---- server-sent events
+
+  useSse() {
+    this.stopSse();
+    if (this.transport !== "sse") this.setTransport("sse");
+    const url = withQuery(this.eventsUrl, { token: this.job.token, last_event_id: this.lastId });
+    const source = new EventSource(url);
+    this.source = source;
+    this.sseDelivered = 0;
+    for (const type of EVENT_TYPES) {
+      source.addEventListener(type, (message) => {
+        this.sseDelivered += 1;
+        this.failures = 0;
+        this.deliver({ id: message.lastEventId, type, data: parseData(message.data) });
+      });
+    }
+    source.addEventListener("error", () => this.sseError(source));
+  }
+
+  stopSse() {
+    if (this.source) {
+      this.source.close();
+      this.source = null;
+    }
+  }
+
+  sseError(source) {
+    if (this.closed || this.offline || source !== this.source) return;
+    if (source.readyState === EventSource.CONNECTING && this.sseDelivered > 0) {
+      return; // EventSource reconnects by itself, sending Last-Event-ID
+    }
+    // Closed by an HTTP error (EventSource cannot tell which), or failing before any event: a proxy
+    // may be buffering or blocking it. Ask the poll endpoint what is wrong.
+    this.stopSse();
+    this.diagnose();
+  }
+
+  async diagnose() {
+    let response;
+    let body = null;
+    try {
+      response = await fetch(withQuery(this.pollUrl, { token: this.job.token, after: this.lastId }), {
+        cache: "no-store",
+      });
+      if (response.ok) body = await response.json();
+    } catch {
+      response = null; // the network is down: retry below
+    }
+    if (this.closed) return;
+    if (response && !response.ok) {
+      const error = await errorFrom(response);
+      if (isFinal(error)) return this.fail(error);
+      return this.retrySse(error);
+    }
+    if (body && this.takePage(body)) return; // the job had ended (a 204 to EventSource, say)
+    if (body && this.options.transport === "auto" && this.sseDelivered === 0) {
+      return this.usePoll("server-sent events failed before any event arrived");
+    }
+    this.retrySse(body ? null : new JobStreamError("unavailable", "The network is unreachable."));
+  }
+
+  retrySse(error) {
+    this.failures += 1;
+    if (this.failures >= MAX_FAILURES) {
+      return this.fail(error || new JobStreamError("unavailable", "The event stream keeps failing."));
+    }
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      if (!this.closed && !this.offline) this.useSse();
+    }, backoffMs(this.failures, error && error.retryAfterS, this.options.backoffS));
+  }
+
+  /** Deliver one poll answer; true once the job has ended. */
+  takePage(body) {
+    if (body.truncated) this.deliver({ id: null, type: "truncated", data: body.truncated });
+    for (const event of body.events) this.deliver(event);
+    if (!this.closed && body.done) {
+      // `done` was delivered before this follow began (a reload after the end): close all the same.
+      this.close();
+      this.call("onDone", body.status, null);
+    }
+    return this.closed;
+  }
+
+  // ---- long-polling
+
+  usePoll(reason) {
+    this.setTransport("poll", reason);
+    this.failures = 0;
+    document.addEventListener("visibilitychange", this.onVisibility);
+    this.schedulePoll(0);
+  }
+
+  stopPoll() {
+    document.removeEventListener("visibilitychange", this.onVisibility);
+    this.pausePolling();
+  }
+
+  /** Drop the in-flight poll and any pending one: nothing is lost, `after` resumes it. */
+  pausePolling() {
+    if (this.timer) {
+      clearTimeout(this.timer);
+      this.timer = null;
+    }
+    if (this.poller) {
+      this.poller.abort();
+      this.poller = null;
+    }
+  }
+
+  visibilityChanged() {
+    if (this.closed || this.transport !== "poll") return;
+    if (document.visibilityState === "hidden") {
+      this.pausePolling(); // a hidden tab does not poll
+    } else if (!this.poller && !this.timer) {
+      this.schedulePoll(0);
+    }
+  }
+
+  schedulePoll(delayMs) {
+    if (this.closed || this.offline || document.visibilityState === "hidden") return;
+    this.timer = setTimeout(() => {
+      this.timer = null;
+      this.pollOnce();
+    }, delayMs);
+  }
+
+  async pollOnce() {
+    const controller = new AbortController();
+    this.poller = controller;
+    const url = withQuery(this.pollUrl, {
+      token: this.job.token,
+      after: this.lastId,
+      wait: this.options.pollWaitS,
+    });
+    let error = null;
+    try {
+      const response = await fetch(url, { cache: "no-store", signal: controller.signal });
+      if (response.ok) {
+        const body = await response.json();
+        if (this.poller !== controller) return;
+        this.poller = null;
+        this.failures = 0;
+        if (!this.takePage(body)) this.schedulePoll(0);
+        return;
+      }
+      error = await errorFrom(response);
+    } catch (caught) {
+      if (controller.signal.aborted) return; // paused or closed
+      error = new JobStreamError("unavailable", "The network is unreachable.");
+    }
+    if (this.poller !== controller) return;
+    this.poller = null;
+    if (isFinal(error)) return this.fail(error);
+    this.failures += 1;
+    if (this.failures >= MAX_FAILURES) return this.fail(error);
+    this.call("onRetry", error, this.failures);
+    this.schedulePoll(backoffMs(this.failures, error.retryAfterS, this.options.backoffS));
+  }
+}
+
+/** Forget a job's resume point (say, once the page has shown its end). */
+export function forgetJob(jobId) {
+  const storage = sessionStore();
+  if (storage) storage.removeItem(STORAGE_PREFIX + jobId);
+}
