@@ -108,8 +108,11 @@ def requests_to(page: Page, fragment: str) -> list[str]:
 
 
 def test_story_whenFollowedOverSse_thenWholeTextStatusAndProgress(page: Page, dev_stack: LiveStack) -> None:
+    everything = requests_to(page, "")
     job_id = start_story(page, dev_stack, words=30, delay_ms=20, transport="sse")
     expect_finished(page, job_id, 30)
+    assert all(url.startswith(dev_stack.base_url + "/") for url in everything)  # no CDN: works offline
+    assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")  # fits a phone
     expect(page.locator("#transport-used")).to_have_text("sse")
     assert page.locator("#progress").get_attribute("value") == "100"
     assert page.locator("#key-field").is_hidden()  # the dev key came from /dev.json
@@ -271,7 +274,12 @@ def test_keyField_whenNotDevMode_thenAskedForAndUsed(page: Page, make_stack: Cal
     key.fill("key-alice")
     page.get_by_role("button", name="Start a story").click()
     expect(page.locator("#status")).to_have_text("completed")
-    expect(page.get_by_role("button", name="Reopen")).to_have_count(1)
+    job_id = page.locator("#job-id").inner_text()
+    reopen = page.get_by_role("button", name="Reopen")
+    expect(reopen).to_have_count(1)
+    page.evaluate("document.getElementById('text').textContent = ''")
+    reopen.click()  # replays the finished job from its first event
+    expect_finished(page, job_id, 5)
 
 
 @pytest.fixture
