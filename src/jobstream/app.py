@@ -9,12 +9,14 @@ from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 
+from jobstream import keys
 from jobstream.auth import Authenticator
 from jobstream.connection import create_redis
 from jobstream.errors import EXCEPTION_HANDLERS
 from jobstream.hub import Hub
-from jobstream.ratelimit import ConnectionLeases, CreateLimiter
+from jobstream.ratelimit import RATE_LIMIT_HEADERS, ConnectionLeases, CreateLimiter
 from jobstream.registry import Registry, default_registry, load_modules
 from jobstream.routes import build_routes
 from jobstream.routes.hotpath import EventStreamRoute
@@ -58,8 +60,30 @@ def build_services(settings: Settings, registry: Registry) -> Services:
         auth=Authenticator(settings),
         limiter=CreateLimiter(client, url, settings.create_rate),
         leases=ConnectionLeases(client, settings.max_sse_per_user, lease_s),
+        # A long-poll's lease only has to outlive its wait; a gateway that dies frees it soon after.
+        long_polls=ConnectionLeases(
+            client, settings.max_long_polls_per_user, math.ceil(settings.poll_max_wait_s) + 5, keys.long_poll_leases_key
+        ),
         send_watch=SendWatch(SEND_TIMEOUT_S),
     )
+
+
+def cors_middleware(settings: Settings) -> list[Middleware]:
+    """Cross-origin access for the configured origins only. Credentials are bearer tokens, never
+    cookies, so credentialed CORS stays off and a configured "*" can never be combined with it."""
+    if not settings.cors_origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "HEAD", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "If-None-Match", "Last-Event-ID"],
+            expose_headers=[*RATE_LIMIT_HEADERS, "Retry-After", "Location", "ETag"],
+            allow_credentials=False,
+            max_age=600,
+        )
+    ]
 
 
 def create_app(settings: Settings, registry: Registry | None = None, *, dev_key: str | None = None) -> Starlette:
@@ -86,6 +110,6 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
     return Starlette(
         routes=build_routes(),
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[Middleware(EventStreamRoute)],
+        middleware=[*cors_middleware(settings), Middleware(EventStreamRoute)],
         lifespan=lifespan,
     )

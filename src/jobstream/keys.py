@@ -36,5 +36,13 @@ def idempotency_key(user: str, key: str) -> str:
 
 
 def sse_leases_key(user: str) -> str:
-    digest = hashlib.sha256(user.encode()).hexdigest()[:32]
-    return f"{prefix}:sse:{digest}"
+    return f"{prefix}:sse:{_user_digest(user)}"
+
+
+def long_poll_leases_key(user: str) -> str:
+    return f"{prefix}:longpoll:{_user_digest(user)}"
+
+
+def _user_digest(user: str) -> str:
+    """User ids come from operators' keys and JWTs: hashed, they never shape a key."""
+    return hashlib.sha256(user.encode()).hexdigest()[:32]

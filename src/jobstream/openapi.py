@@ -8,6 +8,7 @@ from pydantic import TypeAdapter
 
 from jobstream import __version__
 from jobstream.models import EventIn, JobCreate, Progress
+from jobstream.ratelimit import RATE_LIMIT_HEADERS
 
 _REF = "#/components/schemas/"
 
@@ -136,9 +137,7 @@ def _model_schemas() -> dict[str, Any]:
 
 def _paths() -> dict[str, Any]:
     job = "/v1/jobs/{job_id}"
-    rate_headers = {
-        name: {"schema": {"type": "integer"}} for name in ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
-    }
+    rate_headers = {name: {"schema": {"type": "integer"}} for name in RATE_LIMIT_HEADERS}
     return {
         "/v1/jobs": {
             "post": {
@@ -244,7 +243,12 @@ def _paths() -> dict[str, Any]:
                         "schema": {"type": "number", "minimum": 0, "maximum": 30, "default": 0},
                     },
                 ],
-                "responses": {"200": _json("Events", _ref("PollResult")), "400": _problem("Bad query"), **_AUTH_ERRORS},
+                "responses": {
+                    "200": _json("Events", _ref("PollResult")),
+                    "400": _problem("Bad query"),
+                    "429": _problem("Too many long-polls of this user waiting at once"),
+                    **_AUTH_ERRORS,
+                },
             }
         },
         f"{job}/cancel": {

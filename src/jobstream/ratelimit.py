@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -13,6 +14,8 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 
 from jobstream import keys
+
+RATE_LIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,11 +26,7 @@ class RateDecision:
     reset_s: int
 
     def headers(self) -> dict[str, str]:
-        headers = {
-            "RateLimit-Limit": str(self.limit),
-            "RateLimit-Remaining": str(self.remaining),
-            "RateLimit-Reset": str(self.reset_s),
-        }
+        headers = dict(zip(RATE_LIMIT_HEADERS, (str(self.limit), str(self.remaining), str(self.reset_s)), strict=True))
         if not self.allowed:
             headers["Retry-After"] = str(max(1, self.reset_s))
         return headers
@@ -65,13 +64,17 @@ return 1
 
 
 class ConnectionLeases:
-    """Open SSE connections per user, as leases in a sorted set scored by expiry.
+    """Open connections per user (event streams, or waiting long-polls), as leases in a sorted
+    set scored by expiry.
 
     A gateway renews the leases of its open connections; if it dies they expire by themselves.
     """
 
-    def __init__(self, client: aioredis.Redis, limit: int, lease_s: int) -> None:
+    def __init__(
+        self, client: aioredis.Redis, limit: int, lease_s: int, key: Callable[[str], str] = keys.sse_leases_key
+    ) -> None:
         self._redis = client
+        self._key = key
         self._limit = limit
         self.lease_s = lease_s
         self._lease_ms = lease_s * 1000
@@ -81,19 +84,19 @@ class ConnectionLeases:
         lease = uuid.uuid4().hex
         now = _now_ms()
         args: list[int | str] = [now, now + self._lease_ms, lease, self._limit, self._lease_ms * 2]
-        taken = await self._acquire(keys=[keys.sse_leases_key(user)], args=args)
+        taken = await self._acquire(keys=[self._key(user)], args=args)
         return lease if taken else None
 
     async def renew(self, user: str, lease: str) -> None:
-        key = keys.sse_leases_key(user)
+        key = self._key(user)
         await self._redis.zadd(key, {lease: _now_ms() + self._lease_ms}, xx=True)
         await self._redis.pexpire(key, self._lease_ms * 2)
 
     async def release(self, user: str, lease: str) -> None:
-        await self._redis.zrem(keys.sse_leases_key(user), lease)
+        await self._redis.zrem(self._key(user), lease)
 
     async def count(self, user: str) -> int:
-        return int(await self._redis.zcount(keys.sse_leases_key(user), _now_ms(), "+inf"))
+        return int(await self._redis.zcount(self._key(user), _now_ms(), "+inf"))
 
 
 def _now_ms() -> int:

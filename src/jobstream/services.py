@@ -27,6 +27,7 @@ class Services:
     auth: Authenticator
     limiter: CreateLimiter
     leases: ConnectionLeases
+    long_polls: ConnectionLeases
     send_watch: SendWatch
     #: Set when the gateway shuts down: open streams end so that their readers reconnect elsewhere.
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)

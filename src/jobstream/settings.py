@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Annotated
 
@@ -10,6 +11,8 @@ from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+#: scheme://host[:port], nothing after: what a browser sends as Origin.
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+$")
 
 
 class Settings(BaseSettings):
@@ -36,6 +39,9 @@ class Settings(BaseSettings):
     sse_max_lifetime_s: float = Field(3600, gt=0)
     retry_ms: int = Field(3000, ge=0)
     poll_max_wait_s: float = Field(30, ge=0)
+    max_long_polls_per_user: int = Field(10, ge=1)
+    #: Origins allowed to call the API from a browser ("https://app.example.com,..."); none by default.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Modules imported at start-up so their @handler functions register.
     app: Annotated[list[str], NoDecode] = Field(default_factory=list)
     worker_concurrency: int = Field(10, ge=1)
@@ -65,6 +71,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _parse_origins(cls, value: object) -> object:
+        origins = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+        if not isinstance(origins, list):
+            return origins
+        for origin in origins:
+            if origin != "*" and not _ORIGIN.match(str(origin)):
+                raise ValueError(f"expected origins such as 'https://app.example.com' or '*', got {origin!r}")
+        return origins
 
     @field_validator("create_rate")
     @classmethod

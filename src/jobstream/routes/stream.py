@@ -19,6 +19,7 @@ from jobstream.cursor import NEWEST, START, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
 from jobstream.hub import HubClosed, JobGone, SubscriberOverflow
 from jobstream.models import JobStatus, to_json
+from jobstream.ratelimit import ConnectionLeases
 from jobstream.routes._common import load_job
 from jobstream.sendwatch import EventStreamResponse
 from jobstream.services import Services, services
@@ -115,10 +116,14 @@ async def _frames(
         yield sse.retry(svc.settings.retry_ms)
     finally:
         metrics.sse_open.dec()
-        # Runs inside a cancelled scope when the client left: shield the release, bounded. If Redis
-        # is down the lease lapses by itself.
-        with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True), contextlib.suppress(RedisError, OSError):
-            await svc.leases.release(user, lease)
+        await _release(svc.leases, user, lease)
+
+
+async def _release(leases: ConnectionLeases, user: str, lease: str) -> None:
+    # Runs inside a cancelled scope when the client left: shield the release, bounded. If Redis is
+    # down the lease lapses by itself.
+    with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True), contextlib.suppress(RedisError, OSError):
+        await leases.release(user, lease)
 
 
 def _encode_batch(batch: list[StoredEvent]) -> tuple[bytes, bool]:
@@ -150,7 +155,7 @@ def _poll_query(request: Request, max_wait_s: float) -> PollQuery:
 
 
 async def poll_events(request: Request) -> Response:
-    _, job = await load_job(request)
+    principal, job = await load_job(request)
     svc = services(request)
     query = _poll_query(request, svc.settings.poll_max_wait_s)
     cursor = resolve_cursor(None, query.after)
@@ -158,7 +163,7 @@ async def poll_events(request: Request) -> Response:
     events = await svc.store.read(job.id, after, query.limit)
     if not events and query.wait > 0 and not job.status.terminal:
         metrics.polls.labels("long").inc()
-        events = (await svc.feed.wait(job.id, after, query.wait))[: query.limit]
+        events = (await _wait_for_events(svc, principal.user, job.id, after, query.wait))[: query.limit]
         refreshed = await svc.store.get(job.id)
         if refreshed is None:
             raise JobNotFound()
@@ -168,6 +173,20 @@ async def poll_events(request: Request) -> Response:
     metrics.deliveries.poll += len(events)
     body = _poll_body(job, events, after, cursor, first_kept)
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+async def _wait_for_events(svc: Services, user: str, job_id: str, after: str, wait_s: float) -> list[StoredEvent]:
+    """A long-poll's wait, holding one of the user's long-poll slots meanwhile."""
+    lease = await svc.long_polls.acquire(user)
+    if lease is None:
+        raise RateLimited(
+            f"At most {svc.settings.max_long_polls_per_user} long-polls per user may wait at once.",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        return await svc.feed.wait(job_id, after, wait_s)
+    finally:
+        await _release(svc.long_polls, user, lease)
 
 
 def _poll_body(
