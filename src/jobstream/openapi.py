@@ -135,7 +135,7 @@ def _model_schemas() -> dict[str, Any]:
     return schemas
 
 
-def _paths() -> dict[str, Any]:
+def _paths(max_wait_s: float) -> dict[str, Any]:
     job = "/v1/jobs/{job_id}"
     rate_headers = {name: {"schema": {"type": "integer"}} for name in RATE_LIMIT_HEADERS}
     return {
@@ -240,7 +240,7 @@ def _paths() -> dict[str, Any]:
                     {
                         "name": "wait",
                         "in": "query",
-                        "schema": {"type": "number", "minimum": 0, "maximum": 30, "default": 0},
+                        "schema": {"type": "number", "minimum": 0, "maximum": max_wait_s, "default": 0},
                     },
                 ],
                 "responses": {
@@ -262,18 +262,23 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
-        "/healthz": {"get": {"summary": "Process alive", "responses": {"200": {"description": "OK"}}}},
+        # Operations endpoints take no credentials (keep /metrics to the internal network).
+        "/healthz": {"get": {"summary": "Process alive", "security": [], "responses": {"200": {"description": "OK"}}}},
         "/readyz": {
             "get": {
                 "summary": "Redis reachable",
+                "security": [],
                 "responses": {"200": {"description": "Ready"}, "503": _problem("Not ready")},
             }
         },
-        "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "Metrics"}}}},
+        "/metrics": {
+            "get": {"summary": "Prometheus metrics", "security": [], "responses": {"200": {"description": "Metrics"}}}
+        },
     }
 
 
-def openapi_document() -> dict[str, Any]:
+def openapi_document(max_wait_s: float = 30) -> dict[str, Any]:
+    """The API as this gateway serves it: ``max_wait_s`` is its JOBSTREAM_POLL_MAX_WAIT_S."""
     return {
         "openapi": "3.1.0",
         "info": {"title": "jobstream", "version": __version__},
@@ -282,5 +287,5 @@ def openapi_document() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": _paths(max_wait_s),
     }

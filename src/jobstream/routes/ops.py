@@ -41,12 +41,12 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 @cache
-def _openapi() -> dict[str, object]:
-    return openapi_document()
+def _openapi(max_wait_s: float) -> dict[str, object]:
+    return openapi_document(max_wait_s)
 
 
 async def openapi(request: Request) -> Response:
-    return JSONResponse(_openapi())
+    return JSONResponse(_openapi(services(request).settings.poll_max_wait_s))
 
 
 async def dev_info(request: Request) -> Response:
