@@ -7,7 +7,6 @@ they never skip.
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -18,8 +17,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Request, expect, sync_playwright
 
-from jobstream.demo import _word
-from tests.conftest import ALICE, LiveStack, append, create_job
+from tests.conftest import ALICE, LiveStack, append, create_job, story_text
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM_FLAGS = [
@@ -40,12 +38,6 @@ def chromium_path() -> str:
         if candidate and Path(candidate).exists():
             return candidate
     raise RuntimeError("Chromium is missing: apt-get install chromium (the browser tests need it)")
-
-
-def story_text(job_id: str, words: int) -> str:
-    """What demo.story writes for this job: its words are seeded by the job id."""
-    rng = random.Random(job_id)
-    return "".join(_word(index, rng) for index in range(words))
 
 
 # Module scope, not session: while Playwright's sync API is started, the main thread counts as
@@ -236,8 +228,7 @@ def test_expiredJob_whenReopened_thenClearErrorAndNoRetryLoop(
     entry = {**job, "words": 10}
     page.evaluate("entry => localStorage.setItem('jobstream-demo:recent', JSON.stringify([entry]))", entry)
     reads = requests_to(page, f"/v1/jobs/{job['id']}/")
-    page.goto(f"{dev_stack.base_url}/#job={job['id']}")
-    page.reload()
+    page.goto(f"{dev_stack.base_url}/?reopen#job={job['id']}")  # a new document, not a hash change
     expect(page.locator("#status")).to_have_text("expired")
     expect(page.get_by_role("alert")).to_have_text("This job does not exist or has expired.")
     time.sleep(2)

@@ -46,9 +46,13 @@ def _die_with_parent() -> None:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, extra_args: list[str] | None = None, data_dir: str | None = None
+    ) -> None:
+        """``data_dir``: keep Redis's files there (and leave them) instead of in a temporary directory."""
         self.port = port or free_port()
         self._extra = extra_args or []
+        self._data_dir = data_dir
         self._dir: str | None = None
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -57,7 +61,7 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> EmbeddedRedis:
-        self._dir = tempfile.mkdtemp(prefix="jobstream-redis-")
+        self._dir = self._data_dir or tempfile.mkdtemp(prefix="jobstream-redis-")
         args = [
             str(redis_server_binary()), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self._dir,
             "--save", "", "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning", *self._extra,
@@ -105,6 +109,6 @@ class EmbeddedRedis:
         if self.process is not None and self.process.stderr is not None:
             self.process.stderr.close()
         self.process = None
-        if self._dir is not None:
+        if self._dir is not None and self._data_dir is None:
             shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._dir = None

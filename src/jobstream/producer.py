@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import Any
 
 from pydantic import JsonValue, ValidationError
+from redis.exceptions import ConnectionError, TimeoutError
 
 from jobstream.errors import ValidationFailed, pydantic_errors
 from jobstream.models import EventIn, Progress, to_json
 from jobstream.store import JobStore, OutgoingEvent
+
+logger = logging.getLogger("jobstream.producer")
+
+#: How long a job's writes wait for Redis to come back before the job fails.
+OUTAGE_S = 30.0
 
 
 class JobFailed(Exception):
@@ -48,6 +55,7 @@ class JobContext:
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self._error: BaseException | None = None
+        self._batches = 0
 
     def __repr__(self) -> str:
         return f"JobContext(job_id={self.job_id!r}, type={self.job_type!r}, attempt={self.attempt})"
@@ -86,13 +94,31 @@ class JobContext:
         """Flush pending text, then append ``events`` in one atomic step."""
         self._raise_deferred()
         async with self._lock:
-            return await self._store.append(self.job_id, self._take_pending() + events)
+            return await self._write(self._take_pending() + events)
 
     async def flush(self) -> None:
         async with self._lock:
             pending = self._take_pending()
             if pending:
-                await self._store.append(self.job_id, pending)
+                await self._write(pending)
+
+    async def _write(self, events: list[OutgoingEvent]) -> list[str]:
+        """Append, riding out a Redis outage of up to OUTAGE_S (a restart, a failover) rather than
+        failing the job; each batch carries a name, so a retry after a lost reply adds nothing twice."""
+        self._batches += 1
+        batch = f"{self.attempt}.{self._batches}"
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + OUTAGE_S
+        delay_s = 0.1
+        while True:
+            try:
+                return await self._store.append(self.job_id, events, batch=batch)
+            except (ConnectionError, TimeoutError) as exc:
+                if loop.time() + delay_s > give_up_at:
+                    raise
+                logger.warning("job %s: redis unavailable (%s), retrying its append", self.job_id, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
 
     async def close(self) -> None:
         if self._timer is not None:

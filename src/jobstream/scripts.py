@@ -6,8 +6,9 @@ from __future__ import annotations
 #: publish them for the gateways' hubs (id, type and data joined by \x1e, events by \x1f).
 #: KEYS: meta, events.
 #: ARGV: now_ms, maxlen, retention_s, failed_retention_s, new_status ('' = unchanged), channel,
-#:       nfields, nfields field/value pairs for the meta hash, then type/data pairs of the events.
-#: Returns {'ok', id...} | {'gone'} | {'ended', status}.
+#:       nfields, batch ('' = none: a producer's id of this batch, one it may retry), nfields
+#:       field/value pairs for the meta hash, then type/data pairs of the events.
+#: Returns {'ok', id...} | {'gone'} | {'ended', status} | {'repeat'} (the batch was appended before).
 APPEND = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'gone'} end
@@ -16,7 +17,13 @@ local now = tonumber(ARGV[1])
 local maxlen = ARGV[2]
 local new_status = ARGV[5]
 local nfields = tonumber(ARGV[7])
-local first = 8 + 2 * nfields
+local batch = ARGV[8]
+local first = 9 + 2 * nfields
+-- A producer retrying a batch whose reply it lost (Redis restarted meanwhile) must not add it twice.
+if batch ~= '' then
+  if redis.call('HGET', KEYS[1], 'batch') == batch then return {'repeat'} end
+  redis.call('HSET', KEYS[1], 'batch', batch)
+end
 local last
 local published = {}
 local FS, ES = string.char(30), string.char(31)
@@ -37,7 +44,7 @@ end
 if redis.call('HINCRBY', KEYS[1], 'appended', #published) > redis.call('XLEN', KEYS[2]) then
   redis.call('HSET', KEYS[1], 'trimmed', '1')
 end
-for i = 8, first - 1, 2 do
+for i = 9, first - 1, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
 end
 local effective = status

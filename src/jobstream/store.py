@@ -190,11 +190,14 @@ class JobStore:
                 pipe.exists(keys.meta_key(job_id))
             return [bool(found) for found in await pipe.execute()]
 
-    async def append(self, job_id: str, events: Sequence[OutgoingEvent]) -> list[str]:
-        """Append events and apply the status change they carry, atomically. Raises JobNotFound or JobEnded."""
+    async def append(self, job_id: str, events: Sequence[OutgoingEvent], *, batch: str = "") -> list[str]:
+        """Append events and apply the status change they carry, atomically. Raises JobNotFound or JobEnded.
+
+        ``batch`` names this batch for its producer: appending the same name twice in a row adds it
+        once (the second call returns no ids), so a producer may retry after a lost reply."""
         if not events:
             return []
-        reply = await self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events))
+        reply = await self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events, batch))
         return _append_result(reply)
 
     async def append_many(self, appends: Sequence[tuple[str, Sequence[OutgoingEvent]]]) -> list[list[str]]:
@@ -209,7 +212,7 @@ class JobStore:
     def _append_keys(job_id: str) -> list[str]:
         return [keys.meta_key(job_id), keys.events_key(job_id)]
 
-    def _append_args(self, job_id: str, events: Sequence[OutgoingEvent]) -> list[str | int]:
+    def _append_args(self, job_id: str, events: Sequence[OutgoingEvent], batch: str = "") -> list[str | int]:
         new_status = ""
         meta_fields: dict[str, str] = {}
         for event in events:
@@ -225,6 +228,7 @@ class JobStore:
             new_status,
             keys.live_channel(job_id),
             len(meta_fields),
+            batch,
         ]
         for name, value in meta_fields.items():
             args += [name, value]
@@ -305,6 +309,8 @@ class JobStore:
 
 
 def _append_result(reply: list[str]) -> list[str]:
+    if reply[0] == "repeat":
+        return []
     if reply[0] == "gone":
         raise JobNotFound()
     if reply[0] == "ended":

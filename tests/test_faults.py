@@ -1,0 +1,183 @@
+"""Faults with real processes: Redis restarted, a gateway killed mid-stream. Nothing acknowledged is
+lost, nothing is delivered twice, and every component reconnects by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+from httpx_sse import ServerSentEvent, connect_sse
+
+from jobstream import keys
+from jobstream.connection import create_redis
+from jobstream.cursor import parse_id
+from jobstream.devredis import EmbeddedRedis, free_port
+from jobstream.store import JobRecord, JobStore, OutgoingEvent
+from tests.conftest import ALICE, LiveStack, make_settings, story_text
+from tests.test_cli import _clean_env, wait_ready
+from tests.test_create import assert_problem
+
+AOF = ["--appendonly", "yes", "--appendfsync", "everysec"]
+
+
+def follow_with_resume(urls: list[str], job: dict[str, Any], timeout_s: float = 45) -> list[ServerSentEvent]:
+    """Read a job's events as a browser would: on any break, reconnect (to the next gateway in
+    ``urls``) with Last-Event-ID, until `done`."""
+    events: list[ServerSentEvent] = []
+    deadline = time.monotonic() + timeout_s
+    attempt = 0
+    while time.monotonic() < deadline:
+        base_url = urls[attempt % len(urls)]
+        attempt += 1
+        headers = {"Last-Event-ID": events[-1].id} if events else {}
+        try:
+            with (
+                httpx.Client(base_url=base_url, timeout=10) as http,
+                connect_sse(
+                    http, "GET", job["links"]["events"], params={"token": job["token"]}, headers=headers
+                ) as src,
+            ):
+                if src.response.status_code == 200:
+                    for event in src.iter_sse():
+                        if event.data:  # httpx-sse also yields the `retry:` block and pings, without data
+                            events.append(event)
+                        if event.event == "done":
+                            return events
+        except httpx.HTTPError:
+            pass  # the gateway went away mid-read, or is not back yet
+        time.sleep(0.2)
+    raise AssertionError(f"no `done` within {timeout_s}s; got {len(events)} events")
+
+
+def assert_story_intact(events: list[ServerSentEvent], job_id: str, words: int) -> None:
+    ids = [parse_id(event.id) for event in events]
+    assert ids == sorted(set(ids)), "an event was delivered twice or out of order"
+    text = "".join(event.json()["text"] for event in events if event.event == "delta")
+    assert text == story_text(job_id, words), "a word was lost or repeated"
+    assert events[0].event == "status" and events[-1].event == "done"
+    assert events[-1].json() == {"status": "completed"}
+
+
+def test_append_whenSameBatchRetried_thenAddedOnce(redis_url: str) -> None:
+    async def scenario() -> tuple[list[str], list[str], int]:
+        client = create_redis(redis_url)
+        store = JobStore(client, make_settings(redis_url))
+        job = JobRecord.new(
+            job_id="6f1c1f4e-4b8f-4c39-9a2e-1c2d3e4f5a6b", owner="a", job_type="external", input={}, ttl_s=60
+        )
+        await store.create(job)
+        events = [OutgoingEvent("delta", '{"text":"once"}')]
+        first = await store.append(job.id, events, batch="1.1")
+        again = await store.append(job.id, events, batch="1.1")  # a retry after a lost reply
+        await store.append(job.id, events, batch="1.2")
+        length = int(await client.xlen(keys.events_key(job.id)))
+        await client.aclose()
+        return first, again, length
+
+    first, again, length = asyncio.run(scenario())
+    assert len(first) == 1 and again == []
+    assert length == 3  # the implied `status running`, then "once" twice: batches 1.1 and 1.2
+
+
+def test_redisRestart_whenAof_thenJobSurvivesEveryoneReconnectsAndReaderMissesNothing(tmp_path: Path) -> None:
+    port = free_port()
+    first = EmbeddedRedis(port=port, extra_args=AOF, data_dir=str(tmp_path)).start()
+    second: EmbeddedRedis | None = None
+    stack = LiveStack(make_settings(first.url, heartbeat_s=0.5, retry_ms=200)).start()
+    try:
+        with stack.client() as http, ThreadPoolExecutor(1) as pool:
+            job = http.post(
+                "/v1/jobs", json={"type": "demo.story", "input": {"words": 80, "delay_ms": 50}}, headers=ALICE
+            ).json()
+            reading = pool.submit(follow_with_resume, [stack.base_url], job)
+            _wait_for_events(http, job, 10)
+
+            first.stop()  # SIGTERM: Redis writes its append-only file and exits
+            outage_started = time.monotonic()
+            assert_problem(http.get("/readyz"), 503)
+            refused = http.post("/v1/jobs", json={"type": "external"}, headers=ALICE)
+            assert_problem(refused, 503)
+            assert refused.headers["retry-after"]
+            assert time.monotonic() - outage_started < 15, "requests hung while Redis was down"
+            time.sleep(1)
+
+            second = EmbeddedRedis(port=port, extra_args=AOF, data_dir=str(tmp_path)).start()
+            wait_ready(http, timeout_s=15)
+            events = reading.result(timeout=60)
+            assert_story_intact(events, job["id"], 80)
+            assert http.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()["status"] == "completed"
+            assert http.post("/v1/jobs", json={"type": "external"}, headers=ALICE).status_code == 201
+    finally:
+        stack.stop()
+        for server in (first, second):
+            if server is not None:
+                server.stop()
+
+
+def _wait_for_events(http: httpx.Client, job: dict[str, Any], count: int, timeout_s: float = 15) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = http.get(job["links"]["poll"], params={"token": job["token"], "limit": count}).json()
+        if len(body["events"]) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} events after {timeout_s}s")
+
+
+def _gateway(redis_url: str, port: int, **env: str) -> subprocess.Popen[bytes]:
+    environment = _clean_env(
+        JOBSTREAM_REDIS_URL=redis_url,
+        JOBSTREAM_API_KEYS="key-alice=alice",
+        JOBSTREAM_TOKEN_SECRET="s" * 32,
+        JOBSTREAM_HEARTBEAT_S="0.5",
+        JOBSTREAM_RETRY_MS="200",
+        **env,
+    )
+    return subprocess.Popen([sys.executable, "-m", "jobstream", "serve", "--port", str(port)], env=environment)
+
+
+def test_gatewayKilled_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFreed(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    ports = [free_port(), free_port()]
+    # Lease: the larger of 5 s and four heartbeats; each gateway renews its streams' leases.
+    gateways = [_gateway(redis_url, port, JOBSTREAM_SSE_LEASE_S="5") for port in ports]
+    urls = [f"http://127.0.0.1:{port}" for port in ports]
+    worker_env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_TOKEN_SECRET="s" * 32)
+    worker = subprocess.Popen([sys.executable, "-m", "jobstream", "worker"], env=worker_env)
+    try:
+        for url in urls:
+            with httpx.Client(base_url=url, timeout=10) as http:
+                wait_ready(http)
+        with httpx.Client(base_url=urls[0], timeout=10) as http, ThreadPoolExecutor(1) as pool:
+            job = http.post(
+                "/v1/jobs", json={"type": "demo.story", "input": {"words": 80, "delay_ms": 50}}, headers=ALICE
+            ).json()
+            reading = pool.submit(follow_with_resume, urls, job)  # first to gateway 0, then gateway 1
+            _wait_for_events(http, job, 10)
+            gateways[0].send_signal(signal.SIGKILL)
+            gateways[0].wait()
+            events = reading.result(timeout=60)
+        assert_story_intact(events, job["id"], 80)
+        # The dead gateway never released its reader's slot: it lapses with the lease.
+        deadline = time.monotonic() + 10
+        while rdb.zcard(keys.sse_leases_key("alice")) > 0:
+            assert time.monotonic() < deadline, "the killed gateway's connection slot was never freed"
+            time.sleep(0.2)
+    finally:
+        for process in [*gateways, worker]:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
