@@ -4,15 +4,20 @@ lost, nothing is delivered twice, and every component reconnects by itself."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import redis
 from httpx_sse import ServerSentEvent, connect_sse
 
@@ -21,7 +26,7 @@ from jobstream.connection import create_redis
 from jobstream.cursor import parse_id
 from jobstream.devredis import EmbeddedRedis, free_port
 from jobstream.store import JobRecord, JobStore, OutgoingEvent
-from tests.conftest import ALICE, LiveStack, make_settings, story_text
+from tests.conftest import ALICE, LiveStack, create_job, make_settings, read_sse, story_text
 from tests.test_cli import _clean_env, wait_ready
 from tests.test_create import assert_problem
 
@@ -144,8 +149,9 @@ def _gateway(redis_url: str, port: int, **env: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "jobstream", "serve", "--port", str(port)], env=environment)
 
 
-def test_gatewayKilled_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFreed(
-    redis_url: str, rdb: redis.Redis
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "terminated"])
+def test_gatewayStopped_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFreed(
+    redis_url: str, rdb: redis.Redis, stop: signal.Signals
 ) -> None:
     ports = [free_port(), free_port()]
     # Lease: the larger of 5 s and four heartbeats; each gateway renews its streams' leases.
@@ -163,14 +169,18 @@ def test_gatewayKilled_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFreed
             ).json()
             reading = pool.submit(follow_with_resume, urls, job)  # first to gateway 0, then gateway 1
             _wait_for_events(http, job, 10)
-            gateways[0].send_signal(signal.SIGKILL)
-            gateways[0].wait()
+            stopped_at = time.monotonic()
+            gateways[0].send_signal(stop)
+            exit_code = gateways[0].wait(timeout=15)
             events = reading.result(timeout=60)
         assert_story_intact(events, job["id"], 80)
-        # The dead gateway never released its reader's slot: it lapses with the lease.
+        if stop == signal.SIGTERM:
+            # Graceful: streams are ended at once (their readers reconnect elsewhere), then it exits.
+            assert exit_code == 0 and time.monotonic() - stopped_at < 10
+        # A killed gateway never released its reader's slot: it lapses with the lease.
         deadline = time.monotonic() + 10
         while rdb.zcard(keys.sse_leases_key("alice")) > 0:
-            assert time.monotonic() < deadline, "the killed gateway's connection slot was never freed"
+            assert time.monotonic() < deadline, "the stopped gateway's connection slot was never freed"
             time.sleep(0.2)
     finally:
         for process in [*gateways, worker]:
@@ -181,3 +191,73 @@ def test_gatewayKilled_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFreed
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+def test_slowReader_whenItStopsReading_thenOnlyItIsDroppedAndItResumesWithoutGap(
+    make_stack: Callable[..., LiveStack],
+) -> None:
+    stack = make_stack(with_worker=False, send_timeout_s=1)
+    with stack.client() as http, ThreadPoolExecutor(1) as pool:
+        job = create_job(http)
+        slow = _stalled_reader(stack.port, job)
+        fast = pool.submit(follow_with_resume, [stack.base_url], job)
+        _wait_for_readers(http, 2)
+        # 6 MiB of events: far past the slow reader's buffer bound (1 MiB) and its socket buffers.
+        pad = "x" * 8000
+        for batch in range(128):
+            events = [{"type": "log", "data": {"n": batch * 6 + i, "pad": pad}} for i in range(6)]
+            assert http.post(f"/v1/jobs/{job['id']}/events", json=events, headers=ALICE).status_code == 201
+            time.sleep(0.01)
+        http.post(f"/v1/jobs/{job['id']}/events", json={"type": "done", "data": {"status": "completed"}}, headers=ALICE)
+
+        fast_events = fast.result(timeout=60)
+        assert [e.json()["n"] for e in fast_events if e.event == "log"] == list(range(768))
+
+        received = _read_until_closed(slow, timeout_s=15)  # the server dropped it: EOF, not a hang
+        seen = [e for e in parse_frames(received) if e["event"] == "log"]
+        assert 0 < len(seen) < 768, "the stalled reader should have been dropped part-way"
+        _, rest = read_sse(http, job, last_event_id=seen[-1]["id"])
+        numbers = [e["n"] for e in (json.loads(s["data"]) for s in seen)] + [
+            e.json()["n"] for e in rest if e.event == "log"
+        ]
+        assert numbers == list(range(768)), "resuming after the drop lost or repeated events"
+
+
+def _stalled_reader(port: int, job: dict[str, Any]) -> socket.socket:
+    """An SSE client that reads the response head and then stops reading its socket."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    path = f"{job['links']['events']}?token={job['token']}"
+    sock.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAccept: text/event-stream\r\n\r\n".encode())
+    head = sock.recv(1024)
+    assert head.startswith(b"HTTP/1.1 200"), head[:100]
+    return sock
+
+
+def _wait_for_readers(http: httpx.Client, count: int, timeout_s: float = 10) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        metrics = http.get("/metrics").text
+        line = next(line for line in metrics.splitlines() if line.startswith("jobstream_sse_connections "))
+        if float(line.split()[1]) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} open event streams after {timeout_s}s")
+
+
+def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    sock.settimeout(timeout_s)
+    chunks = []
+    with sock:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_frames(raw: bytes) -> list[dict[str, str]]:
+    """Complete `id:` frames of a raw (chunked) HTTP response body: enough for these events."""
+    events = []
+    for match in re.finditer(rb"id: (\S+)\nevent: (\S+)\ndata: (\{.*?\})\n\n", raw):
+        events.append({"id": match[1].decode(), "event": match[2].decode(), "data": match[3].decode()})
+    return events

@@ -25,9 +25,6 @@ from jobstream.services import Services
 from jobstream.settings import Settings, load_settings
 from jobstream.store import JobStore
 
-#: A reader whose client takes no write for this long is dropped; it resumes from its last id.
-SEND_TIMEOUT_S = 30.0
-
 
 def tune_gc() -> None:
     """Objects made at start-up live for good: keep them out of every later collection, and collect
@@ -64,7 +61,7 @@ def build_services(settings: Settings, registry: Registry) -> Services:
         long_polls=ConnectionLeases(
             client, settings.max_long_polls_per_user, math.ceil(settings.poll_max_wait_s) + 5, keys.long_poll_leases_key
         ),
-        send_watch=SendWatch(SEND_TIMEOUT_S),
+        send_watch=SendWatch(settings.send_timeout_s),
     )
 
 

@@ -38,6 +38,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=256)
     sse_max_lifetime_s: float = Field(3600, gt=0)
     retry_ms: int = Field(3000, ge=0)
+    #: A reader whose client takes no write for this long is dropped; it resumes from its last id.
+    send_timeout_s: float = Field(30, gt=0)
     poll_max_wait_s: float = Field(30, ge=0)
     max_long_polls_per_user: int = Field(10, ge=1)
     #: Origins allowed to call the API from a browser ("https://app.example.com,..."); none by default.
