@@ -17,7 +17,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, Request, expect, sync_playwright
 
-from tests.conftest import ALICE, LiveStack, append, create_job, story_text
+from jobstream.demo import story_text
+from tests.conftest import ALICE, LiveStack, append, create_job
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM_FLAGS = [

@@ -177,3 +177,37 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
         if gateway.poll() is None:
             gateway.kill()
             gateway.wait()
+
+
+def test_serve_whenTokensInRequests_thenNeverInItsLogs(redis_url: str) -> None:
+    port = free_port()
+    env = _clean_env(
+        JOBSTREAM_REDIS_URL=redis_url,
+        JOBSTREAM_API_KEYS="k-secret-api-key=alice",
+        JOBSTREAM_TOKEN_SECRET="s" * 32,
+        JOBSTREAM_LOG_LEVEL="INFO",
+    )
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "jobstream", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
+            wait_ready(http)
+            job = http.post("/v1/jobs", json={"type": "external"}, headers={"Authorization": "Bearer k-secret-api-key"})
+            token = job.json()["token"]
+            http.get(f"/v1/jobs/{job.json()['id']}/poll", params={"token": token, "after": "bad id"})
+            http.get(f"/v1/jobs/{job.json()['id']}/poll", params={"token": token + "tampered"})
+            http.get("/v1/jobs/6f1c1f4e-4b8f-4c39-9a2e-1c2d3e4f5a6b", headers={"Authorization": "Bearer wrong-key-xyz"})
+        gateway.send_signal(signal.SIGTERM)
+        output, _ = gateway.communicate(timeout=20)
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+            gateway.wait()
+    logs = output.decode(errors="replace")
+    assert "/poll?token=REDACTED" in logs  # the access log is on, and redacted
+    for secret in (token, token.split(".")[2], "k-secret-api-key", "wrong-key-xyz"):
+        assert secret not in logs

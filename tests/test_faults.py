@@ -24,9 +24,10 @@ from httpx_sse import ServerSentEvent, connect_sse
 from jobstream import keys
 from jobstream.connection import create_redis
 from jobstream.cursor import parse_id
+from jobstream.demo import story_text
 from jobstream.devredis import EmbeddedRedis, free_port
 from jobstream.store import JobRecord, JobStore, OutgoingEvent
-from tests.conftest import ALICE, LiveStack, create_job, make_settings, read_sse, story_text
+from tests.conftest import ALICE, LiveStack, create_job, make_settings, read_sse
 from tests.test_cli import _clean_env, wait_ready
 from tests.test_create import assert_problem
 

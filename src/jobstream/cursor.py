@@ -26,7 +26,9 @@ def parse_id(value: str) -> StreamId:
     """Parse ``<ms>-<seq>``; anything else raises BadRequest (never reaches Redis)."""
     match = _STREAM_ID.match(value)
     if match is None:
-        raise BadRequest(f"Malformed event id {value[:64]!r}: expected '<ms>-<seq>', e.g. '1732200000000-0'.")
+        # The echo is bounded: repr() of 40 characters can be ten times as long.
+        shown = repr(value[:40])[:100]
+        raise BadRequest(f"Malformed event id {shown}: expected '<ms>-<seq>', e.g. '1732200000000-0'.")
     ms, seq = int(match[1]), int(match[2])
     if ms > _MAX_PART or seq > _MAX_PART:
         raise BadRequest("Malformed event id: a part is larger than 2^64-1.")

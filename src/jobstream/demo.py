@@ -35,6 +35,12 @@ def _word(index: int, rng: random.Random) -> str:
     return word.capitalize() if index == 0 else " " + word
 
 
+def story_text(job_id: str, words: int) -> str:
+    """The whole text demo.story writes for this job (its words are seeded by the job id)."""
+    rng = random.Random(job_id)
+    return "".join(_word(index, rng) for index in range(words))
+
+
 @handler("demo.story", idempotent=True)
 async def story(ctx: JobContext, input: StoryInput) -> dict[str, int]:
     """Writes ``words`` words, one delta each (flushed per word, as a model streaming tokens), with progress."""
