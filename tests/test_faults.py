@@ -63,6 +63,12 @@ def follow_with_resume(urls: list[str], job: dict[str, Any], timeout_s: float = 
     raise AssertionError(f"no `done` within {timeout_s}s; got {len(events)} events")
 
 
+def start_story(http: httpx.Client, *, words: int, delay_ms: int) -> dict[str, Any]:
+    body = {"type": "demo.story", "input": {"words": words, "delay_ms": delay_ms}}
+    created: dict[str, Any] = http.post("/v1/jobs", json=body, headers=ALICE).json()
+    return created
+
+
 def assert_story_intact(events: list[ServerSentEvent], job_id: str, words: int) -> None:
     ids = [parse_id(event.id) for event in events]
     assert ids == sorted(set(ids)), "an event was delivered twice or out of order"
@@ -100,9 +106,7 @@ def test_redisRestart_whenAof_thenJobSurvivesEveryoneReconnectsAndReaderMissesNo
     stack = LiveStack(make_settings(first.url, heartbeat_s=0.5, retry_ms=200)).start()
     try:
         with stack.client() as http, ThreadPoolExecutor(1) as pool:
-            job = http.post(
-                "/v1/jobs", json={"type": "demo.story", "input": {"words": 80, "delay_ms": 50}}, headers=ALICE
-            ).json()
+            job = start_story(http, words=80, delay_ms=50)
             reading = pool.submit(follow_with_resume, [stack.base_url], job)
             _wait_for_events(http, job, 10)
 
@@ -165,9 +169,7 @@ def test_gatewayStopped_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFree
             with httpx.Client(base_url=url, timeout=10) as http:
                 wait_ready(http)
         with httpx.Client(base_url=urls[0], timeout=10) as http, ThreadPoolExecutor(1) as pool:
-            job = http.post(
-                "/v1/jobs", json={"type": "demo.story", "input": {"words": 80, "delay_ms": 50}}, headers=ALICE
-            ).json()
+            job = start_story(http, words=80, delay_ms=50)
             reading = pool.submit(follow_with_resume, urls, job)  # first to gateway 0, then gateway 1
             _wait_for_events(http, job, 10)
             stopped_at = time.monotonic()
@@ -262,3 +264,43 @@ def parse_frames(raw: bytes) -> list[dict[str, str]]:
     for match in re.finditer(rb"id: (\S+)\nevent: (\S+)\ndata: (\{.*?\})\n\n", raw):
         events.append({"id": match[1].decode(), "event": match[2].decode(), "data": match[3].decode()})
     return events
+
+
+def test_workerTerminated_whenJobOutlastsGrace_thenHandedBackAndFinishedByAnotherAtOnce(
+    make_stack: Callable[..., LiveStack], redis_url: str
+) -> None:
+    stack = make_stack(with_worker=False)
+    # Leases of 30 s: only a hand-back, not a lapsed lease, lets the next worker take the job at once.
+    env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_SHUTDOWN_GRACE_S="1", JOBSTREAM_WORKER_LEASE_S="30")
+    command = [sys.executable, "-m", "jobstream", "worker"]
+    first = subprocess.Popen(command, env=env)
+    second: subprocess.Popen[bytes] | None = None
+    try:
+        with stack.client() as http, ThreadPoolExecutor(2) as pool:
+            long_job = start_story(http, words=60, delay_ms=100)
+            reading = pool.submit(follow_with_resume, [stack.base_url], long_job)
+            _wait_for_events(http, long_job, 5)
+            short_job = start_story(http, words=5, delay_ms=50)
+            short_reading = pool.submit(follow_with_resume, [stack.base_url], short_job)
+            _wait_for_events(http, short_job, 1)
+            stopped_at = time.monotonic()
+            first.send_signal(signal.SIGTERM)
+            assert first.wait(timeout=10) == 0
+            assert time.monotonic() - stopped_at < 5  # the grace, then out
+            # The short job finished inside the grace: no retry.
+            short_events = short_reading.result(timeout=10)
+            assert_story_intact(short_events, short_job["id"], 5)
+
+            second = subprocess.Popen(command, env=env)
+            events = reading.result(timeout=30)
+            assert time.monotonic() - stopped_at < 20, "the handed-back job waited for its lease to lapse"
+        assert any(e.event == "log" and "retrying" in e.json()["message"] for e in events)
+        text = "".join(e.json()["text"] for e in events if e.event == "delta")
+        whole = story_text(long_job["id"], 60)
+        assert text.endswith(whole) and whole.startswith(text[: len(text) - len(whole)])
+        assert events[-1].json() == {"status": "completed"}
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()

@@ -43,6 +43,14 @@ class WorkQueue:
 
     async def renew(self, entry_ids: list[str]) -> None:
         """Reset the idle time of entries this consumer holds, so no other worker reclaims them."""
+        await self._set_idle(entry_ids, 0)
+
+    async def hand_back(self, entry_ids: list[str], lease_ms: int) -> None:
+        """Mark entries as if their lease had already lapsed: the next reclaim by any worker takes them,
+        instead of waiting a whole lease for a worker that stopped on purpose."""
+        await self._set_idle(entry_ids, lease_ms + 1000)
+
+    async def _set_idle(self, entry_ids: list[str], idle_ms: int) -> None:
         if entry_ids:
             await self._redis.xclaim(
                 keys.queue_key,
@@ -50,6 +58,7 @@ class WorkQueue:
                 self.consumer,
                 min_idle_time=0,
                 message_ids=list[int | bytes | str | memoryview](entry_ids),
+                idle=idle_ms,
                 justid=True,
             )
 

@@ -124,16 +124,21 @@ class Worker:
         self._slot_free.set()
 
     async def _drain(self) -> None:
-        """Give running jobs the shutdown grace, then hand the rest back: their leases lapse and they
-        are reclaimed by another worker."""
+        """Give running jobs the shutdown grace, then hand the rest back, marked as lapsed so that the
+        next reclaim by any worker takes them."""
         tasks = [running.task for running in self._running.values()]
         if not tasks:
             return
         logger.info("worker %s waiting up to %.0fs for %d jobs", self.name, self.settings.shutdown_grace_s, len(tasks))
         _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_s)
+        handed_back = [entry_id for entry_id, running in self._running.items() if running.task in pending]
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        if handed_back:
+            with contextlib.suppress(RedisError):
+                await self.queue.hand_back(handed_back, self.settings.worker_lease_s * 1000)
+            logger.info("worker %s handed back %d jobs", self.name, len(handed_back))
 
     async def _maintain(self) -> None:
         """Renew leases, stop cancelled jobs and reclaim jobs of dead workers, on their own periods."""
@@ -175,7 +180,7 @@ class Worker:
             if entry.entry_id in self._running:
                 continue
             self._counters.reclaimed += 1
-            logger.warning("worker %s reclaimed job %s from a lost worker", self.name, entry.job_id)
+            logger.warning("worker %s reclaimed job %s from a lost or stopped worker", self.name, entry.job_id)
             self._start(entry)
 
     async def _run_guarded(self, entry: QueueEntry) -> None:
