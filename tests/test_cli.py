@@ -141,6 +141,15 @@ def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(red
                 process.wait()
 
 
+def scrape(port: int, series: str) -> float:
+    """One series of /metrics, over a new connection (so that any process may answer)."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
+        for line in fresh.get("/metrics").text.splitlines():
+            if line.startswith(series + " "):
+                return float(line.split()[-1])
+    return 0.0
+
+
 def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> None:
     port = free_port()
     env = _clean_env(
@@ -162,15 +171,25 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
             # Several connections, spread by the kernel over both processes, all see the same events.
             streams = [http.stream("GET", url, params={"token": job["token"]}) for _ in range(6)]
             responses = [stream.__enter__() for stream in streams]
+            # Whichever process answers a scrape answers for both (new connection each time).
+            for _ in range(8):
+                assert scrape(port, "jobstream_sse_connections") == 6
+                assert scrape(port, 'jobstream_jobs_created_total{type="external"}') == 1
             http.post(
                 f"{job['links']['self']}/events",
                 json=[{"type": "delta", "data": {"text": "hi"}}, {"type": "done", "data": {"status": "completed"}}],
                 headers=auth,
             )
+            delivered = 0
             for stream, response in zip(streams, responses, strict=True):
                 text = "".join(response.iter_text())
                 stream.__exit__(None, None, None)
                 assert '"text":"hi"' in text and "event: done" in text
+                delivered += text.count("id: ")
+            time.sleep(1.5)  # delivery counts reach the shared counter within a second
+            for _ in range(4):
+                assert scrape(port, 'jobstream_events_delivered_total{transport="sse"}') == delivered
+                assert scrape(port, "jobstream_sse_connections") == 0
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(timeout=20) == 0
     finally:

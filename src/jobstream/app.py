@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import math
@@ -11,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from jobstream import keys
+from jobstream import keys, metrics
 from jobstream.auth import Authenticator
 from jobstream.connection import create_redis
 from jobstream.errors import EXCEPTION_HANDLERS
@@ -24,6 +25,9 @@ from jobstream.sendwatch import SendWatch
 from jobstream.services import Services
 from jobstream.settings import Settings, load_settings
 from jobstream.store import JobStore
+
+#: How often the hot path's delivery counts reach the Prometheus counter.
+METRICS_FLUSH_S = 1.0
 
 
 def tune_gc() -> None:
@@ -83,6 +87,12 @@ def cors_middleware(settings: Settings) -> list[Middleware]:
     ]
 
 
+async def _flush_metrics() -> None:
+    while True:
+        await asyncio.sleep(METRICS_FLUSH_S)
+        metrics.deliveries.flush()
+
+
 def create_app(settings: Settings, registry: Registry | None = None, *, dev_key: str | None = None) -> Starlette:
     """The gateway. ``dev_key`` (from `jobstream dev` only) is served to the demo page at /dev.json."""
     if registry is None:
@@ -96,9 +106,12 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
         app.state.services = svc
         await svc.feed.start()
         await svc.send_watch.start()
+        flusher = asyncio.create_task(_flush_metrics())
         try:
             yield
         finally:
+            flusher.cancel()
+            metrics.deliveries.flush()
             svc.shutdown.set()
             await svc.send_watch.close()
             await svc.feed.close()

@@ -8,13 +8,15 @@ import contextlib
 import logging.config
 import os
 import secrets
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Coroutine, Iterator
 
 import uvicorn
 
-from jobstream import __version__
+from jobstream import __version__, metrics
 from jobstream.app import create_app, tune_gc
 from jobstream.connection import create_redis, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
@@ -140,6 +142,18 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
     """Several gateway processes on one port (uvicorn's supervisor); each has its own hub."""
     # The processes build their settings from the environment: hand them the handler modules.
     os.environ["JOBSTREAM_APP"] = ",".join(settings.app)
+    # ...and a directory where their metrics meet, so that any one of them answers for all.
+    own_dir = metrics.MULTIPROC_DIR_ENV not in os.environ
+    if own_dir:
+        os.environ[metrics.MULTIPROC_DIR_ENV] = tempfile.mkdtemp(prefix="jobstream-metrics-")
+    try:
+        _run_supervised(settings, host, port, workers)
+    finally:
+        if own_dir:
+            shutil.rmtree(os.environ.pop(metrics.MULTIPROC_DIR_ENV), ignore_errors=True)
+
+
+def _run_supervised(settings: Settings, host: str, port: int, workers: int) -> None:
     uvicorn.run(
         "jobstream.app:app_from_environment",
         factory=True,

@@ -77,6 +77,11 @@ class Worker:
     def __repr__(self) -> str:
         return f"Worker(name={self.name!r}, running={len(self._running)}, {self._counters})"
 
+    @property
+    def completed(self) -> int:
+        """Jobs this worker ran to `completed`."""
+        return self._counters.complete
+
     def stop(self) -> None:
         """Stop taking jobs; `run` then waits for running ones up to the shutdown grace."""
         self._stopping.set()
