@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint check clean chromium
+.PHONY: install run test lint check clean test-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,13 +22,18 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-# The browser tests drive Debian's Chromium; they fail, never skip, when it is absent.
-chromium:
-	@[ -x /usr/lib/chromium/chromium ] || command -v chromium >/dev/null 2>&1 || { \
-	  echo "installing Debian's chromium for the browser tests"; \
-	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+# Browser tests drive Debian's Chromium and the proxy test Debian's nginx; without them those
+# tests fail, never skip. Installed with apt when missing (as root, on Debian).
+test-deps:
+	@missing=""; \
+	[ -x /usr/lib/chromium/chromium ] || command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$$missing nginx-light"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing$$missing for the tests"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
+	fi
 
-test: lint chromium
+test: lint test-deps
 	$(BIN)/pytest
 
 clean:
