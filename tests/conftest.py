@@ -19,7 +19,7 @@ from httpx_sse import ServerSentEvent, connect_sse
 
 import tests.handlers  # noqa: F401  (registers the test.* job types)
 from jobstream.app import create_app
-from jobstream.connection import create_redis
+from jobstream.connection import create_client
 from jobstream.devredis import EmbeddedRedis, free_port
 from jobstream.registry import default_registry, load_modules
 from jobstream.settings import Settings
@@ -117,7 +117,7 @@ class LiveStack:
         self._server = uvicorn.Server(config)
         worker_task = None
         if self.with_worker:
-            client = create_redis(self.settings.effective_redis_url, blocking_reads=True)
+            client = create_client(self.settings, blocking_reads=True)
             self.worker = Worker(self.settings, default_registry, client, concurrency=4)
             worker_task = asyncio.create_task(self.worker.run())
         serve = asyncio.create_task(self._server.serve())

@@ -14,7 +14,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from jobstream import keys, metrics
 from jobstream.auth import Authenticator
-from jobstream.connection import create_redis
+from jobstream.connection import create_client
 from jobstream.errors import EXCEPTION_HANDLERS
 from jobstream.hub import Hub
 from jobstream.ratelimit import RATE_LIMIT_HEADERS, ConnectionLeases, CreateLimiter
@@ -48,7 +48,7 @@ def app_from_environment() -> Starlette:
 
 def build_services(settings: Settings, registry: Registry) -> Services:
     url = settings.effective_redis_url
-    client = create_redis(url)
+    client = create_client(settings)
     store = JobStore(client, settings)
     # A lease outlives several heartbeat ticks, on which open streams renew it.
     lease_s = max(settings.sse_lease_s, math.ceil(4 * settings.heartbeat_s))

@@ -18,7 +18,7 @@ import uvicorn
 
 from jobstream import __version__, metrics
 from jobstream.app import create_app, tune_gc
-from jobstream.connection import create_redis, wait_for_redis
+from jobstream.connection import create_client, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
 from jobstream.observability import log_config
 from jobstream.registry import default_registry, load_modules
@@ -167,7 +167,7 @@ def _run_supervised(settings: Settings, host: str, port: int, workers: int) -> N
 
 
 def _make_worker(settings: Settings, concurrency: int) -> Worker:
-    client = create_redis(settings.effective_redis_url, blocking_reads=True)
+    client = create_client(settings, blocking_reads=True)
     return Worker(settings, default_registry, client, concurrency=concurrency)
 
 

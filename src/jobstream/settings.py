@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     #: None means "not configured": `serve` and `worker` fall back to DEFAULT_REDIS_URL,
     #: `dev` starts an embedded Redis instead.
     redis_url: str | None = None
+    #: Redis Sentinel: "host:port,host:port" of the sentinels; they name the master to use.
+    redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    redis_master_name: str = "jobstream"
     #: "key1=alice,key2=bob": API key -> user id.
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     jwt_secret: str | None = None
@@ -67,21 +70,31 @@ class Settings(BaseSettings):
             pairs[key.strip()] = user.strip()
         return pairs
 
-    @field_validator("app", mode="before")
+    @field_validator("app", "redis_sentinels", "cors_origins", mode="before")
     @classmethod
-    def _parse_app(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("redis_sentinels")
     @classmethod
-    def _parse_origins(cls, value: object) -> object:
-        origins = [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
-        if not isinstance(origins, list):
-            return origins
+    def _check_sentinels(cls, items: list[str]) -> list[str]:
+        for item in items:
+            host, _, port = item.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected sentinels as 'host:port,host:port', got {item!r}")
+        return items
+
+    @property
+    def sentinel_addresses(self) -> list[tuple[str, int]]:
+        return [(item.rpartition(":")[0], int(item.rpartition(":")[2])) for item in self.redis_sentinels]
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
         for origin in origins:
-            if origin != "*" and not _ORIGIN.match(str(origin)):
+            if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(f"expected origins such as 'https://app.example.com' or '*', got {origin!r}")
         return origins
 

@@ -1,0 +1,128 @@
+"""Redis Sentinel: the master is killed mid-job, Sentinel promotes its replica, and the gateway,
+the worker and an open reader carry on by themselves.
+
+Replication is asynchronous: an append the old master acknowledged but had not yet sent to its
+replica is lost with it. The reader then sees every event the new master has, in order and
+once, and the job still ends; at most the events of the last moments before the crash are
+missing (README: "Redis Sentinel").
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from jobstream.demo import story_text
+from jobstream.devredis import EmbeddedRedis, free_port, redis_server_binary
+from tests.conftest import LiveStack, make_settings
+from tests.test_faults import follow_with_resume, start_story
+
+MASTER_NAME = "jobstream"
+
+
+@pytest.fixture
+def sentinel_setup(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedis, int]]:
+    master = EmbeddedRedis().start()
+    replica = EmbeddedRedis(extra_args=["--replicaof", "127.0.0.1", str(master.port)]).start()
+    port = free_port()
+    conf = tmp_path / "sentinel.conf"
+    conf.write_text(
+        f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+        f"sentinel monitor {MASTER_NAME} 127.0.0.1 {master.port} 1\n"
+        f"sentinel down-after-milliseconds {MASTER_NAME} 1000\n"
+        f"sentinel failover-timeout {MASTER_NAME} 5000\n"
+    )
+    sentinel = subprocess.Popen(
+        [str(redis_server_binary()), str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        _wait(lambda: _replicas_known(port) >= 1, "sentinel never saw the replica")
+        yield master, replica, port
+    finally:
+        sentinel.terminate()
+        sentinel.wait(timeout=10)
+        replica.stop()
+        master.stop()
+
+
+def _replicas_known(port: int) -> int:
+    try:
+        with redis.Redis(port=port, socket_timeout=1) as sentinel:
+            return len(sentinel.sentinel_slaves(MASTER_NAME))
+    except redis.RedisError:
+        return 0
+
+
+def _master_port(port: int) -> int:
+    with redis.Redis(port=port, socket_timeout=1) as sentinel:
+        return int(sentinel.sentinel_get_master_addr_by_name(MASTER_NAME)[1])
+
+
+def _wait(condition: object, message: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(message)
+
+
+def test_sentinel_whenMasterKilledMidJob_thenReplicaPromotedAndEveryoneCarriesOn(
+    sentinel_setup: tuple[EmbeddedRedis, EmbeddedRedis, int],
+) -> None:
+    master, replica, sentinel_port = sentinel_setup
+    settings = make_settings(
+        f"redis://127.0.0.1:{master.port}/0",  # used only for the rate limiter's URL scheme
+        redis_sentinels=[f"127.0.0.1:{sentinel_port}"],
+        redis_master_name=MASTER_NAME,
+        heartbeat_s=0.5,
+        retry_ms=200,
+    )
+    stack = LiveStack(settings).start()
+    try:
+        with stack.client() as http, ThreadPoolExecutor(1) as pool:
+            job = start_story(http, words=80, delay_ms=60)
+            reading = pool.submit(follow_with_resume, [stack.base_url], job, 60)
+            time.sleep(1.5)
+            assert master.process is not None
+            master.process.kill()  # no shutdown: whatever was not replicated is gone
+            _wait(lambda: _master_port(sentinel_port) == replica.port, "sentinel did not promote the replica")
+            events = reading.result(timeout=60)
+            assert http.get("/readyz").status_code == 200
+    finally:
+        stack.stop()
+    ids = [tuple(map(int, event.id.split("-"))) for event in events]
+    assert ids == sorted(set(ids)), "an event was delivered twice or out of order"
+    assert events[-1].event == "done" and events[-1].json() == {"status": "completed"}
+    words = [event.json()["text"] for event in events if event.event == "delta"]
+    story = [word for word in _words(story_text(job["id"], 80))]
+    assert _is_subsequence(words, story), "text that the story never had"
+    assert len(story) - len(words) <= 3, "more was lost than the last moments before the crash"
+
+
+def _words(text: str) -> list[str]:
+    out: list[str] = []
+    for index, word in enumerate(text.split(" ")):
+        out.append(word if index == 0 else " " + word)
+    return out
+
+
+def _is_subsequence(part: list[str], whole: list[str]) -> bool:
+    remaining = iter(whole)
+    return all(any(word == candidate for candidate in remaining) for word in part)
+
+
+def test_settings_whenSentinelsMalformed_thenStartupRefused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobstream.settings import SettingsError, load_settings
+
+    monkeypatch.setenv("JOBSTREAM_REDIS_SENTINELS", "10.0.0.1:26379, 10.0.0.2")
+    with pytest.raises(SettingsError, match="JOBSTREAM_REDIS_SENTINELS"):
+        load_settings()
+    monkeypatch.setenv("JOBSTREAM_REDIS_SENTINELS", "10.0.0.1:26379,[::1]:26380")
+    assert load_settings().sentinel_addresses == [("10.0.0.1", 26379), ("[::1]", 26380)]
