@@ -14,12 +14,15 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
+from httpx_sse import ServerSentEvent
 
 from jobstream.demo import story_text
 from jobstream.devredis import EmbeddedRedis, free_port, redis_server_binary
+from jobstream.settings import Settings
 from tests.conftest import LiveStack, make_settings
 from tests.test_faults import follow_with_resume, start_story
 
@@ -126,3 +129,39 @@ def test_settings_whenSentinelsMalformed_thenStartupRefused(monkeypatch: pytest.
         load_settings()
     monkeypatch.setenv("JOBSTREAM_REDIS_SENTINELS", "10.0.0.1:26379,[::1]:26380")
     assert load_settings().sentinel_addresses == [("10.0.0.1", 26379), ("[::1]", 26380)]
+
+
+def _short_story(settings: Settings) -> tuple[dict[str, Any], list[ServerSentEvent]]:
+    stack = LiveStack(settings).start()
+    try:
+        with stack.client() as http:
+            job = start_story(http, words=3, delay_ms=0)
+            return job, follow_with_resume([stack.base_url], job)
+    finally:
+        stack.stop()
+
+
+def _wait_calls(port: int) -> int:
+    with redis.Redis(port=port, decode_responses=True) as client:
+        return int(client.info("commandstats").get("cmdstat_wait", {}).get("calls", 0))
+
+
+def test_durableEnd_whenReplicasAsked_thenEndingWaitsForThem(
+    sentinel_setup: tuple[EmbeddedRedis, EmbeddedRedis, int],
+) -> None:
+    master, replica, sentinel_port = sentinel_setup
+    settings = make_settings(master.url, redis_sentinels=[f"127.0.0.1:{sentinel_port}"], redis_master_name=MASTER_NAME)
+    job, events = _short_story(settings.model_copy(update={"durable_end_replicas": 1}))
+    assert events[-1].json() == {"status": "completed"}
+    assert _wait_calls(master.port) >= 1  # the ending went through WAIT on the master
+    with redis.Redis(port=replica.port, decode_responses=True) as on_replica:
+        assert on_replica.hget(f"jobstream:{{{job['id']}}}:meta", "status") == "completed"
+
+
+def test_durableEnd_whenNoReplicaAnswers_thenJobStillEndsAndItIsLogged(
+    redis_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(redis_url, durable_end_replicas=1, durable_end_timeout_ms=50)
+    _, events = _short_story(settings)
+    assert events[-1].json() == {"status": "completed"}
+    assert any("of 1 replicas" in record.getMessage() for record in caplog.records)

@@ -90,11 +90,11 @@ class JobContext:
             raise ValidationFailed(f"invalid {type!r} event", errors=pydantic_errors(exc)) from None
         await self.append([OutgoingEvent(event.type, to_json(event.data))])
 
-    async def append(self, events: list[OutgoingEvent]) -> list[str]:
-        """Flush pending text, then append ``events`` in one atomic step."""
+    async def append(self, events: list[OutgoingEvent], *, replicas: int = 0) -> list[str]:
+        """Flush pending text, then append ``events`` in one atomic step (and wait for ``replicas``)."""
         self._raise_deferred()
         async with self._lock:
-            return await self._write(self._take_pending() + events)
+            return await self._write(self._take_pending() + events, replicas)
 
     async def flush(self) -> None:
         async with self._lock:
@@ -102,7 +102,7 @@ class JobContext:
             if pending:
                 await self._write(pending)
 
-    async def _write(self, events: list[OutgoingEvent]) -> list[str]:
+    async def _write(self, events: list[OutgoingEvent], replicas: int = 0) -> list[str]:
         """Append, riding out a Redis outage of up to OUTAGE_S (a restart, a failover) rather than
         failing the job; each batch carries a name, so a retry after a lost reply adds nothing twice."""
         self._batches += 1
@@ -112,7 +112,7 @@ class JobContext:
         delay_s = 0.1
         while True:
             try:
-                return await self._store.append(self.job_id, events, batch=batch)
+                return await self._store.append(self.job_id, events, batch=batch, replicas=replicas)
             except (ConnectionError, TimeoutError) as exc:
                 if loop.time() + delay_s > give_up_at:
                     raise

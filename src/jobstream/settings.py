@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     delta_flush_ms: int = Field(100, ge=0)
     delta_flush_bytes: int = Field(4096, ge=1)
     shutdown_grace_s: float = Field(10, ge=0)
+    #: Workers wait (Redis WAIT) until this many replicas have a job's final events before they
+    #: take the job off the queue: a failover right after cannot lose how the job ended.
+    durable_end_replicas: int = Field(0, ge=0)
+    durable_end_timeout_ms: int = Field(1000, ge=1)
     log_level: str = "INFO"
 
     @field_validator("api_keys", mode="before")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from jobstream import keys, scripts, sse
 from jobstream.errors import JobEnded, JobNotFound
 from jobstream.models import TERMINAL_EVENT, JobStatus, iso, to_json
 from jobstream.settings import Settings
+
+logger = logging.getLogger("jobstream.store")
 
 #: Stream entries as redis-py returns them with decode_responses=True.
 Entries = list[tuple[str, dict[str, str]]]
@@ -190,14 +193,27 @@ class JobStore:
                 pipe.exists(keys.meta_key(job_id))
             return [bool(found) for found in await pipe.execute()]
 
-    async def append(self, job_id: str, events: Sequence[OutgoingEvent], *, batch: str = "") -> list[str]:
+    async def append(
+        self, job_id: str, events: Sequence[OutgoingEvent], *, batch: str = "", replicas: int = 0
+    ) -> list[str]:
         """Append events and apply the status change they carry, atomically. Raises JobNotFound or JobEnded.
 
         ``batch`` names this batch for its producer: appending the same name twice in a row adds it
-        once (the second call returns no ids), so a producer may retry after a lost reply."""
+        once (the second call returns no ids), so a producer may retry after a lost reply.
+        ``replicas`` > 0 then waits (Redis WAIT, on the same connection) until that many replicas
+        have the write, up to the configured timeout; fewer is logged, not raised."""
         if not events:
             return []
-        reply = await self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events, batch))
+        args = self._append_args(job_id, events, batch)
+        if not replicas:
+            return _append_result(await self._append(keys=self._append_keys(job_id), args=args))
+        timeout_ms = self._settings.durable_end_timeout_ms
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._append(keys=self._append_keys(job_id), args=args, client=pipe)
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+            reply, acked = await pipe.execute()
+        if int(acked) < replicas:
+            logger.warning("job %s: write reached %s of %d replicas within %d ms", job_id, acked, replicas, timeout_ms)
         return _append_result(reply)
 
     async def append_many(self, appends: Sequence[tuple[str, Sequence[OutgoingEvent]]]) -> list[list[str]]:

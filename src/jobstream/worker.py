@@ -260,7 +260,12 @@ class Worker:
 
     async def _record(self, job_id: str, events: list[OutgoingEvent], ctx: JobContext | None = None) -> None:
         """Write a job's ending; shielded so that cancellation cannot leave it running."""
-        writer = ctx.append(events) if ctx is not None else self.store.append(job_id, events)
+        replicas = self.settings.durable_end_replicas
+        writer = (
+            ctx.append(events, replicas=replicas)
+            if ctx is not None
+            else self.store.append(job_id, events, replicas=replicas)
+        )
         try:
             await asyncio.shield(writer)
         except (JobNotFound, JobEnded):
