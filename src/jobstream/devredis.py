@@ -112,3 +112,82 @@ class EmbeddedRedis:
         if self._dir is not None and self._data_dir is None:
             shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
+
+
+CLUSTER_BUS_OFFSET = 10000
+
+
+class EmbeddedRedisCluster:
+    """A local Redis Cluster of ``masters`` masters with ``replicas`` replicas each, made of the
+    same redis-server binary on loopback ports (for tests and benchmarks)."""
+
+    def __init__(self, masters: int = 3, replicas: int = 1) -> None:
+        self._shape = (masters, replicas)
+        self.nodes: list[EmbeddedRedis] = []
+
+    @property
+    def url(self) -> str:
+        """Any one node: a cluster client discovers the others from it."""
+        return self.nodes[0].url
+
+    def start(self) -> EmbeddedRedisCluster:
+        masters, replicas = self._shape
+        cluster_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+        try:
+            for _ in range(masters * (1 + replicas)):
+                self.nodes.append(EmbeddedRedis(port=_cluster_port(), extra_args=cluster_args).start())
+            addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+            cli = redis_server_binary().with_name("redis-cli")
+            create = [str(cli), "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"]
+            subprocess.run(create, check=True, capture_output=True, timeout=START_TIMEOUT_S)
+            self._wait_ok()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ok(self) -> None:
+        """Until every node reports the cluster ok and knows every replica as one."""
+        masters, replicas = self._shape
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if all(_cluster_view(node.port) == ("ok", masters * replicas) for node in self.nodes):
+                return
+            time.sleep(0.1)
+        raise EmbeddedRedisUnavailable("the embedded Redis Cluster did not reach cluster_state:ok")
+
+    def __enter__(self) -> EmbeddedRedisCluster:
+        return self if self.nodes else self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        self.nodes = []
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free and valid too."""
+    for _ in range(100):
+        port = free_port()
+        if port + CLUSTER_BUS_OFFSET < 65536:
+            with contextlib.suppress(OSError), socket.socket() as probe:
+                probe.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+                return port
+    raise EmbeddedRedisUnavailable("no free port pair for a cluster node")
+
+
+def _cluster_view(port: int) -> tuple[str, int]:
+    """(cluster_state, number of replicas) as one node sees them."""
+    state, replicas = "unknown", -1
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+        s.sendall(b"CLUSTER INFO\r\n")
+        for line in s.recv(4096).decode(errors="replace").splitlines():
+            if line.startswith("cluster_state:"):
+                state = line.split(":", 1)[1].strip()
+        s.sendall(b"CLUSTER NODES\r\n")
+        nodes = s.recv(65536).decode(errors="replace")
+        replicas = sum(1 for line in nodes.splitlines() if len(line.split()) > 2 and "slave" in line.split()[2])
+    return state, replicas
