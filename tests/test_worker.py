@@ -168,7 +168,8 @@ def test_reclaim_whenWorkerKilled_thenRetriedOrFailedWorkerLost(
 def test_cancel_whenManyRunning_thenEveryOneEndsCancelled(client: httpx.Client) -> None:
     """Regression: a cancellation that landed inside a redis-py call could be swallowed there, and
     the handler ran on to `completed`; the worker now repeats the cancel until the handler stops."""
-    jobs = [create_job(client, "test.slow", input={"steps": 400, "step_ms": 1}) for _ in range(4)]
+    # Long enough (4,000 steps) that none can finish on its own before its cancel lands.
+    jobs = [create_job(client, "test.slow", input={"steps": 4000, "step_ms": 1}) for _ in range(4)]
     deadline = time.monotonic() + 10
     for job in jobs:
         while client.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()["status"] != "running":
