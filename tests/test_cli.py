@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Any
 
 import httpx
 
@@ -42,6 +43,19 @@ def wait_ready(http: httpx.Client, timeout_s: float = 20) -> None:
             pass
         time.sleep(0.05)
     raise AssertionError("the gateway never became ready")
+
+
+def jobstream(*args: str, env: dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
+    """`python -m jobstream <args>` as a real process."""
+    return subprocess.Popen([sys.executable, "-m", "jobstream", *args], env=env, **popen)
+
+
+def kill_all(*processes: subprocess.Popen[bytes] | None) -> None:
+    """Test cleanup: kill whatever is still running (a passing test has already stopped them)."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -117,8 +131,8 @@ def test_serve_whenSettingInvalid_thenOneClearLineNoTraceback() -> None:
 def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(redis_url: str) -> None:
     port = free_port()
     env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_API_KEYS="k-serve=alice", JOBSTREAM_TOKEN_SECRET="s" * 32)
-    gateway = subprocess.Popen([sys.executable, "-m", "jobstream", "serve", "--port", str(port)], env=env)
-    worker = subprocess.Popen([sys.executable, "-m", "jobstream", "worker", "--concurrency", "2"], env=env)
+    gateway = jobstream("serve", "--port", str(port), env=env)
+    worker = jobstream("worker", "--concurrency", "2", env=env)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
             wait_ready(http)
@@ -135,10 +149,7 @@ def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(red
         assert gateway.wait(timeout=20) == 0
         assert worker.wait(timeout=20) == 0
     finally:
-        for process in (gateway, worker):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        kill_all(gateway, worker)
 
 
 def scrape(port: int, series: str) -> float:
@@ -158,9 +169,7 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
         JOBSTREAM_TOKEN_SECRET="s" * 32,
         JOBSTREAM_MAX_SSE_PER_USER="50",
     )
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "jobstream", "serve", "--port", str(port), "--workers", "2"], env=env
-    )
+    gateway = jobstream("serve", "--port", str(port), "--workers", "2", env=env)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
             wait_ready(http)
@@ -193,9 +202,7 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(timeout=20) == 0
     finally:
-        if gateway.poll() is None:
-            gateway.kill()
-            gateway.wait()
+        kill_all(gateway)
 
 
 def test_serve_whenTokensInRequests_thenNeverInItsLogs(redis_url: str) -> None:
@@ -206,12 +213,7 @@ def test_serve_whenTokensInRequests_thenNeverInItsLogs(redis_url: str) -> None:
         JOBSTREAM_TOKEN_SECRET="s" * 32,
         JOBSTREAM_LOG_LEVEL="INFO",
     )
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "jobstream", "serve", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
+    gateway = jobstream("serve", "--port", str(port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
             wait_ready(http)
@@ -223,9 +225,7 @@ def test_serve_whenTokensInRequests_thenNeverInItsLogs(redis_url: str) -> None:
         gateway.send_signal(signal.SIGTERM)
         output, _ = gateway.communicate(timeout=20)
     finally:
-        if gateway.poll() is None:
-            gateway.kill()
-            gateway.wait()
+        kill_all(gateway)
     logs = output.decode(errors="replace")
     assert "/poll?token=REDACTED" in logs  # the access log is on, and redacted
     for secret in (token, token.split(".")[2], "k-secret-api-key", "wrong-key-xyz"):

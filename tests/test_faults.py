@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,7 +27,7 @@ from jobstream.demo import story_text
 from jobstream.devredis import EmbeddedRedis, free_port
 from jobstream.store import JobRecord, JobStore, OutgoingEvent
 from tests.conftest import ALICE, LiveStack, create_job, make_settings, read_sse
-from tests.test_cli import _clean_env, wait_ready
+from tests.test_cli import _clean_env, jobstream, kill_all, scrape, wait_ready
 from tests.test_create import assert_problem
 
 AOF = ["--appendonly", "yes", "--appendfsync", "everysec"]
@@ -151,7 +150,7 @@ def _gateway(redis_url: str, port: int, **env: str) -> subprocess.Popen[bytes]:
         JOBSTREAM_RETRY_MS="200",
         **env,
     )
-    return subprocess.Popen([sys.executable, "-m", "jobstream", "serve", "--port", str(port)], env=environment)
+    return jobstream("serve", "--port", str(port), env=environment)
 
 
 @pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "terminated"])
@@ -163,7 +162,7 @@ def test_gatewayStopped_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFree
     gateways = [_gateway(redis_url, port, JOBSTREAM_SSE_LEASE_S="5") for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
     worker_env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_TOKEN_SECRET="s" * 32)
-    worker = subprocess.Popen([sys.executable, "-m", "jobstream", "worker"], env=worker_env)
+    worker = jobstream("worker", env=worker_env)
     try:
         for url in urls:
             with httpx.Client(base_url=url, timeout=10) as http:
@@ -186,14 +185,7 @@ def test_gatewayStopped_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFree
             assert time.monotonic() < deadline, "the stopped gateway's connection slot was never freed"
             time.sleep(0.2)
     finally:
-        for process in [*gateways, worker]:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+        kill_all(*gateways, worker)
 
 
 def test_slowReader_whenItStopsReading_thenOnlyItIsDroppedAndItResumesWithoutGap(
@@ -204,7 +196,7 @@ def test_slowReader_whenItStopsReading_thenOnlyItIsDroppedAndItResumesWithoutGap
         job = create_job(http)
         slow = _stalled_reader(stack.port, job)
         fast = pool.submit(follow_with_resume, [stack.base_url], job)
-        _wait_for_readers(http, 2)
+        _wait_for_readers(stack.port, 2)
         # 6 MiB of events: far past the slow reader's buffer bound (1 MiB) and its socket buffers.
         pad = "x" * 8000
         for batch in range(128):
@@ -238,15 +230,12 @@ def _stalled_reader(port: int, job: dict[str, Any]) -> socket.socket:
     return sock
 
 
-def _wait_for_readers(http: httpx.Client, count: int, timeout_s: float = 10) -> None:
+def _wait_for_readers(port: int, count: int, timeout_s: float = 10) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        metrics = http.get("/metrics").text
-        line = next(line for line in metrics.splitlines() if line.startswith("jobstream_sse_connections "))
-        if float(line.split()[1]) >= count:
-            return
+    while scrape(port, "jobstream_sse_connections") < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"fewer than {count} open event streams after {timeout_s}s")
         time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} open event streams after {timeout_s}s")
 
 
 def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
@@ -272,8 +261,7 @@ def test_workerTerminated_whenJobOutlastsGrace_thenHandedBackAndFinishedByAnothe
     stack = make_stack(with_worker=False)
     # Leases of 30 s: only a hand-back, not a lapsed lease, lets the next worker take the job at once.
     env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_SHUTDOWN_GRACE_S="1", JOBSTREAM_WORKER_LEASE_S="30")
-    command = [sys.executable, "-m", "jobstream", "worker"]
-    first = subprocess.Popen(command, env=env)
+    first = jobstream("worker", env=env)
     second: subprocess.Popen[bytes] | None = None
     try:
         with stack.client() as http, ThreadPoolExecutor(2) as pool:
@@ -291,7 +279,7 @@ def test_workerTerminated_whenJobOutlastsGrace_thenHandedBackAndFinishedByAnothe
             short_events = short_reading.result(timeout=10)
             assert_story_intact(short_events, short_job["id"], 5)
 
-            second = subprocess.Popen(command, env=env)
+            second = jobstream("worker", env=env)
             events = reading.result(timeout=30)
             assert time.monotonic() - stopped_at < 20, "the handed-back job waited for its lease to lapse"
         assert any(e.event == "log" and "retrying" in e.json()["message"] for e in events)
@@ -300,7 +288,4 @@ def test_workerTerminated_whenJobOutlastsGrace_thenHandedBackAndFinishedByAnothe
         assert text.endswith(whole) and whole.startswith(text[: len(text) - len(whole)])
         assert events[-1].json() == {"status": "completed"}
     finally:
-        for process in (first, second):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+        kill_all(first, second)
