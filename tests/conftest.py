@@ -1,9 +1,13 @@
 """Fixtures: one real redis-server per session (flushed per test), and live gateways + workers
-served by uvicorn on loopback ports, each in a thread with its own event loop."""
+served by uvicorn on loopback ports, each in a thread with its own event loop.
+
+Modules marked ``on_cluster`` run every test twice: on the single redis-server and on a local
+Redis Cluster of 3 masters and 3 replicas (started once, when the first such test runs)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -16,11 +20,12 @@ import pytest
 import redis
 import uvicorn
 from httpx_sse import ServerSentEvent, connect_sse
+from redis.cluster import RedisCluster
 
 import tests.handlers  # noqa: F401  (registers the test.* job types)
 from jobstream.app import create_app
 from jobstream.connection import create_client
-from jobstream.devredis import EmbeddedRedis, free_port
+from jobstream.devredis import EmbeddedRedis, EmbeddedRedisCluster, free_port
 from jobstream.registry import default_registry, load_modules
 from jobstream.settings import Settings
 from jobstream.worker import Worker
@@ -37,6 +42,12 @@ BOB = {"Authorization": "Bearer key-bob"}
 JWT_SECRET = "jwt-secret-for-tests-0123456789abcdef"
 TOKEN_SECRET = "token-secret-for-tests-0123456789abcdef"
 
+#: What the ``rdb`` fixture gives: a client of the one server, or of the cluster.
+SyncRedis = redis.Redis | RedisCluster
+
+#: URLs of the Redis Clusters this session started: settings made for them turn cluster mode on.
+CLUSTER_URLS: set[str] = set()
+
 
 def make_settings(redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
@@ -47,9 +58,22 @@ def make_settings(redis_url: str, **overrides: Any) -> Settings:
         "create_rate": "1000/minute",
         "delta_flush_ms": 20,
         "shutdown_grace_s": 1,
+        "redis_cluster": redis_url in CLUSTER_URLS,
     }
     values.update(overrides)
     return Settings(**values)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker("on_cluster"):
+        # Session scope: pytest groups the tests by backend, so the cluster starts once.
+        metafunc.parametrize("redis_backend", ["single", "cluster"], scope="session")
+
+
+@pytest.fixture(scope="session")
+def redis_backend() -> str:
+    """Which Redis a test runs on; modules marked ``on_cluster`` are parametrized over both."""
+    return "single"
 
 
 @pytest.fixture(scope="session")
@@ -60,19 +84,51 @@ def redis_server() -> Iterator[EmbeddedRedis]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[EmbeddedRedisCluster]:
+    load_modules([])
+    with EmbeddedRedisCluster(masters=3, replicas=1) as cluster:
+        CLUSTER_URLS.add(cluster.url)
+        yield cluster
+        CLUSTER_URLS.discard(cluster.url)
+
+
 @pytest.fixture
-def redis_url(redis_server: EmbeddedRedis) -> str:
-    with redis.Redis.from_url(redis_server.url) as client:
+def redis_url(request: pytest.FixtureRequest, redis_backend: str) -> str:
+    if redis_backend == "cluster":
+        cluster: EmbeddedRedisCluster = request.getfixturevalue("redis_cluster")
+        for node in cluster.nodes:
+            with redis.Redis.from_url(node.url) as client, contextlib.suppress(redis.ReadOnlyError):
+                client.flushall()  # replicas refuse it and follow their masters
+        return cluster.url
+    server: EmbeddedRedis = request.getfixturevalue("redis_server")
+    with redis.Redis.from_url(server.url) as client:
         client.flushall()
-    return redis_server.url
+    return server.url
 
 
 @pytest.fixture
-def rdb(redis_url: str) -> Iterator[redis.Redis]:
+def rdb(redis_url: str) -> Iterator[SyncRedis]:
     """A plain synchronous client, for looking at what the gateway stored."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    client: SyncRedis
+    if redis_url in CLUSTER_URLS:
+        client = RedisCluster.from_url(redis_url, decode_responses=True)
+    else:
+        client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+def server_nodes(rdb: SyncRedis) -> list[redis.Redis]:
+    """Every server behind ``rdb``: itself, or each node of a cluster (where server-wide commands
+    such as INFO or PUBSUB CHANNELS would otherwise ask one node only)."""
+    if isinstance(rdb, RedisCluster):
+        return [node.redis_connection for node in rdb.get_nodes() if node.redis_connection is not None]
+    return [rdb]
+
+
+def subscribed_channels(rdb: SyncRedis, pattern: str) -> list[str]:
+    return sorted(channel for node in server_nodes(rdb) for channel in node.pubsub_channels(pattern))
 
 
 @dataclass

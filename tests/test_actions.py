@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 import httpx
+import pytest
 import redis
 from starlette.routing import Mount, Route
 
@@ -13,6 +14,8 @@ from jobstream import keys
 from jobstream.routes import build_routes
 from tests.conftest import ALICE, BOB, LiveStack, append, create_job, make_settings, read_sse
 from tests.test_create import assert_problem
+
+pytestmark = pytest.mark.on_cluster
 
 
 def test_append_whenSingleOrList_thenIdsInOrderAndStatusMoves(client: httpx.Client, rdb: redis.Redis) -> None:

@@ -7,10 +7,13 @@ from collections.abc import Callable
 
 import httpx
 import jwt
+import pytest
 import redis
 
 from jobstream import keys
 from tests.conftest import ALICE, BOB, JWT_SECRET, LiveStack, create_job
+
+pytestmark = pytest.mark.on_cluster
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
@@ -117,7 +120,7 @@ def test_create_whenIdempotencyKeyRepeated_thenSameJob(client: httpx.Client, rdb
     again = client.post("/v1/jobs", json={"type": "external", "input": {"a": 1}}, headers=headers)
     assert first.status_code == 201 and again.status_code == 200
     assert again.json() == first.json()
-    assert len(rdb.keys(keys.meta_key("*"))) == 1
+    assert len(list(rdb.scan_iter(match=keys.meta_key("*")))) == 1
     other_body = client.post("/v1/jobs", json={"type": "external", "input": {"a": 2}}, headers=headers)
     assert_problem(other_body, 422)
     bob = client.post(

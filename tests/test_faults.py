@@ -10,8 +10,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,26 @@ def start_story(http: httpx.Client, *, words: int, delay_ms: int) -> dict[str, A
     return created
 
 
+def wait_until(condition: Callable[[], bool], message: str, timeout_s: float = 20) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(0.1)
+
+
+@contextmanager
+def story_being_read(
+    http: httpx.Client, urls: list[str], *, words: int, delay_ms: int, started: int
+) -> Iterator[tuple[dict[str, Any], Future[list[ServerSentEvent]]]]:
+    """A story job, followed in a thread by a reader that resumes across breaks (``urls`` in
+    turn); yields once ``started`` events exist. The future's result is everything it read."""
+    with ThreadPoolExecutor(1) as pool:
+        job = start_story(http, words=words, delay_ms=delay_ms)
+        reading = pool.submit(follow_with_resume, urls, job, 60)
+        wait_for_events(http, job, started)
+        yield job, reading
+
+
 def assert_story_intact(events: list[ServerSentEvent], job_id: str, words: int) -> None:
     ids = [parse_id(event.id) for event in events]
     assert ids == sorted(set(ids)), "an event was delivered twice or out of order"
@@ -75,6 +96,28 @@ def assert_story_intact(events: list[ServerSentEvent], job_id: str, words: int) 
     assert text == story_text(job_id, words), "a word was lost or repeated"
     assert events[0].event == "status" and events[-1].event == "done"
     assert events[-1].json() == {"status": "completed"}
+
+
+def assert_story_survived_failover(events: list[ServerSentEvent], job_id: str, words: int) -> None:
+    """After a replica took over from a killed master: events in order and once, the job ended,
+    and nothing missing but what the old master had not yet replicated (the last moments)."""
+    ids = [parse_id(event.id) for event in events]
+    assert ids == sorted(set(ids)), "an event was delivered twice or out of order"
+    assert events[-1].event == "done" and events[-1].json() == {"status": "completed"}
+    got = [event.json()["text"] for event in events if event.event == "delta"]
+    story = _words(story_text(job_id, words))
+    assert _is_subsequence(got, story), "text that the story never had"
+    assert len(story) - len(got) <= 3, "more was lost than the last moments before the crash"
+
+
+def _words(text: str) -> list[str]:
+    """A story as its deltas carry it: each word after the first with its leading space."""
+    return [word if index == 0 else " " + word for index, word in enumerate(text.split(" "))]
+
+
+def _is_subsequence(part: list[str], whole: list[str]) -> bool:
+    remaining = iter(whole)
+    return all(any(word == candidate for candidate in remaining) for word in part)
 
 
 def test_append_whenSameBatchRetried_thenAddedOnce(redis_url: str) -> None:
@@ -104,11 +147,10 @@ def test_redisRestart_whenAof_thenJobSurvivesEveryoneReconnectsAndReaderMissesNo
     second: EmbeddedRedis | None = None
     stack = LiveStack(make_settings(first.url, heartbeat_s=0.5, retry_ms=200)).start()
     try:
-        with stack.client() as http, ThreadPoolExecutor(1) as pool:
-            job = start_story(http, words=80, delay_ms=50)
-            reading = pool.submit(follow_with_resume, [stack.base_url], job)
-            _wait_for_events(http, job, 10)
-
+        with (
+            stack.client() as http,
+            story_being_read(http, [stack.base_url], words=80, delay_ms=50, started=10) as (job, reading),
+        ):
             first.stop()  # SIGTERM: Redis writes its append-only file and exits
             outage_started = time.monotonic()
             assert_problem(http.get("/readyz"), 503)
@@ -131,7 +173,7 @@ def test_redisRestart_whenAof_thenJobSurvivesEveryoneReconnectsAndReaderMissesNo
                 server.stop()
 
 
-def _wait_for_events(http: httpx.Client, job: dict[str, Any], count: int, timeout_s: float = 15) -> None:
+def wait_for_events(http: httpx.Client, job: dict[str, Any], count: int, timeout_s: float = 15) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         body = http.get(job["links"]["poll"], params={"token": job["token"], "limit": count}).json()
@@ -167,10 +209,11 @@ def test_gatewayStopped_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFree
         for url in urls:
             with httpx.Client(base_url=url, timeout=10) as http:
                 wait_ready(http)
-        with httpx.Client(base_url=urls[0], timeout=10) as http, ThreadPoolExecutor(1) as pool:
-            job = start_story(http, words=80, delay_ms=50)
-            reading = pool.submit(follow_with_resume, urls, job)  # first to gateway 0, then gateway 1
-            _wait_for_events(http, job, 10)
+        with (
+            httpx.Client(base_url=urls[0], timeout=10) as http,
+            # The reader goes first to gateway 0, then to gateway 1.
+            story_being_read(http, urls, words=80, delay_ms=50, started=10) as (job, reading),
+        ):
             stopped_at = time.monotonic()
             gateways[0].send_signal(stop)
             exit_code = gateways[0].wait(timeout=15)
@@ -267,10 +310,10 @@ def test_workerTerminated_whenJobOutlastsGrace_thenHandedBackAndFinishedByAnothe
         with stack.client() as http, ThreadPoolExecutor(2) as pool:
             long_job = start_story(http, words=60, delay_ms=100)
             reading = pool.submit(follow_with_resume, [stack.base_url], long_job)
-            _wait_for_events(http, long_job, 5)
+            wait_for_events(http, long_job, 5)
             short_job = start_story(http, words=5, delay_ms=50)
             short_reading = pool.submit(follow_with_resume, [stack.base_url], short_job)
-            _wait_for_events(http, short_job, 1)
+            wait_for_events(http, short_job, 1)
             stopped_at = time.monotonic()
             first.send_signal(signal.SIGTERM)
             assert first.wait(timeout=10) == 0

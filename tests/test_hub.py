@@ -14,19 +14,21 @@ from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 import pytest
-import redis
 
 from jobstream import keys
-from jobstream.connection import MAX_CONNECTIONS, create_redis
+from jobstream.connection import MAX_CONNECTIONS, create_client
 from jobstream.hub import Hub, JobGone, SubscriberOverflow
 from jobstream.store import JobRecord, JobStore, OutgoingEvent, StoredEvent
-from tests.conftest import make_settings
+from tests.conftest import SyncRedis, make_settings, server_nodes, subscribed_channels
+
+pytestmark = pytest.mark.on_cluster
 
 
 @asynccontextmanager
 async def hub_and_store(redis_url: str, **hub_options: Any) -> AsyncIterator[tuple[Hub, JobStore]]:
-    client = create_redis(redis_url)
-    store = JobStore(client, make_settings(redis_url))
+    settings = make_settings(redis_url)
+    client = create_client(settings)
+    store = JobStore(client, settings)
     hub = Hub(client, store, **hub_options)
     await hub.start()
     try:
@@ -97,18 +99,25 @@ def test_join_whenAppendsRunConcurrently_thenEverySubscriberGetsExactSequence(re
     run(scenario)
 
 
-def _command_calls(rdb: redis.Redis, name: str) -> int:
-    stats = rdb.info("commandstats").get(f"cmdstat_{name}")
-    return int(stats["calls"]) if stats else 0
+def _command_calls(rdb: SyncRedis, name: str) -> int:
+    calls = 0
+    for node in server_nodes(rdb):
+        stats = node.info("commandstats").get(f"cmdstat_{name}")
+        calls += int(stats["calls"]) if stats else 0
+    return calls
 
 
-def test_fanout_whenManyReaders_thenRedisWorkPerBatchIsConstant(redis_url: str, rdb: redis.Redis) -> None:
+def _client_count(rdb: SyncRedis) -> int:
+    return sum(len(node.client_list()) for node in server_nodes(rdb))
+
+
+def test_fanout_whenManyReaders_thenRedisWorkPerBatchIsConstant(redis_url: str, rdb: SyncRedis) -> None:
     readers = 300
 
     async def scenario() -> None:
         async with hub_and_store(redis_url) as (hub, store):
             job_id = await new_job(store)
-            clients_before = len(rdb.client_list())
+            clients_before = _client_count(rdb)
             got: list[list[StoredEvent]] = [[] for _ in range(readers)]
 
             async def reader(slot: int) -> None:
@@ -122,7 +131,7 @@ def test_fanout_whenManyReaders_thenRedisWorkPerBatchIsConstant(redis_url: str, 
             await asyncio.gather(*tasks)
             reads_after = _command_calls(rdb, "xrange") + _command_calls(rdb, "xread")
             assert reads_after == reads_before, "live events must not cost a Redis read per reader"
-            opened = len(rdb.client_list()) - clients_before
+            opened = _client_count(rdb) - clients_before
             assert opened <= MAX_CONNECTIONS + 1, f"{opened} Redis connections for {readers} readers"
             assert all([e.id for e in g] == [e.id for e in got[0]] for g in got)
             # Each event is encoded once per process: every reader got the same object.
@@ -158,7 +167,7 @@ def test_slowSubscriber_whenBufferExceeded_thenOnlyItIsDropped(redis_url: str) -
     run(scenario)
 
 
-def test_unsubscribe_whenTenThousandCycles_thenNothingLeftBehind(redis_url: str, rdb: redis.Redis) -> None:
+def test_unsubscribe_whenTenThousandCycles_thenNothingLeftBehind(redis_url: str, rdb: SyncRedis) -> None:
     async def scenario() -> None:
         async with hub_and_store(redis_url) as (hub, store):
             jobs = [await new_job(store) for _ in range(20)]
@@ -190,13 +199,13 @@ def test_unsubscribe_whenTenThousandCycles_thenNothingLeftBehind(redis_url: str,
             grown = sum(stat.size_diff for stat in after.compare_to(before, "filename"))
             assert hub.channel_count == 0
             assert len(asyncio.all_tasks()) <= tasks_before
-            assert rdb.pubsub_channels(keys.live_channel("*")) == []
+            assert subscribed_channels(rdb, keys.live_channel("*")) == []
             assert grown < 512 * 1024, f"{grown} bytes retained after 10,000 cycles"
 
     run(scenario, timeout_s=120)
 
 
-def test_lostConnection_whenPubsubKilled_thenReadersResumeWithoutGap(redis_url: str, rdb: redis.Redis) -> None:
+def test_lostConnection_whenPubsubKilled_thenReadersResumeWithoutGap(redis_url: str, rdb: SyncRedis) -> None:
     async def scenario() -> None:
         async with hub_and_store(redis_url) as (hub, store):
             job_id = await new_job(store)
@@ -209,7 +218,7 @@ def test_lostConnection_whenPubsubKilled_thenReadersResumeWithoutGap(redis_url: 
             for index in range(100):
                 await store.append(job_id, [delta(str(index))])
                 if index == 30:
-                    assert rdb.client_kill_filter(_type="pubsub") == 1
+                    assert sum(node.client_kill_filter(_type="pubsub") for node in server_nodes(rdb)) == 1
                 await asyncio.sleep(0.005)
             await asyncio.wait_for(task, 15)
             ids = [event.id for event in await store.read(job_id, "0-0", 1000)]
@@ -265,8 +274,9 @@ def test_join_whenManyNewChannelsAtOnce_thenEveryOneIsLive(redis_url: str) -> No
         async with hub_and_store(redis_url) as (_, store):
             jobs = [await new_job(store) for _ in range(30)]
             # A hub on a client that has not connected yet: its first subscribes all open connections.
-            fresh = create_redis(redis_url)
-            hub = Hub(fresh, JobStore(fresh, make_settings(redis_url)))
+            settings = make_settings(redis_url)
+            fresh = create_client(settings)
+            hub = Hub(fresh, JobStore(fresh, settings))
             await hub.start()
             try:
                 followers = [asyncio.create_task(collect(hub, job_id, "0-0", 2)) for job_id in jobs]

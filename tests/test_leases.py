@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 
-from jobstream.connection import create_redis
+import pytest
+
+from jobstream.connection import create_client
 from jobstream.ratelimit import ConnectionLeases
+from tests.conftest import make_settings
+
+pytestmark = pytest.mark.on_cluster
 
 
 def test_leases_whenGatewayDiesWithoutRelease_thenSlotsReturnAfterLease(redis_url: str) -> None:
     async def scenario() -> None:
-        client = create_redis(redis_url)
+        client = create_client(make_settings(redis_url))
         try:
             one = ConnectionLeases(client, limit=2, lease_s=2)
             other_gateway = ConnectionLeases(client, limit=2, lease_s=2)

@@ -12,8 +12,10 @@ import pytest
 import redis
 
 from jobstream import keys
-from tests.conftest import ALICE, BOB, LiveStack, append, create_job, poll_all, read_sse
+from tests.conftest import ALICE, BOB, LiveStack, append, create_job, poll_all, read_sse, subscribed_channels
 from tests.test_create import assert_problem
+
+pytestmark = pytest.mark.on_cluster
 
 STORY = [
     {"type": "delta", "data": {"text": "Hello"}},
@@ -340,12 +342,12 @@ def test_sse_whenManyReadersComeAndGo_thenNoLeaseOrSubscriptionLeftBehind(
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             leases = rdb.zcard(keys.sse_leases_key("alice"))
-            channels = rdb.pubsub_channels(keys.live_channel("*"))
+            channels = subscribed_channels(rdb, keys.live_channel("*"))
             if leases == 0 and channels == []:
                 break
             time.sleep(0.05)
         assert rdb.zcard(keys.sse_leases_key("alice")) == 0
-        assert rdb.pubsub_channels(keys.live_channel("*")) == []
+        assert subscribed_channels(rdb, keys.live_channel("*")) == []
         assert open_streams(http) == streams_before
 
 

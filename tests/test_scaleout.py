@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import pytest
 import redis
 from httpx_sse import connect_sse
 
@@ -13,6 +14,8 @@ from jobstream import keys
 from jobstream.demo import story_text
 from tests.conftest import ALICE, LiveStack, create_job
 from tests.test_faults import start_story
+
+pytestmark = pytest.mark.on_cluster
 
 
 def test_reader_whenSwitchingGatewaysMidStream_thenExactSequence(

@@ -10,9 +10,7 @@ missing (README: "Redis Sentinel").
 from __future__ import annotations
 
 import subprocess
-import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +18,16 @@ import pytest
 import redis
 from httpx_sse import ServerSentEvent
 
-from jobstream.demo import story_text
 from jobstream.devredis import EmbeddedRedis, free_port, redis_server_binary
 from jobstream.settings import Settings
 from tests.conftest import LiveStack, make_settings
-from tests.test_faults import follow_with_resume, start_story
+from tests.test_faults import (
+    assert_story_survived_failover,
+    follow_with_resume,
+    start_story,
+    story_being_read,
+    wait_until,
+)
 
 MASTER_NAME = "jobstream"
 
@@ -45,7 +48,7 @@ def sentinel_setup(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedi
         [str(redis_server_binary()), str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        _wait(lambda: _replicas_known(port) >= 1, "sentinel never saw the replica")
+        wait_until(lambda: _replicas_known(port) >= 1, "sentinel never saw the replica")
         yield master, replica, port
     finally:
         sentinel.terminate()
@@ -67,15 +70,6 @@ def _master_port(port: int) -> int:
         return int(sentinel.sentinel_get_master_addr_by_name(MASTER_NAME)[1])
 
 
-def _wait(condition: object, message: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if callable(condition) and condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(message)
-
-
 def test_sentinel_whenMasterKilledMidJob_thenReplicaPromotedAndEveryoneCarriesOn(
     sentinel_setup: tuple[EmbeddedRedis, EmbeddedRedis, int],
 ) -> None:
@@ -89,36 +83,18 @@ def test_sentinel_whenMasterKilledMidJob_thenReplicaPromotedAndEveryoneCarriesOn
     )
     stack = LiveStack(settings).start()
     try:
-        with stack.client() as http, ThreadPoolExecutor(1) as pool:
-            job = start_story(http, words=80, delay_ms=60)
-            reading = pool.submit(follow_with_resume, [stack.base_url], job, 60)
-            time.sleep(1.5)
+        with (
+            stack.client() as http,
+            story_being_read(http, [stack.base_url], words=80, delay_ms=60, started=10) as (job, reading),
+        ):
             assert master.process is not None
             master.process.kill()  # no shutdown: whatever was not replicated is gone
-            _wait(lambda: _master_port(sentinel_port) == replica.port, "sentinel did not promote the replica")
+            wait_until(lambda: _master_port(sentinel_port) == replica.port, "sentinel did not promote the replica")
             events = reading.result(timeout=60)
             assert http.get("/readyz").status_code == 200
     finally:
         stack.stop()
-    ids = [tuple(map(int, event.id.split("-"))) for event in events]
-    assert ids == sorted(set(ids)), "an event was delivered twice or out of order"
-    assert events[-1].event == "done" and events[-1].json() == {"status": "completed"}
-    words = [event.json()["text"] for event in events if event.event == "delta"]
-    story = [word for word in _words(story_text(job["id"], 80))]
-    assert _is_subsequence(words, story), "text that the story never had"
-    assert len(story) - len(words) <= 3, "more was lost than the last moments before the crash"
-
-
-def _words(text: str) -> list[str]:
-    out: list[str] = []
-    for index, word in enumerate(text.split(" ")):
-        out.append(word if index == 0 else " " + word)
-    return out
-
-
-def _is_subsequence(part: list[str], whole: list[str]) -> bool:
-    remaining = iter(whole)
-    return all(any(word == candidate for candidate in remaining) for word in part)
+    assert_story_survived_failover(events, job["id"], 80)
 
 
 def test_settings_whenSentinelsMalformed_thenStartupRefused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -15,7 +15,9 @@ import pytest
 import redis
 
 from jobstream import keys
-from tests.conftest import ALICE, LiveStack, create_job, read_sse
+from tests.conftest import ALICE, CLUSTER_URLS, LiveStack, create_job, read_sse
+
+pytestmark = pytest.mark.on_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -111,6 +113,7 @@ def worker_process(redis_url: str) -> Iterator[Callable[..., subprocess.Popen[by
             **os.environ,
             "PYTHONPATH": str(ROOT),
             "JOBSTREAM_REDIS_URL": redis_url,
+            "JOBSTREAM_REDIS_CLUSTER": str(redis_url in CLUSTER_URLS),
             "JOBSTREAM_APP": "tests.handlers",
             **env,
         }

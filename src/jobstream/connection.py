@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import ConnectionError, TimeoutError
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import (
+    ClusterError,
+    ConnectionError,
+    SlotNotCoveredError,
+    TimeoutError,
+    TryAgainError,
+)
 
 from jobstream.settings import Settings
 
@@ -24,13 +34,98 @@ MAX_BLOCK_MS = 5000
 #: one at a time, so more connections add no throughput.
 MAX_CONNECTIONS = 16
 
+#: A gateway's or worker's client: one Redis (direct or through Sentinel) or a Redis Cluster.
+RedisClient: TypeAlias = aioredis.Redis | RedisCluster
 
-def create_client(settings: Settings, *, blocking_reads: bool = False) -> aioredis.Redis:
-    """The client a gateway or worker uses: through Redis Sentinel when sentinels are configured
+#: Errors that mean Redis cannot answer for now: down, failing over, a cluster with a slot
+#: uncovered (CLUSTERDOWN), or a slot mid-migration (TRYAGAIN, or redis-py's "TTL exhausted" when
+#: its async cluster client sends ASKING on another pooled connection than the redirected command).
+#: Producers retry them; requests answer 503 with Retry-After.
+UNAVAILABLE: tuple[type[Exception], ...] = (
+    ConnectionError,
+    TimeoutError,
+    ClusterError,
+    TryAgainError,
+    SlotNotCoveredError,
+)
+
+
+def create_client(settings: Settings, *, blocking_reads: bool = False) -> RedisClient:
+    """The client a gateway or worker uses: a cluster client when JOBSTREAM_REDIS_CLUSTER is set
+    (JOBSTREAM_REDIS_URL names any one node), through Redis Sentinel when sentinels are configured
     (it follows the master across failovers), else straight to JOBSTREAM_REDIS_URL."""
+    if settings.redis_cluster:
+        return _cluster_client(settings.effective_redis_url, blocking_reads=blocking_reads)
     if settings.redis_sentinels:
         return _sentinel_client(settings, blocking_reads=blocking_reads)
     return create_redis(settings.effective_redis_url, blocking_reads=blocking_reads)
+
+
+def _socket_timeout(blocking_reads: bool) -> float:
+    return MAX_BLOCK_MS / 1000 + COMMAND_TIMEOUT_S if blocking_reads else COMMAND_TIMEOUT_S
+
+
+class BoundedRedisCluster(RedisCluster):
+    """redis-py's cluster client fails a command at once when a node's pool is full; this one
+    waits for a free turn instead, like the single-Redis pool, so a burst of readers queues
+    rather than getting 503s."""
+
+    def __init__(self, *args: Any, concurrency: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(concurrency)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._turns:
+            return await super().execute_command(*args, **kwargs)
+
+
+def _cluster_client(url: str, *, blocking_reads: bool) -> RedisCluster:
+    return BoundedRedisCluster.from_url(
+        url,
+        concurrency=MAX_CONNECTIONS,
+        # Above `concurrency`: pipelines take connections outside the turns.
+        max_connections=4 * MAX_CONNECTIONS,
+        socket_timeout=_socket_timeout(blocking_reads),
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        health_check_interval=30,
+        # Enough attempts, with topology refreshes between them, to outlast a replica's promotion.
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=6),
+        decode_responses=True,
+    )
+
+
+async def ping(client: RedisClient) -> None:
+    """Raises unless Redis answers; on a cluster, every master must."""
+    if isinstance(client, RedisCluster):
+        await client.ping(target_nodes=RedisCluster.PRIMARIES)
+    else:
+        await client.ping()
+
+
+def open_pubsub(client: RedisClient, *, avoid: aioredis.Redis | None = None) -> tuple[PubSub, aioredis.Redis | None]:
+    """A subscription connection, and the client to close with it (None: it shares ``client``'s).
+
+    On a cluster, a plain PUBLISH reaches every node, so one connection to any node hears every
+    channel. A random node spreads a deploy's processes across the cluster; ``avoid`` is the
+    previous subscription's client, whose node just failed (the topology may still list it)."""
+    if not isinstance(client, RedisCluster):
+        return client.pubsub(), None
+    # Before the client has met the cluster it knows only the node it was given.
+    nodes = client.get_nodes() or list(client.nodes_manager.startup_nodes.values())
+    if avoid is not None:
+        failed = avoid.connection_pool.connection_kwargs
+        nodes = [node for node in nodes if (node.host, int(node.port)) != (failed["host"], failed["port"])] or nodes
+    node = random.choice(nodes)
+    direct = aioredis.Redis(
+        host=node.host,
+        port=int(node.port),
+        socket_connect_timeout=CONNECT_TIMEOUT_S,
+        socket_timeout=None,
+        # No reconnect loop against a node that may be gone for good: the hub moves instead.
+        retry=Retry(NoBackoff(), 0),
+        decode_responses=True,
+    )
+    return direct.pubsub(), direct
 
 
 def _sentinel_client(settings: Settings, *, blocking_reads: bool) -> aioredis.Redis:
@@ -39,10 +134,9 @@ def _sentinel_client(settings: Settings, *, blocking_reads: bool) -> aioredis.Re
         socket_timeout=COMMAND_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
     )
-    socket_timeout = MAX_BLOCK_MS / 1000 + COMMAND_TIMEOUT_S if blocking_reads else COMMAND_TIMEOUT_S
     client: aioredis.Redis = sentinel.master_for(
         settings.redis_master_name,
-        socket_timeout=socket_timeout,
+        socket_timeout=_socket_timeout(blocking_reads),
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         # Sentinel's pool does not wait for a free connection: allow more than the plain pool.
         max_connections=4 * MAX_CONNECTIONS,
@@ -60,13 +154,12 @@ def create_redis(url: str, *, max_connections: int = MAX_CONNECTIONS, blocking_r
     ``blocking_reads`` raises the socket timeout above MAX_BLOCK_MS: redis-py's default would cut an
     ``XREAD BLOCK`` that waits longer than the socket timeout.
     """
-    socket_timeout = MAX_BLOCK_MS / 1000 + COMMAND_TIMEOUT_S if blocking_reads else COMMAND_TIMEOUT_S
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=COMMAND_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=socket_timeout,
+        socket_timeout=_socket_timeout(blocking_reads),
         health_check_interval=30,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[ConnectionError, TimeoutError],
@@ -75,13 +168,13 @@ def create_redis(url: str, *, max_connections: int = MAX_CONNECTIONS, blocking_r
     return aioredis.Redis(connection_pool=pool)
 
 
-async def wait_for_redis(client: aioredis.Redis, *, attempts: int = 5, delay_s: float = 1.0) -> None:
+async def wait_for_redis(client: RedisClient, *, attempts: int = 5, delay_s: float = 1.0) -> None:
     """Ping until Redis answers, logging each failure; re-raise after the last attempt."""
     for attempt in range(1, attempts + 1):
         try:
-            await client.ping()
+            await ping(client)
             return
-        except (ConnectionError, TimeoutError) as exc:
+        except UNAVAILABLE as exc:
             remaining = attempts - attempt
             if remaining == 0:
                 raise

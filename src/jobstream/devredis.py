@@ -121,8 +121,9 @@ class EmbeddedRedisCluster:
     """A local Redis Cluster of ``masters`` masters with ``replicas`` replicas each, made of the
     same redis-server binary on loopback ports (for tests and benchmarks)."""
 
-    def __init__(self, masters: int = 3, replicas: int = 1) -> None:
+    def __init__(self, masters: int = 3, replicas: int = 1, extra_args: list[str] | None = None) -> None:
         self._shape = (masters, replicas)
+        self._extra_args = extra_args or []
         self.nodes: list[EmbeddedRedis] = []
 
     @property
@@ -132,7 +133,7 @@ class EmbeddedRedisCluster:
 
     def start(self) -> EmbeddedRedisCluster:
         masters, replicas = self._shape
-        cluster_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"]
+        cluster_args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000", *self._extra_args]
         try:
             for _ in range(masters * (1 + replicas)):
                 self.nodes.append(EmbeddedRedis(port=_cluster_port(), extra_args=cluster_args).start())

@@ -7,10 +7,11 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
-import redis.exceptions
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+
+from jobstream.connection import UNAVAILABLE
 
 logger = logging.getLogger("jobstream.errors")
 
@@ -140,7 +141,6 @@ ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 EXCEPTION_HANDLERS: dict[type[Exception], ExceptionHandler] = {
     ProblemError: handle_problem,
     HTTPException: handle_http,
-    redis.exceptions.ConnectionError: handle_redis_down,
-    redis.exceptions.TimeoutError: handle_redis_down,
+    **dict.fromkeys(UNAVAILABLE, handle_redis_down),
     Exception: handle_unexpected,
 }

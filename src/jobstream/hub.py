@@ -24,10 +24,11 @@ import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from jobstream import keys
+from jobstream.connection import RedisClient, open_pubsub
 from jobstream.cursor import StreamId, parse_id
 from jobstream.store import JobStore, StoredEvent
 
@@ -170,7 +171,7 @@ class Hub:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: RedisClient,
         store: JobStore,
         *,
         tick_s: float = 15.0,
@@ -182,14 +183,19 @@ class Hub:
         self._tick_s = tick_s
         self._max_events = max_events
         self._max_bytes = max_bytes
-        self._pubsub = client.pubsub()
+        self._pubsub, self._pubsub_client = open_pubsub(client)
+        #: On a cluster the subscription is this hub's own connection to one node; after a failure
+        #: it moves to a node picked afresh (the one it had may be gone for good). One Redis, direct
+        #: or through Sentinel, is reconnected to by redis-py itself.
+        self._moves_on_failure = self._pubsub_client is not None
         self._channels: dict[str, _Channel] = {}
         self._by_name: dict[str, _Channel] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
         #: Times the Redis subscription was lost and every reader re-read from its last id.
         self.resets = 0
-        self._subscribed_once = asyncio.Event()
+        #: Set while the subscription connection exists: the reader loop waits for it.
+        self._connected = asyncio.Event()
         self._command_lock = asyncio.Lock()
         self._last_message_at = 0.0
 
@@ -202,6 +208,10 @@ class Hub:
         return len(self._channels)
 
     async def start(self) -> None:
+        if isinstance(self._redis, RedisCluster):
+            await self._redis.initialize()  # learn every node, to pick one at random
+            async with self._command_lock:
+                await self._replace_pubsub(failed=False)
         self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._tick_loop())]
 
     def stop_readers(self) -> None:
@@ -219,8 +229,13 @@ class Hub:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self._close_pubsub()
+
+    async def _close_pubsub(self) -> None:
         with contextlib.suppress(RedisError, OSError):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+            if self._pubsub_client is not None:
+                await self._pubsub_client.aclose()
 
     # ---- the Feed protocol
 
@@ -297,12 +312,14 @@ class Hub:
             # Serialized: redis-py's PubSub opens its connection lazily, and two first subscribes at
             # once would each open one, leaving the earlier one unread.
             async with self._command_lock:
-                await self._pubsub.subscribe(keys.live_channel(job_id))
-                if not self._subscribed_once.is_set():
-                    assert self._pubsub.connection is not None
-                    self._pubsub.connection.register_connect_callback(self._on_reconnect)
-                    self._last_message_at = asyncio.get_running_loop().time()
-                    self._subscribed_once.set()
+                try:
+                    await self._subscribe(keys.live_channel(job_id))
+                except (RedisError, OSError):
+                    if not self._moves_on_failure:
+                        raise
+                    # Its node may be gone for good: once more, on another.
+                    await self._replace_pubsub()
+                    await self._subscribe(*self._by_name)
         # History is read only once the subscription is live, so nothing falls between the two.
         await asyncio.wait_for(asyncio.shield(channel.ready), JOIN_TIMEOUT_S)
 
@@ -319,6 +336,38 @@ class Hub:
                 # Fire and forget: the confirmation arrives on the reader loop.
                 asyncio.get_running_loop().create_task(self._unsubscribe(name))
 
+    async def _subscribe(self, *names: str) -> None:
+        """Subscribe (the caller holds the command lock); the first subscribe opens the connection."""
+        await self._pubsub.subscribe(*names)
+        if not self._connected.is_set():
+            assert self._pubsub.connection is not None
+            self._pubsub.connection.register_connect_callback(self._on_reconnect)
+            self._last_message_at = asyncio.get_running_loop().time()
+            self._connected.set()
+
+    async def _replace_pubsub(self, *, failed: bool = True) -> None:
+        """A new subscription, away from the node that ``failed`` (the caller holds the command lock)."""
+        self._connected.clear()
+        await self._close_pubsub()
+        avoid = self._pubsub_client if failed else None
+        self._pubsub, self._pubsub_client = open_pubsub(self._redis, avoid=avoid)
+
+    async def _move(self) -> None:
+        """Re-subscribe every followed channel on another node, until one answers."""
+        while not self._closed:
+            async with self._command_lock:
+                await self._replace_pubsub()
+                names = list(self._by_name)
+                if not names:
+                    return  # the next join subscribes
+                try:
+                    await self._subscribe(*names)
+                    logger.info("hub moved its subscription of %d channels to another node", len(names))
+                    return
+                except (RedisError, OSError) as exc:
+                    logger.warning("hub could not subscribe on another node: %s", exc)
+            await asyncio.sleep(0.5)
+
     async def _unsubscribe(self, name: str) -> None:
         if name in self._by_name:  # re-joined meanwhile
             return
@@ -329,8 +378,9 @@ class Hub:
     # ---- the reader
 
     async def _read_loop(self) -> None:
-        await self._subscribed_once.wait()
         while not self._closed:
+            if not self._connected.is_set():
+                await self._connected.wait()
             try:
                 # No timeout: a per-message timer costs more than the message. The tick pings instead.
                 response = await self._pubsub.parse_response(block=True)
@@ -349,6 +399,8 @@ class Hub:
                 logger.warning("hub lost its redis subscription: %s", exc)
                 self._reset_all()
                 await asyncio.sleep(0.5)
+                if self._moves_on_failure:
+                    await self._move()
 
     async def _on_reconnect(self, connection: object) -> None:
         # Events published while the connection was down are lost to pubsub, not to the stream.

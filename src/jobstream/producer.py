@@ -13,8 +13,8 @@ import logging
 from typing import Any
 
 from pydantic import JsonValue, ValidationError
-from redis.exceptions import ConnectionError, TimeoutError
 
+from jobstream.connection import UNAVAILABLE
 from jobstream.errors import ValidationFailed, pydantic_errors
 from jobstream.models import EventIn, Progress, to_json
 from jobstream.store import JobStore, OutgoingEvent
@@ -113,7 +113,7 @@ class JobContext:
         while True:
             try:
                 return await self._store.append(self.job_id, events, batch=batch, replicas=replicas)
-            except (ConnectionError, TimeoutError) as exc:
+            except UNAVAILABLE as exc:
                 if loop.time() + delay_s > give_up_at:
                     raise
                 logger.warning("job %s: redis unavailable (%s), retrying its append", self.job_id, exc)

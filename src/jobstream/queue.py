@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import cast
 
-import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from jobstream import keys
+from jobstream.connection import RedisClient
 
 RawEntries = list[tuple[str, dict[str, str] | None]]
 
@@ -20,7 +20,7 @@ class QueueEntry:
 
 
 class WorkQueue:
-    def __init__(self, client: aioredis.Redis, consumer: str) -> None:
+    def __init__(self, client: RedisClient, consumer: str) -> None:
         self._redis = client
         self.consumer = consumer
 

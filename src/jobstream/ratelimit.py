@@ -7,13 +7,15 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
-import redis.asyncio as aioredis
 from limits import parse
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio.cluster import RedisCluster
 
 from jobstream import keys
+from jobstream.connection import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, MAX_CONNECTIONS, RedisClient
 
 RATE_LIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
 
@@ -33,16 +35,29 @@ class RateDecision:
 
 
 class CreateLimiter:
-    """The `limits` moving window on Redis, sharing the gateway's connection pool."""
+    """The `limits` moving window on Redis: on the gateway's connection pool, or on a Redis
+    Cluster through the library's own cluster client (it takes no client from outside)."""
 
-    def __init__(self, client: aioredis.Redis, redis_url: str, rate: str) -> None:
+    def __init__(self, client: RedisClient, redis_url: str, rate: str) -> None:
         self._item = parse(rate)
-        self._storage = RedisStorage(
-            "async+" + redis_url,
-            implementation="redispy",
-            key_prefix=keys.rate_limit_prefix,
-            connection_pool=client.connection_pool,  # type: ignore[arg-type]
-        )
+        self._storage: RedisStorage | RedisClusterStorage
+        if isinstance(client, RedisCluster):
+            # The moving window is one key per user, so any node's slot serves.
+            self._storage = RedisClusterStorage(
+                "async+redis+cluster://" + urlsplit(redis_url).netloc,
+                implementation="redispy",
+                key_prefix=keys.rate_limit_prefix,
+                max_connections=MAX_CONNECTIONS,
+                socket_timeout=COMMAND_TIMEOUT_S,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+            )
+        else:
+            self._storage = RedisStorage(
+                "async+" + redis_url,
+                implementation="redispy",
+                key_prefix=keys.rate_limit_prefix,
+                connection_pool=client.connection_pool,  # type: ignore[arg-type]
+            )
         self._limiter = MovingWindowRateLimiter(self._storage)
 
     async def hit(self, user: str) -> RateDecision:
@@ -71,7 +86,7 @@ class ConnectionLeases:
     """
 
     def __init__(
-        self, client: aioredis.Redis, limit: int, lease_s: int, key: Callable[[str], str] = keys.sse_leases_key
+        self, client: RedisClient, limit: int, lease_s: int, key: Callable[[str], str] = keys.sse_leases_key
     ) -> None:
         self._redis = client
         self._key = key

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from jobstream.auth import Authenticator
+from jobstream.connection import RedisClient
 from jobstream.feed import Feed
 from jobstream.ratelimit import ConnectionLeases, CreateLimiter
 from jobstream.registry import Registry
@@ -21,7 +21,7 @@ from jobstream.store import JobStore
 class Services:
     settings: Settings
     registry: Registry
-    redis: aioredis.Redis
+    redis: RedisClient
     store: JobStore
     feed: Feed
     auth: Authenticator

@@ -7,7 +7,7 @@ import secrets
 from typing import Annotated
 
 from limits import parse
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -24,6 +24,8 @@ class Settings(BaseSettings):
     #: Redis Sentinel: "host:port,host:port" of the sentinels; they name the master to use.
     redis_sentinels: Annotated[list[str], NoDecode] = Field(default_factory=list)
     redis_master_name: str = "jobstream"
+    #: Redis Cluster: JOBSTREAM_REDIS_URL names any one node; the client finds the others.
+    redis_cluster: bool = False
     #: "key1=alice,key2=bob": API key -> user id.
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     jwt_secret: str | None = None
@@ -89,6 +91,18 @@ class Settings(BaseSettings):
             if not host or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ValueError(f"expected sentinels as 'host:port,host:port', got {item!r}")
         return items
+
+    @model_validator(mode="after")
+    def _check_topology(self) -> Settings:
+        if self.redis_cluster and self.redis_sentinels:
+            raise ValueError("JOBSTREAM_REDIS_CLUSTER and JOBSTREAM_REDIS_SENTINELS exclude each other")
+        if (
+            self.redis_cluster
+            and self.redis_url is not None
+            and not self.redis_url.startswith(("redis://", "rediss://"))
+        ):
+            raise ValueError("a Redis Cluster is reached over TCP: JOBSTREAM_REDIS_URL must be redis:// or rediss://")
+        return self
 
     @property
     def sentinel_addresses(self) -> list[tuple[str, int]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -9,9 +10,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
-import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 
 from jobstream import keys, scripts, sse
+from jobstream.connection import RedisClient
 from jobstream.errors import JobEnded, JobNotFound
 from jobstream.models import TERMINAL_EVENT, JobStatus, iso, to_json
 from jobstream.settings import Settings
@@ -160,7 +162,7 @@ _META_FIELD_OF_EVENT = {"progress": "progress", "result": "result", "failure": "
 
 
 class JobStore:
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
+    def __init__(self, client: RedisClient, settings: Settings) -> None:
         self._redis = client
         self._settings = settings
         self._append = client.register_script(scripts.APPEND)
@@ -208,16 +210,40 @@ class JobStore:
         if not replicas:
             return _append_result(await self._append(keys=self._append_keys(job_id), args=args))
         timeout_ms = self._settings.durable_end_timeout_ms
-        async with self._redis.pipeline(transaction=False) as pipe:
-            await self._append(keys=self._append_keys(job_id), args=args, client=pipe)
-            pipe.execute_command("WAIT", replicas, timeout_ms)
-            reply, acked = await pipe.execute()
+        reply, acked = await self._append_and_wait(job_id, args, replicas, timeout_ms)
         if int(acked) < replicas:
             logger.warning("job %s: write reached %s of %d replicas within %d ms", job_id, acked, replicas, timeout_ms)
         return _append_result(reply)
 
+    async def _append_and_wait(
+        self, job_id: str, args: list[str | int], replicas: int, timeout_ms: int
+    ) -> tuple[list[str], int]:
+        """The append script, then WAIT on the same connection: WAIT counts the replicas that have
+        this connection's writes, so on another connection it would count nothing of ours."""
+        job_keys = self._append_keys(job_id)
+        if isinstance(self._redis, RedisCluster):
+            # WAIT names no key: pin it to the node of the job's slot, where the script runs.
+            node = self._redis.get_node_from_key(job_keys[0])
+            async with self._redis.pipeline() as cluster_pipe:
+                cluster_pipe.execute_command("EVAL", scripts.APPEND, len(job_keys), *job_keys, *args)
+                cluster_pipe.execute_command("WAIT", replicas, timeout_ms, target_nodes=node)
+                reply, acked = await cluster_pipe.execute()
+            return reply, int(acked)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            await self._append(keys=job_keys, args=args, client=pipe)
+            pipe.execute_command("WAIT", replicas, timeout_ms)
+            reply, acked = await pipe.execute()
+        return reply, int(acked)
+
     async def append_many(self, appends: Sequence[tuple[str, Sequence[OutgoingEvent]]]) -> list[list[str]]:
-        """Several appends (each atomic on its own) in one round trip; raises as ``append`` on the first failure."""
+        """Several appends (each atomic on its own) in one round trip, or on a cluster one
+        concurrent call each; raises as ``append`` on the first failure."""
+        if isinstance(self._redis, RedisCluster):
+            calls = [
+                self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events))
+                for job_id, events in appends
+            ]
+            return [_append_result(reply) for reply in await asyncio.gather(*calls)]
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id, events in appends:
                 await self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events), client=pipe)

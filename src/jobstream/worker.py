@@ -17,9 +17,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from jobstream.connection import RedisClient
 from jobstream.errors import JobEnded, JobNotFound, ValidationFailed
 from jobstream.models import JobStatus, to_json
 from jobstream.producer import JobContext, JobFailed, result_data
@@ -62,7 +62,7 @@ def failure_events(message: str) -> list[OutgoingEvent]:
 class Worker:
     settings: Settings
     registry: Registry
-    client: aioredis.Redis
+    client: RedisClient
     concurrency: int = 10
     name: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}")
 

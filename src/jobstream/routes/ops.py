@@ -6,11 +6,12 @@ from functools import cache
 from pathlib import Path
 
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from jobstream import metrics
+from jobstream.connection import ping
 from jobstream.errors import problem_response
 from jobstream.openapi import openapi_document
 from jobstream.services import services
@@ -31,8 +32,8 @@ async def healthz(request: Request) -> Response:
 
 async def readyz(request: Request) -> Response:
     try:
-        await services(request).redis.ping()
-    except (RedisError, OSError):
+        await ping(services(request).redis)
+    except (RedisError, RedisClusterException, OSError):
         return problem_response(503, "Redis is not reachable.", slug="unavailable", headers={"Retry-After": "2"})
     return JSONResponse({"status": "ready"})
 
