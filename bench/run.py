@@ -31,14 +31,15 @@ import urllib.request
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import redis
 
 from jobstream.auth import Authenticator
-from jobstream.connection import create_redis
-from jobstream.devredis import EmbeddedRedis, free_port
+from jobstream.connection import create_client
+from jobstream.devredis import EmbeddedRedis, EmbeddedRedisCluster, free_port
 from jobstream.settings import Settings
 from jobstream.store import JobRecord, JobStore, OutgoingEvent
 
@@ -70,9 +71,42 @@ def proc_rss_kib(pids: list[int]) -> int:
     return total
 
 
-def redis_cpu_s(client: redis.Redis) -> float:
-    info = client.info("cpu")
-    return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+def redis_cpu_s(nodes: list[redis.Redis]) -> float:
+    """CPU seconds of every Redis server (one, or each node of a cluster)."""
+    total = 0.0
+    for node in nodes:
+        info = node.info("cpu")
+        total += float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
+    return total
+
+
+def redis_clients(nodes: list[redis.Redis]) -> int:
+    return sum(int(node.info("clients")["connected_clients"]) for node in nodes)
+
+
+@dataclass
+class RedisUnderTest:
+    url: str
+    port: int
+    cluster: bool
+    nodes: list[redis.Redis]
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(redis_url=self.url, redis_cluster=self.cluster, token_secret=TOKEN_SECRET, stream_maxlen=100000)
+
+
+@contextmanager
+def redis_under_test(kind: str) -> Iterator[RedisUnderTest]:
+    """One redis-server, or a local cluster of 3 masters and 3 replicas."""
+    extra = ["--maxclients", "30000"]
+    if kind == "cluster":
+        with EmbeddedRedisCluster(masters=3, replicas=1, extra_args=extra) as cluster:
+            nodes = [redis.Redis(port=node.port) for node in cluster.nodes]
+            yield RedisUnderTest(cluster.url, cluster.nodes[0].port, True, nodes)
+        return
+    with EmbeddedRedis(extra_args=extra).start() as embedded:
+        yield RedisUnderTest(embedded.url, embedded.port, False, [redis.Redis.from_url(embedded.url)])
 
 
 def family(pid: int) -> list[int]:
@@ -140,7 +174,9 @@ UVICORN_APPS = {
 
 
 @contextmanager
-def server(target: str, redis_url: str, redis_port: int, processes: int = 1) -> Iterator[tuple[int, int]]:
+def server(
+    target: str, redis_url: str, redis_port: int, processes: int = 1, cluster: bool = False
+) -> Iterator[tuple[int, int]]:
     """Start the server under test; yields (port, pid)."""
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -148,6 +184,7 @@ def server(target: str, redis_url: str, redis_port: int, processes: int = 1) -> 
     if target == "hub":
         env |= {
             "JOBSTREAM_REDIS_URL": redis_url,
+            "JOBSTREAM_REDIS_CLUSTER": str(cluster),
             "JOBSTREAM_API_KEYS": f"{API_KEY}=bench",
             "JOBSTREAM_TOKEN_SECRET": TOKEN_SECRET,
             "JOBSTREAM_MAX_SSE_PER_USER": "1000000",
@@ -181,13 +218,12 @@ def server(target: str, redis_url: str, redis_port: int, processes: int = 1) -> 
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def make_jobs(redis_url: str, count: int) -> list[tuple[str, str]]:
+def make_jobs(settings: Settings, count: int) -> list[tuple[str, str]]:
     """Jobs of type external, written straight to Redis, with their read tokens."""
-    settings = Settings(redis_url=redis_url, token_secret=TOKEN_SECRET)
     auth = Authenticator(settings)
 
     async def create() -> list[tuple[str, str]]:
-        client = create_redis(redis_url)
+        client = create_client(settings)
         store = JobStore(client, settings)
         jobs = []
         for _ in range(count):
@@ -216,11 +252,11 @@ async def _drain_nchan(reader: asyncio.StreamReader) -> None:
             raise RuntimeError(f"nchan refused a publish: {chunk[:200]!r}")
 
 
-async def publish(target: str, redis_url: str, port: int, job_ids: list[str], rate: float, seconds: float) -> int:
+async def publish(target: str, settings: Settings, port: int, job_ids: list[str], rate: float, seconds: float) -> int:
     """Append events at ``rate`` per second, round-robin over the jobs; returns how many."""
     seqs = dict.fromkeys(job_ids, 0)
-    client = create_redis(redis_url)
-    store = JobStore(client, Settings(redis_url=redis_url, stream_maxlen=100000))
+    client = create_client(settings)
+    store = JobStore(client, settings)
     # Nchan answers the POSTs of one connection one after the other: spread them over several.
     nchan = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)] if target == "nchan" else []
 
@@ -294,10 +330,11 @@ def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 def fanout(args: argparse.Namespace) -> dict[str, Any]:
-    with EmbeddedRedis(extra_args=["--maxclients", "30000"]).start() as embedded:
-        rdb = redis.Redis.from_url(embedded.url)
-        with server(args.target, embedded.url, embedded.port, args.processes) as (port, pid):
-            jobs = make_jobs(embedded.url, args.jobs)
+    if args.redis == "cluster" and args.target != "hub":
+        raise SystemExit("--redis cluster: hub target only")
+    with redis_under_test(args.redis) as rut:
+        with server(args.target, rut.url, rut.port, args.processes, rut.cluster) as (port, pid):
+            jobs = make_jobs(rut.settings, args.jobs)
             paths = [sse_path(args.target, job_id, token) for job_id, token in jobs for _ in range(args.readers)]
             gen = loadgen("sse", port, paths, ["--seconds", str(args.seconds)])
             pids = family(pid)
@@ -306,12 +343,12 @@ def fanout(args: argparse.Namespace) -> dict[str, Any]:
             gen.stdin.write(f"{start}\n")
             gen.stdin.flush()
             time.sleep(max(0.0, start - time.time()))
-            cpu0, rcpu0 = proc_cpu_s(pids), redis_cpu_s(rdb)
+            cpu0, rcpu0 = proc_cpu_s(pids), redis_cpu_s(rut.nodes)
             job_ids = [job_id for job_id, _ in jobs]
-            sent = asyncio.run(publish(args.target, embedded.url, port, job_ids, args.rate, args.seconds))
-            cpu1, rcpu1 = proc_cpu_s(pids), redis_cpu_s(rdb)
+            sent = asyncio.run(publish(args.target, rut.settings, port, job_ids, args.rate, args.seconds))
+            cpu1, rcpu1 = proc_cpu_s(pids), redis_cpu_s(rut.nodes)
             result = finish(gen)
-            clients = rdb.info("clients")["connected_clients"]
+            clients = redis_clients(rut.nodes)
         deliveries = max(1, result["deliveries"])
         result |= {
             "published": sent,
@@ -326,19 +363,18 @@ def fanout(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def idle(args: argparse.Namespace) -> dict[str, Any]:
-    with EmbeddedRedis(extra_args=["--maxclients", "30000"]).start() as embedded:
-        rdb = redis.Redis.from_url(embedded.url)
-        with server(args.target, embedded.url, embedded.port) as (port, pid):
-            jobs = make_jobs(embedded.url, args.jobs)
+    with redis_under_test(args.redis) as rut:
+        with server(args.target, rut.url, rut.port, cluster=rut.cluster) as (port, pid):
+            jobs = make_jobs(rut.settings, args.jobs)
             paths = [sse_path(args.target, job_id, token) for job_id, token in jobs]
             paths = [paths[i % len(paths)] for i in range(args.connections)]
             pids = family(pid)
-            clients0 = rdb.info("clients")["connected_clients"]
+            clients0 = redis_clients(rut.nodes)
             rss0 = proc_rss_kib(pids)
             gen = loadgen("idle", port, paths, [])
             time.sleep(2)
             rss1 = proc_rss_kib(pids)
-            clients1 = rdb.info("clients")["connected_clients"]
+            clients1 = redis_clients(rut.nodes)
             finish(gen)
         return {
             "connections": args.connections,
@@ -351,9 +387,9 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def poll(args: argparse.Namespace) -> dict[str, Any]:
-    with EmbeddedRedis().start() as embedded:
-        with server("hub", embedded.url, embedded.port) as (port, pid):
-            jobs = make_jobs(embedded.url, args.jobs)
+    with redis_under_test(args.redis) as rut:
+        with server("hub", rut.url, rut.port, cluster=rut.cluster) as (port, pid):
+            jobs = make_jobs(rut.settings, args.jobs)
             wait = f"&wait={args.wait}" if args.wait else ""
             paths = [f"/v1/jobs/{job_id}/poll?token={token}&after=$&limit=100{wait}" for job_id, token in jobs]
             paths = [paths[i % len(paths)] for i in range(args.clients)]
@@ -364,7 +400,7 @@ def poll(args: argparse.Namespace) -> dict[str, Any]:
             gen.stdin.write("\n")
             gen.stdin.flush()
             job_ids = [job_id for job_id, _ in jobs]
-            asyncio.run(publish("hub", embedded.url, port, job_ids, args.rate, args.seconds))
+            asyncio.run(publish("hub", rut.settings, port, job_ids, args.rate, args.seconds))
             result = finish(gen)
             cpu1 = proc_cpu_s(pids)
         result |= {"server_cpu_ms_per_request": round((cpu1 - cpu0) * 1000 / max(1, result["requests"]), 3)}
@@ -372,8 +408,8 @@ def poll(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def create(args: argparse.Namespace) -> dict[str, Any]:
-    with EmbeddedRedis().start() as embedded:
-        with server("hub", embedded.url, embedded.port) as (port, pid):
+    with redis_under_test(args.redis) as rut:
+        with server("hub", rut.url, rut.port, cluster=rut.cluster) as (port, pid):
             extra = [
                 "--rate",
                 str(args.rate),
@@ -415,6 +451,7 @@ def main() -> None:
     parser.add_argument("--wait", type=float, default=0)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--processes", type=int, default=1, help="hub target: `jobstream serve --workers N`")
+    parser.add_argument("--redis", choices=["single", "cluster"], default="single", help="hub target: Redis under test")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the server and loadgen
