@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -61,6 +62,19 @@ def kill_all(*processes: subprocess.Popen[bytes] | None) -> None:
 def _clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
     return {**env, **extra}
+
+
+def app_env(redis_url: str, api_key: str, token_secret: str, **extra: str) -> dict[str, str]:
+    """The environment of a gateway or worker process on ``redis_url`` with the test handlers,
+    one API key (for user alice) and a shared token secret."""
+    return _clean_env(
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        JOBSTREAM_REDIS_URL=redis_url,
+        JOBSTREAM_API_KEYS=f"{api_key}=alice",
+        JOBSTREAM_TOKEN_SECRET=token_secret,
+        JOBSTREAM_APP="tests.handlers",
+        **extra,
+    )
 
 
 def test_dev_whenStarted_thenServesAStoryEndToEndAndStopsEverything() -> None:

@@ -12,13 +12,14 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from jobstream import keys, metrics
+from jobstream import keys, metrics, sentry
 from jobstream.auth import Authenticator
 from jobstream.connection import create_client
 from jobstream.errors import EXCEPTION_HANDLERS
 from jobstream.hub import Hub
 from jobstream.ratelimit import RATE_LIMIT_HEADERS, ConnectionLeases, CreateLimiter
 from jobstream.registry import Registry, default_registry, load_modules
+from jobstream.requestid import RequestId
 from jobstream.routes import build_routes
 from jobstream.routes.hotpath import EventStreamRoute
 from jobstream.sendwatch import SendWatch
@@ -43,6 +44,7 @@ def app_from_environment() -> Starlette:
     """The app of one process of `jobstream serve --workers N`, configured from the environment."""
     settings = load_settings()
     tune_gc()
+    sentry.init(settings, "gateway")
     return create_app(settings)
 
 
@@ -80,7 +82,7 @@ def cors_middleware(settings: Settings) -> list[Middleware]:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "HEAD", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "If-None-Match", "Last-Event-ID"],
-            expose_headers=[*RATE_LIMIT_HEADERS, "Retry-After", "Location", "ETag"],
+            expose_headers=[*RATE_LIMIT_HEADERS, "Retry-After", "Location", "ETag", "X-Request-ID"],
             allow_credentials=False,
             max_age=600,
         )
@@ -120,6 +122,6 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
     return Starlette(
         routes=build_routes(),
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[*cors_middleware(settings), Middleware(EventStreamRoute)],
+        middleware=[*cors_middleware(settings), Middleware(RequestId), Middleware(EventStreamRoute)],
         lifespan=lifespan,
     )

@@ -16,7 +16,7 @@ from collections.abc import Coroutine, Iterator
 
 import uvicorn
 
-from jobstream import __version__, metrics
+from jobstream import __version__, metrics, sentry
 from jobstream.app import create_app, tune_gc
 from jobstream.connection import create_client, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings()
         if args.app:
             settings = settings.model_copy(update={"app": [*settings.app, *args.app]})
-        logging.config.dictConfig(log_config(settings.log_level))
+        logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
         load_modules(settings.app)
     except (SettingsError, ImportError) as exc:
         sys.exit(f"jobstream: {exc}")
@@ -93,12 +93,13 @@ def _run(main: Coroutine[None, None, None]) -> None:
 
 
 async def _serve(settings: Settings, host: str, port: int, *, with_worker: bool, dev_key: str | None = None) -> None:
+    sentry.init(settings, "gateway+worker" if with_worker else "gateway")
     app = create_app(settings, default_registry, dev_key=dev_key)
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
-        log_config=log_config(settings.log_level),
+        log_config=log_config(settings.log_level, settings.log_format),
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         proxy_headers=True,
     )
@@ -160,7 +161,7 @@ def _run_supervised(settings: Settings, host: str, port: int, workers: int) -> N
         host=host,
         port=port,
         workers=workers,
-        log_config=log_config(settings.log_level),
+        log_config=log_config(settings.log_level, settings.log_format),
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         proxy_headers=True,
     )
@@ -172,6 +173,7 @@ def _make_worker(settings: Settings, concurrency: int) -> Worker:
 
 
 async def _work(settings: Settings, concurrency: int) -> None:
+    sentry.init(settings, "worker")
     worker = _make_worker(settings, concurrency)
     try:
         await wait_for_redis(worker.client)

@@ -1,12 +1,34 @@
-"""Logging set-up; import-safe (nothing happens until a function is called)."""
+"""Logging set-up: plain or JSON lines, each carrying the request id and job id it belongs to,
+with read tokens kept out. Import-safe (nothing happens until a function is called)."""
 
 from __future__ import annotations
 
+import contextvars
+import json
 import logging
 import re
+import time
 from typing import Any
 
+from jobstream import sentry
+
+logger = logging.getLogger("jobstream.jobs")
+
 _TOKEN_IN_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s]*")
+
+#: The request (X-Request-ID) and the job a log line belongs to, wherever it is logged from.
+request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+job_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("job_id", default=None)
+
+#: LogRecord attributes that are not extra fields.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+
+def job_transition(transition: str, job: str, **fields: Any) -> None:
+    """A step of a job's life (created, started, completed, failed, cancelled, reclaimed): one log
+    line, and a breadcrumb for Sentry."""
+    logger.info("job %s %s", job, transition, extra={"event": f"job.{transition}", "job_id": job, **fields})
+    sentry.job_breadcrumb(transition, job, **fields)
 
 
 def redact(text: str) -> str:
@@ -22,15 +44,62 @@ class RedactTokens(logging.Filter):
         return True
 
 
-def log_config(level: str) -> dict[str, Any]:
+class ContextIds(logging.Filter):
+    """Stamp each record with the current request id and job id (an explicit ``extra`` wins)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            record.request_id = request_id.get()
+        if getattr(record, "job_id", None) is None:
+            record.job_id = job_id.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, the ids, and any ``extra`` fields.
+    uvicorn's access lines become method, path, status and client fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
+            client, method, path, _, status = record.args
+            line |= {"event": "request", "method": method, "path": path, "status": status, "client": client}
+        for name, value in record.__dict__.items():
+            if name not in _RECORD_ATTRIBUTES and value is not None:
+                line[name] = value
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class PlainFormatter(logging.Formatter):
+    """The classic line, with the ids appended when there are any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        ids = [f"{name}={value}" for name in ("request_id", "job_id") if (value := getattr(record, name, None))]
+        return f"{text} [{' '.join(ids)}]" if ids else text
+
+
+def log_config(level: str, log_format: str = "plain") -> dict[str, Any]:
     """A logging dictConfig shared by `serve`, `worker` and `dev`, also handed to uvicorn."""
+    formatter = (
+        {"()": JsonFormatter}
+        if log_format == "json"
+        else {"()": PlainFormatter, "format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
+    )
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"redact": {"()": RedactTokens}},
-        "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+        "filters": {"redact": {"()": RedactTokens}, "ids": {"()": ContextIds}},
+        "formatters": {"line": formatter},
         "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["redact"]},
+            "stderr": {"class": "logging.StreamHandler", "formatter": "line", "filters": ["redact", "ids"]},
         },
         "loggers": {
             "jobstream": {"level": level.upper()},

@@ -14,6 +14,7 @@ from typing import Any
 
 from pydantic import JsonValue, ValidationError
 
+from jobstream import sentry
 from jobstream.connection import UNAVAILABLE
 from jobstream.errors import ValidationFailed, pydantic_errors
 from jobstream.models import EventIn, Progress, to_json
@@ -77,6 +78,7 @@ class JobContext:
             data = Progress(current=current, total=total, message=message).model_dump(mode="json")
         except ValidationError as exc:
             raise ValueError(f"invalid progress: {pydantic_errors(exc)}") from None
+        sentry.job_breadcrumb("progress", self.job_id, current=current, total=total)
         await self.emit("progress", data)
 
     async def log(self, message: str, **fields: JsonValue) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Annotated
+from typing import Annotated, Literal
 
 from limits import parse
 from pydantic import Field, ValidationError, field_validator, model_validator
@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     redis_master_name: str = "jobstream"
     #: Redis Cluster: JOBSTREAM_REDIS_URL names any one node; the client finds the others.
     redis_cluster: bool = False
+    #: Sentry: on when a DSN is set.
+    sentry_dsn: str | None = None
+    sentry_environment: str = "production"
+    #: Default: jobstream@<version>.
+    sentry_release: str | None = None
+    sentry_traces_sample_rate: float = Field(0.0, ge=0, le=1)
+    sentry_profiles_sample_rate: float = Field(0.0, ge=0, le=1)
     #: "key1=alice,key2=bob": API key -> user id.
     api_keys: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     jwt_secret: str | None = None
@@ -62,6 +69,8 @@ class Settings(BaseSettings):
     durable_end_replicas: int = Field(0, ge=0)
     durable_end_timeout_ms: int = Field(1000, ge=1)
     log_level: str = "INFO"
+    #: "plain" lines, or "json": one object per line, for log pipelines.
+    log_format: Literal["plain", "json"] = "plain"
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -13,15 +13,18 @@ import logging
 import os
 import signal
 import socket
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from redis.exceptions import RedisError
 
+from jobstream import observability, sentry
 from jobstream.connection import RedisClient
 from jobstream.errors import JobEnded, JobNotFound, ValidationFailed
 from jobstream.models import JobStatus, to_json
+from jobstream.observability import job_transition
 from jobstream.producer import JobContext, JobFailed, result_data
 from jobstream.queue import QueueEntry, WorkQueue
 from jobstream.registry import HandlerSpec, Registry
@@ -224,7 +227,11 @@ class Worker:
             flush_bytes=self.settings.delta_flush_bytes,
         )
         try:
-            await self._execute(entry, spec, ctx, job)
+            observability.job_id.set(job.id)  # this task's log lines belong to the job
+            with sentry.job_run(job.id, job.type, attempt, job.fields):
+                if attempt > 1:
+                    job_transition("reclaimed", job.id, job_type=job.type, attempt=attempt)
+                await self._execute(entry, spec, ctx, job)
         finally:
             await ctx.close()
 
@@ -236,6 +243,8 @@ class Worker:
                 await ctx.log("retrying after its worker was lost", attempt=ctx.attempt)
         except (JobNotFound, JobEnded):
             return
+        job_transition("started", job.id, job_type=job.type, attempt=ctx.attempt)
+        started = time.monotonic()
         running = self._running[entry.entry_id]
         running.handler_task = asyncio.create_task(_call(spec, ctx, job.input))
         try:
@@ -243,6 +252,7 @@ class Worker:
         except asyncio.CancelledError:
             if running.stop_requested:
                 self._counters.cancelled += 1
+                job_transition("cancelled", job.id, job_type=job.type, duration_s=_since(started))
                 await self._record(job.id, [done_event(JobStatus.cancelled)], ctx)
                 return
             # The worker itself is shutting down: stop the handler and leave the job to be reclaimed.
@@ -252,9 +262,12 @@ class Worker:
             return
         except Exception as exc:
             self._counters.failed += 1
-            await self._record(job.id, failure_events(_failure_message(spec, exc, job.id)), ctx)
+            message = _failure_message(spec, exc, job.id)
+            job_transition("failed", job.id, job_type=job.type, reason=message, duration_s=_since(started))
+            await self._record(job.id, failure_events(message), ctx)
             return
         self._counters.complete += 1
+        job_transition("completed", job.id, job_type=job.type, duration_s=_since(started))
         events = [] if result is None else [OutgoingEvent("result", to_json(result_data(result)))]
         await self._record(job.id, [*events, done_event(JobStatus.completed)], ctx)
 
@@ -270,6 +283,10 @@ class Worker:
             await asyncio.shield(writer)
         except (JobNotFound, JobEnded):
             pass
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 3)
 
 
 async def _call(spec: HandlerSpec, ctx: JobContext, raw_input: dict[str, Any]) -> Any:
@@ -288,6 +305,7 @@ def _failure_message(spec: HandlerSpec, exc: Exception, job_id: str) -> str:
     if isinstance(exc, ValidationFailed):
         return "The job's input is not valid for this handler."
     logger.error("job %s (%s) raised", job_id, spec.name, exc_info=exc)
+    sentry.capture(exc)
     return "The job failed with an internal error."
 
 

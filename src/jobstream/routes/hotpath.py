@@ -15,10 +15,13 @@ import re
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from jobstream import sentry
 from jobstream.errors import EXCEPTION_HANDLERS, ExceptionHandler
 from jobstream.routes.stream import stream_events
 
 _EVENTS_PATH = re.compile(r"^/v1/jobs/([^/]+)/events$")
+#: The name its requests have in traces, as the router would give it.
+EVENTS_ROUTE = "/v1/jobs/{job_id}/events"
 #: Exceptions the router's ExceptionMiddleware would map; anything else goes on to Starlette's
 #: ServerErrorMiddleware (outside this one), which answers 500 and logs it.
 _HANDLERS = {cls: handler for cls, handler in EXCEPTION_HANDLERS.items() if cls is not Exception}
@@ -44,6 +47,7 @@ class EventStreamRoute:
             await self.app(scope, receive, send)
             return
         scope["path_params"] = {"job_id": match.group(1)}
+        sentry.name_transaction(EVENTS_ROUTE)
         del match  # a frame that stays suspended for hours keeps its locals
         request = Request(scope, receive)
         try:

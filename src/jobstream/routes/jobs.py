@@ -11,10 +11,11 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jobstream import keys, metrics
+from jobstream import keys, metrics, sentry
 from jobstream.auth import require_user
 from jobstream.errors import BadRequest, JobEnded, RateLimited, ValidationFailed, pydantic_errors
 from jobstream.models import TERMINAL_EVENT, EventIn, JobCreate, JobStatus, to_json
+from jobstream.observability import job_transition
 from jobstream.registry import EXTERNAL
 from jobstream.routes._common import load_job, read_json
 from jobstream.services import Services, services
@@ -48,6 +49,8 @@ async def create_job(request: Request) -> Response:
     job_id = str(uuid.uuid4())
     ttl_s = payload.ttl or svc.settings.job_ttl_s
     record = JobRecord.new(job_id=job_id, owner=principal.user, job_type=payload.type, input=payload.input, ttl_s=ttl_s)
+    # The worker that runs the job continues this request's trace.
+    record = JobRecord({**record.fields, **sentry.trace_fields()})
     body = {**record.created_view(), "token": svc.auth.issue_read_token(job_id, principal.user), "links": links(job_id)}
     if idem_key is not None:
         earlier = await svc.store.remember_idempotent(idem_key, {"fingerprint": fingerprint, "body": body}, ttl_s)
@@ -60,6 +63,7 @@ async def create_job(request: Request) -> Response:
             await svc.store.forget_idempotent(idem_key)
         raise
     metrics.jobs_created.labels(payload.type).inc()
+    job_transition("created", job_id, job_type=payload.type, queued=payload.type != EXTERNAL)
     headers = {"Location": body["links"]["self"], **decision.headers()}
     return JSONResponse(body, status_code=201, headers=headers)
 

@@ -9,12 +9,13 @@ import logging
 from collections.abc import AsyncGenerator
 
 import anyio
+import sentry_sdk
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jobstream import metrics, sse
+from jobstream import metrics, sentry, sse
 from jobstream.cursor import NEWEST, START, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
 from jobstream.hub import HubClosed, JobGone, SubscriberOverflow
@@ -89,6 +90,7 @@ async def _frames(
         yield sse.retry(svc.settings.retry_ms)
         if first_kept is not None:
             yield sse.unnamed_frame("truncated", to_json({"first_id": first_kept}))
+        set_up = False
         async with contextlib.aclosing(svc.feed.follow(job_id, after)) as batches:
             async for batch in batches:
                 if not batch:
@@ -99,6 +101,9 @@ async def _frames(
                     yield chunk
                     if finished:
                         return
+                if not set_up:
+                    set_up = True
+                    sentry.end_stream_transaction(len(batch))
                 now = loop.time()
                 if now >= deadline or svc.shutdown.is_set():
                     return
@@ -163,7 +168,9 @@ async def poll_events(request: Request) -> Response:
     events = await svc.store.read(job.id, after, query.limit)
     if not events and query.wait > 0 and not job.status.terminal:
         metrics.polls.labels("long").inc()
-        events = (await _wait_for_events(svc, principal.user, job.id, after, query.wait))[: query.limit]
+        # A span of its own: the wait is the client's choice, not the gateway's latency.
+        with sentry_sdk.start_span(op="long_poll.wait", name="wait for events"):
+            events = (await _wait_for_events(svc, principal.user, job.id, after, query.wait))[: query.limit]
         refreshed = await svc.store.get(job.id)
         if refreshed is None:
             raise JobNotFound()

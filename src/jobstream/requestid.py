@@ -1,0 +1,35 @@
+"""X-Request-ID: taken from the request when it is a sane id (a proxy's or client's), else made
+up; put on the response, and on every log line written while the request is served."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from jobstream import observability
+
+HEADER = b"x-request-id"
+_VALID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
+
+
+class RequestId:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = next((value for name, value in scope["headers"] if name == HEADER), b"")
+        request_id = given.decode() if _VALID.match(given) else uuid.uuid4().hex
+        observability.request_id.set(request_id)
+        header = (HEADER, request_id.encode())
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
