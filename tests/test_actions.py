@@ -159,10 +159,12 @@ def test_ops_whenRedisUp_thenHealthyReadyMetrics(client: httpx.Client) -> None:
 def test_redisDown_whenRequests_then503WithRetryAfterNotHang(redis_url: str) -> None:
     from jobstream.devredis import free_port
     from tests.conftest import LiveStack
+    from tests.test_metrics import value
 
     stack = LiveStack(make_settings(f"redis://127.0.0.1:{free_port()}/0"), with_worker=False).start()
     try:
         with stack.client() as http:
+            errors_before = value(http.get("/metrics").text, "jobstream_redis_errors_total", where="request")
             started = time.monotonic()
             assert http.get("/healthz").status_code == 200
             assert_problem(http.get("/readyz"), 503)
@@ -174,6 +176,10 @@ def test_redisDown_whenRequests_then503WithRetryAfterNotHang(redis_url: str) -> 
             for path in (job_path, f"{job_path}/events", f"{job_path}/poll"):
                 assert_problem(http.get(path, headers=ALICE), 503)
             assert time.monotonic() - started < 30
+            # /metrics still answers, with what it has: the 503s counted as Redis errors.
+            scrape = http.get("/metrics")
+            assert scrape.status_code == 200
+            assert value(scrape.text, "jobstream_redis_errors_total", where="request") - errors_before == 4
     finally:
         stack.stop()
 

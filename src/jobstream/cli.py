@@ -14,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Coroutine, Iterator
 
+import prometheus_client
 import uvicorn
 
 from jobstream import __version__, metrics, sentry
@@ -174,6 +175,9 @@ def _make_worker(settings: Settings, concurrency: int) -> Worker:
 
 async def _work(settings: Settings, concurrency: int) -> None:
     sentry.init(settings, "worker")
+    if settings.worker_metrics_listen:
+        host, _, port = settings.worker_metrics_listen.rpartition(":")
+        prometheus_client.start_http_server(int(port), addr=host or "0.0.0.0")
     worker = _make_worker(settings, concurrency)
     try:
         await wait_for_redis(worker.client)

@@ -11,6 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from jobstream import metrics
 from jobstream.connection import UNAVAILABLE
 
 logger = logging.getLogger("jobstream.errors")
@@ -125,6 +126,7 @@ async def handle_http(request: Request, exc: Exception) -> Response:
 
 
 async def handle_redis_down(request: Request, exc: Exception) -> Response:
+    metrics.redis_errors.labels("request").inc()
     logger.warning("redis unavailable on %s %s: %s", request.method, request.url.path, type(exc).__name__)
     return problem_response(
         503, "The job store is unavailable; retry shortly.", slug="unavailable", headers={"Retry-After": "2"}

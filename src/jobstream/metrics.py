@@ -8,8 +8,12 @@ them: open connections count only live processes, counters keep what exited ones
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import dataclass
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, generate_latest, multiprocess
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -18,6 +22,26 @@ rate_limited = Counter("jobstream_rate_limited_total", "Create requests refused 
 sse_open = Gauge("jobstream_sse_connections", "Open SSE connections.", multiprocess_mode="livesum")
 polls = Counter("jobstream_polls_total", "Poll requests.", ["kind"])
 _delivered = Counter("jobstream_events_delivered_total", "Events written to readers.", ["transport"])
+redis_errors = Counter(
+    "jobstream_redis_errors_total", "Redis unavailable: requests answered 503, writes retried.", ["where"]
+)
+# Workers
+jobs_finished = Counter("jobstream_jobs_finished_total", "Jobs a worker ended.", ["type", "status"])
+job_duration = Histogram(
+    "jobstream_job_duration_seconds",
+    "From a worker starting a job to its end.",
+    ["type"],
+    buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
+)
+jobs_reclaimed = Counter("jobstream_jobs_reclaimed_total", "Jobs taken over from a lost or stopped worker.")
+#: Sampled (one batch in LAG_SAMPLE_EVERY): observing every write would cost more than the write.
+delivery_lag = Histogram(
+    "jobstream_delivery_lag_seconds",
+    "From an event's append in Redis to its write on a reader's connection (sampled).",
+    ["transport"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+LAG_SAMPLE_EVERY = 16
 
 
 class _Deliveries:
@@ -39,11 +63,64 @@ class _Deliveries:
 deliveries = _Deliveries()
 
 
-def exposition() -> bytes:
-    """The text a scrape gets: this process's metrics, or every process's under --workers N."""
+class _LagSampler:
+    """Observes the lag of one written batch in LAG_SAMPLE_EVERY, from its last event's stream id
+    (whose first part is the append's time in Redis, in ms)."""
+
+    def __init__(self) -> None:
+        self._countdown = LAG_SAMPLE_EVERY
+        self._sse = delivery_lag.labels("sse")
+        self._poll = delivery_lag.labels("poll")
+
+    def written(self, last_event_id: str, transport: str) -> None:
+        self._countdown -= 1
+        if self._countdown:
+            return
+        self._countdown = LAG_SAMPLE_EVERY
+        appended_ms = int(last_event_id.partition("-")[0])
+        lag_s = max(0.0, time.time() - appended_ms / 1000)
+        (self._sse if transport == "sse" else self._poll).observe(lag_s)
+
+
+lag = _LagSampler()
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """The work queue as one scrape sees it."""
+
+    waiting: int
+    running: int
+    oldest_waiting_age_s: float
+
+
+class _QueueCollector(Collector):
+    def __init__(self, stats: QueueStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> list[GaugeMetricFamily]:
+        depth = GaugeMetricFamily("jobstream_queue_depth", "Jobs in the work queue.", labels=["state"])
+        depth.add_metric(["waiting"], self._stats.waiting)
+        depth.add_metric(["running"], self._stats.running)
+        age = GaugeMetricFamily(
+            "jobstream_queue_oldest_waiting_age_seconds", "Age of the oldest job no worker has taken yet (0: none)."
+        )
+        age.add_metric([], self._stats.oldest_waiting_age_s)
+        return [depth, age]
+
+
+def exposition(queue: QueueStats | None = None) -> bytes:
+    """The text a scrape gets: this process's metrics, or every process's under --workers N, and
+    the queue read from Redis for this scrape (the same whichever process answers)."""
     deliveries.flush()
     if MULTIPROC_DIR_ENV not in os.environ:
-        return generate_latest(REGISTRY)
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    return generate_latest(registry)
+        text = generate_latest(REGISTRY)
+    else:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        text = generate_latest(registry)
+    if queue is not None:
+        extra = CollectorRegistry()
+        extra.register(_QueueCollector(queue))
+        text += generate_latest(extra)
+    return text

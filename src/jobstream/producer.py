@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import JsonValue, ValidationError
 
-from jobstream import sentry
+from jobstream import metrics, sentry
 from jobstream.connection import UNAVAILABLE
 from jobstream.errors import ValidationFailed, pydantic_errors
 from jobstream.models import EventIn, Progress, to_json
@@ -116,6 +116,7 @@ class JobContext:
             try:
                 return await self._store.append(self.job_id, events, batch=batch, replicas=replicas)
             except UNAVAILABLE as exc:
+                metrics.redis_errors.labels("append").inc()
                 if loop.time() + delay_s > give_up_at:
                     raise
                 logger.warning("job %s: redis unavailable (%s), retrying its append", self.job_id, exc)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 from redis.exceptions import ResponseError
 
 from jobstream import keys
 from jobstream.connection import RedisClient
+from jobstream.metrics import QueueStats
 
 RawEntries = list[tuple[str, dict[str, str] | None]]
 
@@ -77,6 +79,19 @@ class WorkQueue:
             pipe.xack(keys.queue_key, keys.queue_group, entry_id)
             pipe.xdel(keys.queue_key, entry_id)
             await pipe.execute()
+
+
+async def queue_stats(client: RedisClient) -> QueueStats:
+    """Jobs waiting (appended, not yet taken by a worker) and running (taken, not finished:
+    finished entries are deleted), and the age of the oldest waiting one."""
+    length = int(await client.xlen(keys.queue_key))
+    groups: list[dict[str, Any]] = await client.xinfo_groups(keys.queue_key) if length else []
+    group = next((g for g in groups if g["name"] == keys.queue_group), None)
+    running = int(group["pending"]) if group else 0
+    last_taken = group["last-delivered-id"] if group else "0-0"
+    oldest = cast(RawEntries, await client.xrange(keys.queue_key, min=f"({last_taken}", count=1)) if length else []
+    age_s = max(0.0, time.time() - int(oldest[0][0].partition("-")[0]) / 1000) if oldest else 0.0
+    return QueueStats(waiting=max(0, length - running), running=running, oldest_waiting_age_s=round(age_s, 3))
 
 
 def _entries(raw: RawEntries) -> list[QueueEntry]:

@@ -64,6 +64,8 @@ class Settings(BaseSettings):
     delta_flush_ms: int = Field(100, ge=0)
     delta_flush_bytes: int = Field(4096, ge=1)
     shutdown_grace_s: float = Field(10, ge=0)
+    #: "host:port" where `jobstream worker` serves its Prometheus metrics; off when unset.
+    worker_metrics_listen: str | None = None
     #: Workers wait (Redis WAIT) until this many replicas have a job's final events before they
     #: take the job off the queue: a failover right after cannot lose how the job ended.
     durable_end_replicas: int = Field(0, ge=0)
@@ -132,6 +134,15 @@ class Settings(BaseSettings):
             parse(value)
         except ValueError as exc:
             raise ValueError(f"expected a rate such as '10/minute', got {value!r}") from exc
+        return value
+
+    @field_validator("worker_metrics_listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            _, _, port = value.rpartition(":")
+            if not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"expected 'host:port' (or ':port'), got {value!r}")
         return value
 
     @field_validator("redis_url")

@@ -20,7 +20,7 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from jobstream import observability, sentry
+from jobstream import metrics, observability, sentry
 from jobstream.connection import RedisClient
 from jobstream.errors import JobEnded, JobNotFound, ValidationFailed
 from jobstream.models import JobStatus, to_json
@@ -163,6 +163,7 @@ class Worker:
                     await self._reclaim()
                     next_reclaim = loop.time() + lease_s / 2
             except RedisError as exc:
+                metrics.redis_errors.labels("worker").inc()
                 logger.warning("worker %s maintenance failed: %s", self.name, exc)
             await asyncio.sleep(CANCEL_CHECK_S)
 
@@ -188,6 +189,7 @@ class Worker:
             if entry.entry_id in self._running:
                 continue
             self._counters.reclaimed += 1
+            metrics.jobs_reclaimed.inc()
             logger.warning("worker %s reclaimed job %s from a lost or stopped worker", self.name, entry.job_id)
             self._start(entry)
 
@@ -196,6 +198,7 @@ class Worker:
             await self._run_entry(entry)
         except RedisError as exc:
             # The entry stays leased to this worker; once the lease lapses the job is reclaimed.
+            metrics.redis_errors.labels("worker").inc()
             logger.warning("worker %s lost redis while running job %s: %s", self.name, entry.job_id, exc)
 
     async def _run_entry(self, entry: QueueEntry) -> None:
@@ -210,11 +213,13 @@ class Worker:
     async def _run_job(self, entry: QueueEntry, job: JobRecord, attempt: int) -> None:
         spec = self.registry.get(job.type)
         if spec is None:
+            metrics.jobs_finished.labels(job.type, JobStatus.failed.value).inc()
             await self._record(job.id, failure_events(f"No handler for job type '{job.type}' on this worker."))
             return
         if attempt > 1:
             if not spec.idempotent or attempt > self.settings.max_attempts:
                 self._counters.failed += 1
+                metrics.jobs_finished.labels(job.type, JobStatus.failed.value).inc()
                 await self._record(job.id, failure_events(WORKER_LOST))
                 return
             self._counters.retried += 1
@@ -252,7 +257,7 @@ class Worker:
         except asyncio.CancelledError:
             if running.stop_requested:
                 self._counters.cancelled += 1
-                job_transition("cancelled", job.id, job_type=job.type, duration_s=_since(started))
+                _ended(job, JobStatus.cancelled, started)
                 await self._record(job.id, [done_event(JobStatus.cancelled)], ctx)
                 return
             # The worker itself is shutting down: stop the handler and leave the job to be reclaimed.
@@ -263,11 +268,11 @@ class Worker:
         except Exception as exc:
             self._counters.failed += 1
             message = _failure_message(spec, exc, job.id)
-            job_transition("failed", job.id, job_type=job.type, reason=message, duration_s=_since(started))
+            _ended(job, JobStatus.failed, started, reason=message)
             await self._record(job.id, failure_events(message), ctx)
             return
         self._counters.complete += 1
-        job_transition("completed", job.id, job_type=job.type, duration_s=_since(started))
+        _ended(job, JobStatus.completed, started)
         events = [] if result is None else [OutgoingEvent("result", to_json(result_data(result)))]
         await self._record(job.id, [*events, done_event(JobStatus.completed)], ctx)
 
@@ -285,8 +290,12 @@ class Worker:
             pass
 
 
-def _since(started: float) -> float:
-    return round(time.monotonic() - started, 3)
+def _ended(job: JobRecord, status: JobStatus, started: float, **fields: str) -> None:
+    """A run that ended: counted, timed, logged, and a breadcrumb."""
+    duration_s = time.monotonic() - started
+    metrics.jobs_finished.labels(job.type, status.value).inc()
+    metrics.job_duration.labels(job.type).observe(duration_s)
+    job_transition(status.value, job.id, job_type=job.type, duration_s=round(duration_s, 3), **fields)
 
 
 async def _call(spec: HandlerSpec, ctx: JobContext, raw_input: dict[str, Any]) -> Any:

@@ -14,6 +14,7 @@ from jobstream import metrics
 from jobstream.connection import ping
 from jobstream.errors import problem_response
 from jobstream.openapi import openapi_document
+from jobstream.queue import queue_stats
 from jobstream.services import services
 
 
@@ -39,7 +40,12 @@ async def readyz(request: Request) -> Response:
 
 
 async def metrics_endpoint(request: Request) -> Response:
-    return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+    try:
+        queue = await queue_stats(services(request).redis)
+    except (RedisError, RedisClusterException, OSError):
+        queue = None  # the process's own metrics still answer; redis_errors tells why
+        metrics.redis_errors.labels("metrics").inc()
+    return Response(metrics.exposition(queue), media_type=CONTENT_TYPE_LATEST)
 
 
 @cache

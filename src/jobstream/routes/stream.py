@@ -99,6 +99,7 @@ async def _frames(
                     chunk, finished = _encode_batch(batch)
                     metrics.deliveries.sse += len(batch)
                     yield chunk
+                    metrics.lag.written(batch[-1].id, "sse")
                     if finished:
                         return
                 if not set_up:
@@ -171,6 +172,8 @@ async def poll_events(request: Request) -> Response:
         # A span of its own: the wait is the client's choice, not the gateway's latency.
         with sentry_sdk.start_span(op="long_poll.wait", name="wait for events"):
             events = (await _wait_for_events(svc, principal.user, job.id, after, query.wait))[: query.limit]
+        if events:
+            metrics.lag.written(events[-1].id, "poll")
         refreshed = await svc.store.get(job.id)
         if refreshed is None:
             raise JobNotFound()
