@@ -190,6 +190,10 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
             assert len(children_of(gateway.pid)) >= 2
             auth = {"Authorization": "Bearer k-serve"}
             job = http.post("/v1/jobs", json={"type": "external"}, headers=auth).json()
+            for _ in range(2):  # no worker runs: they wait in the queue, whichever process is asked
+                http.post("/v1/jobs", json={"type": "demo.story"}, headers=auth)
+            for _ in range(4):
+                assert scrape(port, 'jobstream_queue_depth{state="waiting"}') == 2
             url = job["links"]["events"]
             # Several connections, spread by the kernel over both processes, all see the same events.
             streams = [http.stream("GET", url, params={"token": job["token"]}) for _ in range(6)]

@@ -131,15 +131,19 @@ def test_create_whenIdempotencyKeyRepeated_thenSameJob(client: httpx.Client, rdb
 
 
 def test_rateLimit_whenSharedByTwoGateways_thenCountsAcrossBoth(make_stack: Callable[..., LiveStack]) -> None:
+    from tests.test_metrics import value  # the metrics tests import this module
+
     one = make_stack(with_worker=False, create_rate="3/minute")
     two = make_stack(with_worker=False, create_rate="3/minute")
     with one.client() as a, two.client() as b:
         answers = [http.post("/v1/jobs", json={"type": "external"}, headers=ALICE) for http in (a, b, a)]
         assert [r.status_code for r in answers] == [201, 201, 201]
         assert [r.headers["ratelimit-remaining"] for r in answers] == ["2", "1", "0"]
+        refusals = value(b.get("/metrics").text, "jobstream_rate_limited_total", limit="create")
         refused = b.post("/v1/jobs", json={"type": "external"}, headers=ALICE)
         assert_problem(refused, 429)
         assert int(refused.headers["retry-after"]) >= 1
+        assert value(b.get("/metrics").text, "jobstream_rate_limited_total", limit="create") == refusals + 1
         assert refused.headers["ratelimit-limit"] == "3" and refused.headers["ratelimit-remaining"] == "0"
         # Another user has a window of their own.
         assert a.post("/v1/jobs", json={"type": "external"}, headers=BOB).status_code == 201

@@ -73,8 +73,9 @@ def test_jsonLogs_whenJobsRun_thenOneLinePerRequestAndTransitionWithIdsAndNoSecr
     stream = next(line for line in requests if line["path"].startswith(f"/v1/jobs/{story['id']}/events"))
     assert "token=REDACTED" in stream["path"]
 
-    created_line = next(line for line in gateway_lines if line.get("event") == "job.created")
-    assert created_line["job_id"] == story["id"] and created_line["request_id"] == "req-abc.123"
+    story_lines = [line for line in gateway_lines if line.get("job_id") == story["id"] and "event" in line]
+    assert [line["event"] for line in story_lines] == ["job.created", "job.queued"]
+    assert all(line["request_id"] == "req-abc.123" for line in story_lines)
 
     def transitions(job_id: str) -> list[str]:
         return [line["event"] for line in worker_lines if line.get("job_id") == job_id and "event" in line]

@@ -14,6 +14,7 @@ import redis
 from jobstream import keys
 from tests.conftest import ALICE, BOB, LiveStack, append, create_job, poll_all, read_sse, subscribed_channels
 from tests.test_create import assert_problem
+from tests.test_metrics import value
 
 pytestmark = pytest.mark.on_cluster
 
@@ -274,9 +275,11 @@ def test_sse_whenTooManyOpenPerUser_then429UntilOneCloses(make_stack: Callable[.
         second = http.stream("GET", url, params={"token": job["token"]})
         with first as r1, second as r2:
             assert r1.status_code == 200 and r2.status_code == 200
+            refusals = value(http.get("/metrics").text, "jobstream_rate_limited_total", limit="sse")
             refused = http.get(url, params={"token": job["token"]})
             assert_problem(refused, 429)
             assert "retry-after" in refused.headers
+            assert value(http.get("/metrics").text, "jobstream_rate_limited_total", limit="sse") == refusals + 1
             # Another user is not affected.
             bob_job = create_job(http, headers=BOB)
             with http.stream("GET", f"/v1/jobs/{bob_job['id']}/events", params={"token": bob_job["token"]}) as r3:

@@ -18,6 +18,7 @@ from jobstream.auth import Authenticator
 from jobstream.settings import SettingsError, load_settings
 from tests.conftest import ALICE, BOB, LiveStack, create_job, make_settings
 from tests.test_create import assert_problem
+from tests.test_metrics import value
 
 APP = "https://app.example"
 
@@ -91,9 +92,11 @@ def test_longPolls_whenUserHasTooManyWaiting_then429AndOthersUnaffected(
         for thread in threads:
             thread.start()
         _wait_until(lambda: rdb.zcard(keys.long_poll_leases_key("alice")) == 2)
+        refusals = value(http.get("/metrics").text, "jobstream_rate_limited_total", limit="long_poll")
         refused = http.get(url, params={"token": job["token"], "wait": 2})
         assert_problem(refused, 429)
         assert refused.headers["retry-after"] == "1"
+        assert value(http.get("/metrics").text, "jobstream_rate_limited_total", limit="long_poll") == refusals + 1
         assert http.get(url, params={"token": job["token"]}).status_code == 200  # a short poll needs no slot
         bob_job = create_job(http, headers=BOB)
         bob = http.get(f"/v1/jobs/{bob_job['id']}/poll", params={"token": bob_job["token"], "wait": 0.2})

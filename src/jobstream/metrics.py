@@ -18,7 +18,11 @@ from prometheus_client.registry import Collector
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 jobs_created = Counter("jobstream_jobs_created_total", "Jobs created.", ["type"])
-rate_limited = Counter("jobstream_rate_limited_total", "Create requests refused by the rate limit.")
+rate_limited = Counter(
+    "jobstream_rate_limited_total",
+    "Requests refused with 429, by limit: create rate, open streams, long-polls.",
+    ["limit"],
+)
 sse_open = Gauge("jobstream_sse_connections", "Open SSE connections.", multiprocess_mode="livesum")
 polls = Counter("jobstream_polls_total", "Poll requests.", ["kind"])
 _delivered = Counter("jobstream_events_delivered_total", "Events written to readers.", ["transport"])

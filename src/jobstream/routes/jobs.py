@@ -43,7 +43,7 @@ async def create_job(request: Request) -> Response:
 
     decision = await svc.limiter.hit(principal.user)
     if not decision.allowed:
-        metrics.rate_limited.inc()
+        metrics.rate_limited.labels("create").inc()
         raise RateLimited("Too many jobs created; retry after the time in Retry-After.", headers=decision.headers())
 
     job_id = str(uuid.uuid4())
@@ -63,7 +63,9 @@ async def create_job(request: Request) -> Response:
             await svc.store.forget_idempotent(idem_key)
         raise
     metrics.jobs_created.labels(payload.type).inc()
-    job_transition("created", job_id, job_type=payload.type, queued=payload.type != EXTERNAL)
+    job_transition("created", job_id, job_type=payload.type)
+    if payload.type != EXTERNAL:
+        job_transition("queued", job_id, job_type=payload.type)
     headers = {"Location": body["links"]["self"], **decision.headers()}
     return JSONResponse(body, status_code=201, headers=headers)
 

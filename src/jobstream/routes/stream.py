@@ -62,6 +62,7 @@ async def stream_events(request: Request) -> Response:
         return Response(headers=SSE_HEADERS, media_type="text/event-stream")
     lease = await svc.leases.acquire(principal.user)
     if lease is None:
+        metrics.rate_limited.labels("sse").inc()
         raise RateLimited(
             f"At most {svc.settings.max_sse_per_user} open event streams per user.",
             headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
@@ -189,6 +190,7 @@ async def _wait_for_events(svc: Services, user: str, job_id: str, after: str, wa
     """A long-poll's wait, holding one of the user's long-poll slots meanwhile."""
     lease = await svc.long_polls.acquire(user)
     if lease is None:
+        metrics.rate_limited.labels("long_poll").inc()
         raise RateLimited(
             f"At most {svc.settings.max_long_polls_per_user} long-polls per user may wait at once.",
             headers={"Retry-After": "1"},
