@@ -228,6 +228,34 @@ def test_lostConnection_whenPubsubKilled_thenReadersResumeWithoutGap(redis_url: 
     run(scenario)
 
 
+def test_readerLoop_whenABugRaisesInside_thenItCarriesOnAndReadersMissNothing(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (hub, store):
+            job_id = await new_job(store)
+            publish = hub._publish
+            calls = 0
+
+            def flaky(name: str, payload: str) -> None:
+                nonlocal calls
+                calls += 1
+                if calls == 10:
+                    raise KeyError("a bug in message handling")
+                publish(name, payload)
+
+            monkeypatch.setattr(hub, "_publish", flaky)
+            task = asyncio.create_task(collect(hub, job_id, "0-0", 41))
+            for index in range(40):
+                await store.append(job_id, [delta(str(index))])
+                await asyncio.sleep(0.005)
+            got = await asyncio.wait_for(task, 15)
+            assert [event.id for event in got] == [event.id for event in await store.read(job_id, "0-0", 1000)]
+            assert hub.resets == 1
+
+    run(scenario)
+
+
 def test_wait_whenEventArrives_thenReturnsIt_andTimesOutOtherwise(redis_url: str) -> None:
     async def scenario() -> None:
         async with hub_and_store(redis_url) as (hub, store):

@@ -394,9 +394,14 @@ class Hub:
                     message = await self._pubsub.handle_message(response)  # type: ignore[no-untyped-call]
                     if message is not None and message["type"] == "subscribe":
                         self._confirm(str(message["channel"]))
-            except (RedisError, OSError) as exc:
+            except Exception as exc:
                 # redis-py reconnects (and re-subscribes) on the next read; readers re-join meanwhile.
-                logger.warning("hub lost its redis subscription: %s", exc)
+                # Anything else is a bug, but this loop serves every reader of the process: it
+                # keeps going rather than die and leave them all waiting.
+                if isinstance(exc, RedisError | OSError):
+                    logger.warning("hub lost its redis subscription: %s", exc)
+                else:
+                    logger.exception("hub reader failed; every reader re-reads from its last id")
                 self._reset_all()
                 await asyncio.sleep(0.5)
                 if self._moves_on_failure:
