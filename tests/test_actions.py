@@ -159,7 +159,7 @@ def test_ops_whenRedisUp_thenHealthyReadyMetrics(client: httpx.Client) -> None:
 def test_redisDown_whenRequests_then503WithRetryAfterNotHang(redis_url: str) -> None:
     from jobstream.devredis import free_port
     from tests.conftest import LiveStack
-    from tests.test_metrics import value
+    from tests.test_cli import value
 
     stack = LiveStack(make_settings(f"redis://127.0.0.1:{free_port()}/0"), with_worker=False).start()
     try:

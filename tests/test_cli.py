@@ -166,23 +166,28 @@ def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(red
         kill_all(gateway, worker)
 
 
-def scrape(port: int, series: str) -> float:
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample ``name{labels}`` of an exposition (labels in any order), 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, number = line.rpartition(" ")
+        found_name, _, label_text = series.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if found_name == name and found == labels:
+            return float(number)
+    return 0.0
+
+
+def scrape(port: int, name: str, **labels: str) -> float:
     """One series of /metrics, over a new connection (so that any process may answer)."""
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
-        for line in fresh.get("/metrics").text.splitlines():
-            if line.startswith(series + " "):
-                return float(line.split()[-1])
-    return 0.0
+        return value(fresh.get("/metrics").text, name, **labels)
 
 
 def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> None:
     port = free_port()
-    env = _clean_env(
-        JOBSTREAM_REDIS_URL=redis_url,
-        JOBSTREAM_API_KEYS="k-serve=alice",
-        JOBSTREAM_TOKEN_SECRET="s" * 32,
-        JOBSTREAM_MAX_SSE_PER_USER="50",
-    )
+    env = app_env(redis_url, "k-serve", "s" * 32, JOBSTREAM_MAX_SSE_PER_USER="50")
     gateway = jobstream("serve", "--port", str(port), "--workers", "2", env=env)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:
@@ -193,7 +198,7 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
             for _ in range(2):  # no worker runs: they wait in the queue, whichever process is asked
                 http.post("/v1/jobs", json={"type": "demo.story"}, headers=auth)
             for _ in range(4):
-                assert scrape(port, 'jobstream_queue_depth{state="waiting"}') == 2
+                assert scrape(port, "jobstream_queue_depth", state="waiting") == 2
             url = job["links"]["events"]
             # Several connections, spread by the kernel over both processes, all see the same events.
             streams = [http.stream("GET", url, params={"token": job["token"]}) for _ in range(6)]
@@ -201,7 +206,7 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
             # Whichever process answers a scrape answers for both (new connection each time).
             for _ in range(8):
                 assert scrape(port, "jobstream_sse_connections") == 6
-                assert scrape(port, 'jobstream_jobs_created_total{type="external"}') == 1
+                assert scrape(port, "jobstream_jobs_created_total", type="external") == 1
             http.post(
                 f"{job['links']['self']}/events",
                 json=[{"type": "delta", "data": {"text": "hi"}}, {"type": "done", "data": {"status": "completed"}}],
@@ -215,7 +220,7 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
                 delivered += text.count("id: ")
             time.sleep(1.5)  # delivery counts reach the shared counter within a second
             for _ in range(4):
-                assert scrape(port, 'jobstream_events_delivered_total{transport="sse"}') == delivered
+                assert scrape(port, "jobstream_events_delivered_total", transport="sse") == delivered
                 assert scrape(port, "jobstream_sse_connections") == 0
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(timeout=20) == 0
@@ -225,12 +230,7 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
 
 def test_serve_whenTokensInRequests_thenNeverInItsLogs(redis_url: str) -> None:
     port = free_port()
-    env = _clean_env(
-        JOBSTREAM_REDIS_URL=redis_url,
-        JOBSTREAM_API_KEYS="k-secret-api-key=alice",
-        JOBSTREAM_TOKEN_SECRET="s" * 32,
-        JOBSTREAM_LOG_LEVEL="INFO",
-    )
+    env = app_env(redis_url, "k-secret-api-key", "s" * 32, JOBSTREAM_LOG_LEVEL="INFO")
     gateway = jobstream("serve", "--port", str(port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as http:

@@ -12,6 +12,7 @@ import redis
 
 from jobstream import keys
 from tests.conftest import ALICE, BOB, JWT_SECRET, LiveStack, create_job
+from tests.test_cli import value
 
 pytestmark = pytest.mark.on_cluster
 
@@ -131,8 +132,6 @@ def test_create_whenIdempotencyKeyRepeated_thenSameJob(client: httpx.Client, rdb
 
 
 def test_rateLimit_whenSharedByTwoGateways_thenCountsAcrossBoth(make_stack: Callable[..., LiveStack]) -> None:
-    from tests.test_metrics import value  # the metrics tests import this module
-
     one = make_stack(with_worker=False, create_rate="3/minute")
     two = make_stack(with_worker=False, create_rate="3/minute")
     with one.client() as a, two.client() as b:

@@ -57,7 +57,8 @@ def test_jsonLogs_whenJobsRun_thenOneLinePerRequestAndTransitionWithIdsAndNoSecr
                 generated = boom_response.headers["x-request-id"]
                 assert re.fullmatch(r"[0-9a-f]{32}", generated), "an unusable id is replaced, not echoed"
                 boom = boom_response.json()
-                read_sse(http, story)
+                stream_response, _ = read_sse(http, story, headers={"X-Request-ID": "stream-1"})
+                assert stream_response.headers["x-request-id"] == "stream-1"
                 read_sse(http, boom)
         finally:
             for process in (gateway, worker):
@@ -71,7 +72,7 @@ def test_jsonLogs_whenJobsRun_thenOneLinePerRequestAndTransitionWithIdsAndNoSecr
     assert create["path"] == "/v1/jobs" and create["status"] == 201
     assert any(line["request_id"] == generated and line["status"] == 201 for line in requests)
     stream = next(line for line in requests if line["path"].startswith(f"/v1/jobs/{story['id']}/events"))
-    assert "token=REDACTED" in stream["path"]
+    assert "token=REDACTED" in stream["path"] and stream["request_id"] == "stream-1"
 
     story_lines = [line for line in gateway_lines if line.get("job_id") == story["id"] and "event" in line]
     assert [line["event"] for line in story_lines] == ["job.created", "job.queued"]

@@ -14,23 +14,10 @@ import httpx
 
 from jobstream.devredis import free_port
 from tests.conftest import ALICE, LiveStack, create_job, read_sse
-from tests.test_cli import app_env, jobstream, kill_all
+from tests.test_cli import app_env, jobstream, kill_all, value
 from tests.test_faults import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    """The sample ``name{labels}`` of an exposition (labels in any order), 0 when absent."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series, _, number = line.rpartition(" ")
-        found_name, _, label_text = series.partition("{")
-        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-        if found_name == name and found == labels:
-            return float(number)
-    return 0.0
 
 
 def _story(http: httpx.Client, words: int, delay_ms: int) -> dict[str, object]:

@@ -13,8 +13,8 @@ import redis
 
 from jobstream import keys
 from tests.conftest import ALICE, BOB, LiveStack, append, create_job, poll_all, read_sse, subscribed_channels
+from tests.test_cli import value
 from tests.test_create import assert_problem
-from tests.test_metrics import value
 
 pytestmark = pytest.mark.on_cluster
 

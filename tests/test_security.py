@@ -17,8 +17,8 @@ from jobstream import keys
 from jobstream.auth import Authenticator
 from jobstream.settings import SettingsError, load_settings
 from tests.conftest import ALICE, BOB, LiveStack, create_job, make_settings
+from tests.test_cli import value
 from tests.test_create import assert_problem
-from tests.test_metrics import value
 
 APP = "https://app.example"
 

@@ -159,7 +159,7 @@ def test_sentry_whenJobsRunAndFail_thenLinkedTracesTaggedErrorsAndNothingSecret(
             _wait_for(ingest, "transaction", lambda t: t["transaction"] == "/v1/jobs/{job_id}/events")
         ]
         longest = max(_duration_s(t) for t in streams)
-        assert longest < 1.0 < streamed_s, f"a stream transaction lasted {longest:.2f}s"
+        assert longest < streamed_s / 2, f"a stream transaction lasted {longest:.2f}s of {streamed_s:.2f}s"
         assert all("stream.first_write_events" in t["measurements"] for t in streams)
 
         long_poll = _wait_for(ingest, "transaction", lambda t: t["transaction"] == "/v1/jobs/{job_id}/poll")

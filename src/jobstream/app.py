@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from jobstream import keys, metrics, sentry
+from jobstream import keys, metrics, requestid, sentry
 from jobstream.auth import Authenticator
 from jobstream.connection import create_client
 from jobstream.errors import EXCEPTION_HANDLERS
@@ -82,7 +82,7 @@ def cors_middleware(settings: Settings) -> list[Middleware]:
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "HEAD", "POST", "DELETE"],
             allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "If-None-Match", "Last-Event-ID"],
-            expose_headers=[*RATE_LIMIT_HEADERS, "Retry-After", "Location", "ETag", "X-Request-ID"],
+            expose_headers=[*RATE_LIMIT_HEADERS, "Retry-After", "Location", "ETag", requestid.HEADER],
             allow_credentials=False,
             max_age=600,
         )
@@ -122,6 +122,6 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
     return Starlette(
         routes=build_routes(),
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[*cors_middleware(settings), Middleware(RequestId), Middleware(EventStreamRoute)],
+        middleware=[*cors_middleware(settings), Middleware(EventStreamRoute), Middleware(RequestId)],
         lifespan=lifespan,
     )

@@ -10,11 +10,23 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from jobstream import observability
 
-HEADER = b"x-request-id"
+HEADER = "X-Request-ID"
+_HEADER_KEY = HEADER.lower().encode()
 _VALID = re.compile(rb"^[A-Za-z0-9._:\-]{1,128}$")
 
 
+def assign(scope: Scope) -> str:
+    """The request's id, set for the log lines written while it is served."""
+    given = next((value for name, value in scope["headers"] if name == _HEADER_KEY), b"")
+    request_id = given.decode() if _VALID.match(given) else uuid.uuid4().hex
+    observability.request_id.set(request_id)
+    return request_id
+
+
 class RequestId:
+    """For every request but event streams, whose route (routes.hotpath) sets the header on its
+    own response: wrapping ``send`` would add a call to every event written."""
+
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
@@ -22,10 +34,7 @@ class RequestId:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((value for name, value in scope["headers"] if name == HEADER), b"")
-        request_id = given.decode() if _VALID.match(given) else uuid.uuid4().hex
-        observability.request_id.set(request_id)
-        header = (HEADER, request_id.encode())
+        header = (_HEADER_KEY, assign(scope).encode())
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":

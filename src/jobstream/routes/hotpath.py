@@ -15,7 +15,7 @@ import re
 from starlette.requests import Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from jobstream import sentry
+from jobstream import requestid, sentry
 from jobstream.errors import EXCEPTION_HANDLERS, ExceptionHandler
 from jobstream.routes.stream import stream_events
 
@@ -47,6 +47,7 @@ class EventStreamRoute:
             await self.app(scope, receive, send)
             return
         scope["path_params"] = {"job_id": match.group(1)}
+        request_id = requestid.assign(scope)
         sentry.name_transaction(EVENTS_ROUTE)
         del match  # a frame that stays suspended for hours keeps its locals
         request = Request(scope, receive)
@@ -57,4 +58,5 @@ class EventStreamRoute:
             if handler is None:
                 raise
             response = await handler(request, exc)
+        response.headers[requestid.HEADER] = request_id
         await response(scope, receive, send)
