@@ -13,7 +13,7 @@ from starlette.routing import Mount, Route
 from jobstream import keys
 from jobstream.routes import build_routes
 from tests.conftest import ALICE, BOB, LiveStack, append, create_job, make_settings, read_sse
-from tests.test_create import assert_problem
+from tests.helpers import assert_problem, wait_until
 
 pytestmark = pytest.mark.on_cluster
 
@@ -106,14 +106,20 @@ def test_delete_whenOwner_then204AndGone(client: httpx.Client, rdb: redis.Redis)
 
 def test_ttl_whenIdle_thenJobExpiresAnd404(client: httpx.Client) -> None:
     job = create_job(client, ttl=1)
-    time.sleep(2.2)
+    assert client.get(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 200
+    wait_until(
+        lambda: client.get(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 404,
+        timeout_s=5,
+        interval_s=0.1,
+        message="a job idle past its 1 s TTL was still there",
+    )
     assert_problem(client.get(f"/v1/jobs/{job['id']}", headers=ALICE), 404)
 
 
 def test_ttl_whenAppending_thenRefreshedAndNeverExpiresMidRun(client: httpx.Client, rdb: redis.Redis) -> None:
     job = create_job(client, ttl=2)
     for _ in range(4):
-        time.sleep(0.8)
+        time.sleep(0.8)  # on purpose: time passes between appends, longer in all than the TTL
         append(client, job, {"type": "delta", "data": {"text": "."}})
     assert client.get(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 200
     assert rdb.ttl(keys.events_key(job["id"])) > 0
@@ -159,7 +165,7 @@ def test_ops_whenRedisUp_thenHealthyReadyMetrics(client: httpx.Client) -> None:
 def test_redisDown_whenRequests_then503WithRetryAfterNotHang(redis_url: str) -> None:
     from jobstream.devredis import free_port
     from tests.conftest import LiveStack
-    from tests.test_cli import value
+    from tests.helpers import value
 
     stack = LiveStack(make_settings(f"redis://127.0.0.1:{free_port()}/0"), with_worker=False).start()
     try:

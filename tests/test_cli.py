@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-from typing import Any
 
 import httpx
 
 from jobstream.devredis import free_port
+from tests.helpers import app_env, clean_env, jobstream, kill_all, scrape, wait_ready, wait_until
 
 
 def children_of(parent: int) -> list[tuple[int, str]]:
@@ -34,54 +33,11 @@ def children_of(parent: int) -> list[tuple[int, str]]:
     return found
 
 
-def wait_ready(http: httpx.Client, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if http.get("/readyz").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("the gateway never became ready")
-
-
-def jobstream(*args: str, env: dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
-    """`python -m jobstream <args>` as a real process."""
-    return subprocess.Popen([sys.executable, "-m", "jobstream", *args], env=env, **popen)
-
-
-def kill_all(*processes: subprocess.Popen[bytes] | None) -> None:
-    """Test cleanup: kill whatever is still running (a passing test has already stopped them)."""
-    for process in processes:
-        if process is not None and process.poll() is None:
-            process.kill()
-            process.wait()
-
-
-def _clean_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
-    return {**env, **extra}
-
-
-def app_env(redis_url: str, api_key: str, token_secret: str, **extra: str) -> dict[str, str]:
-    """The environment of a gateway or worker process on ``redis_url`` with the test handlers,
-    one API key (for user alice) and a shared token secret."""
-    return _clean_env(
-        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
-        JOBSTREAM_REDIS_URL=redis_url,
-        JOBSTREAM_API_KEYS=f"{api_key}=alice",
-        JOBSTREAM_TOKEN_SECRET=token_secret,
-        JOBSTREAM_APP="tests.handlers",
-        **extra,
-    )
-
-
 def test_dev_whenStarted_thenServesAStoryEndToEndAndStopsEverything() -> None:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "jobstream", "dev", "--port", str(port)],
-        env=_clean_env(),
+        env=clean_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -130,7 +86,7 @@ def _is_zombie(pid: int) -> bool:
 def test_serve_whenSettingInvalid_thenOneClearLineNoTraceback() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "jobstream", "serve"],
-        env=_clean_env(JOBSTREAM_JOB_TTL_S="soon", JOBSTREAM_API_KEYS="novalue"),
+        env=clean_env(JOBSTREAM_JOB_TTL_S="soon", JOBSTREAM_API_KEYS="novalue"),
         capture_output=True,
         text=True,
         timeout=30,
@@ -144,7 +100,7 @@ def test_serve_whenSettingInvalid_thenOneClearLineNoTraceback() -> None:
 
 def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(redis_url: str) -> None:
     port = free_port()
-    env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_API_KEYS="k-serve=alice", JOBSTREAM_TOKEN_SECRET="s" * 32)
+    env = clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_API_KEYS="k-serve=alice", JOBSTREAM_TOKEN_SECRET="s" * 32)
     gateway = jobstream("serve", "--port", str(port), env=env)
     worker = jobstream("worker", "--concurrency", "2", env=env)
     try:
@@ -164,25 +120,6 @@ def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(red
         assert worker.wait(timeout=20) == 0
     finally:
         kill_all(gateway, worker)
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    """The sample ``name{labels}`` of an exposition (labels in any order), 0 when absent."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        series, _, number = line.rpartition(" ")
-        found_name, _, label_text = series.partition("{")
-        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
-        if found_name == name and found == labels:
-            return float(number)
-    return 0.0
-
-
-def scrape(port: int, name: str, **labels: str) -> float:
-    """One series of /metrics, over a new connection (so that any process may answer)."""
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
-        return value(fresh.get("/metrics").text, name, **labels)
 
 
 def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> None:
@@ -218,7 +155,13 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
                 stream.__exit__(None, None, None)
                 assert '"text":"hi"' in text and "event: done" in text
                 delivered += text.count("id: ")
-            time.sleep(1.5)  # delivery counts reach the shared counter within a second
+            # Each process adds its delivery counts to the shared counter in the background.
+            wait_until(
+                lambda: scrape(port, "jobstream_events_delivered_total", transport="sse") == delivered,
+                timeout_s=15,
+                interval_s=0.1,
+                message=f"the delivery counter never reached the {delivered} events delivered",
+            )
             for _ in range(4):
                 assert scrape(port, "jobstream_events_delivered_total", transport="sse") == delivered
                 assert scrape(port, "jobstream_sse_connections") == 0

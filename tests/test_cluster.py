@@ -6,7 +6,6 @@ the node that carries a gateway's subscription dying."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -21,7 +20,8 @@ from jobstream.devredis import EmbeddedRedis, EmbeddedRedisCluster
 from jobstream.settings import SettingsError, load_settings
 from jobstream.store import JobStore, OutgoingEvent, StoredEvent
 from tests.conftest import ALICE, CLUSTER_URLS, LiveStack, SyncRedis, make_settings
-from tests.test_faults import assert_story_intact, assert_story_survived_failover, story_being_read, wait_until
+from tests.helpers import wait_until, wait_until_async
+from tests.test_faults import assert_story_intact, assert_story_survived_failover, story_being_read
 from tests.test_hub import collect, delta, hub_and_store, new_job
 
 
@@ -79,18 +79,29 @@ def _slot_owner(rdb: RedisCluster, key: str) -> int:
     return int(rdb.get_node_from_key(key).port)
 
 
-def _migrate_slot(slot: int, source_port: int, target_port: int, master_ports: list[int], pause_s: float) -> None:
-    """Move a slot as `redis-cli --cluster reshard` does, pausing in each state while the job
-    writes: MIGRATING (keys still on the source), keys moved (the source answers ASK), owner
-    changed (the source answers MOVED)."""
+def _migrate_slot(slot: int, source_port: int, target_port: int, master_ports: list[int], events_key: str) -> None:
+    """Move a slot as `redis-cli --cluster reshard` does, staying in each state until the job has
+    written in it: MIGRATING (keys still on the source: its stream grows there), keys moved (the
+    source answers ASK: a command followed it to the target), owner changed (the source answers
+    MOVED)."""
     with _node(source_port) as source, _node(target_port) as target:
         source_id, target_id = source.execute_command("CLUSTER MYID"), target.execute_command("CLUSTER MYID")
         target.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", source_id)
         source.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", target_id)
-        time.sleep(pause_s)
+        length = source.xlen(events_key)
+        wait_until(
+            lambda: source.xlen(events_key) >= length + 2,
+            timeout_s=20,
+            message="the job wrote nothing while its slot was MIGRATING",
+        )
         slot_keys = source.execute_command("CLUSTER GETKEYSINSLOT", slot, 100)
+        asking = _asking_calls(target_port)
         source.execute_command("MIGRATE", "127.0.0.1", target_port, "", 0, 5000, "KEYS", *slot_keys)
-        time.sleep(pause_s)
+        wait_until(
+            lambda: _asking_calls(target_port) > asking,
+            timeout_s=20,
+            message="no command followed an ASK redirect while the keys were moved",
+        )
     for port in master_ports:
         with _node(port) as master:
             master.execute_command("CLUSTER SETSLOT", slot, "NODE", target_id)
@@ -117,7 +128,7 @@ def test_slotMigration_whenJobSlotMovesMidStory_thenAskAndMovedFollowedAndReader
         masters = [int(node.port) for node in rdb.get_primaries()]
         target = next(port for port in masters if port != source)
         asking_before = _asking_calls(target)
-        _migrate_slot(rdb.keyslot(meta), source, target, masters, pause_s=0.6)
+        _migrate_slot(rdb.keyslot(meta), source, target, masters, keys.events_key(job["id"]))
         events = reading.result(timeout=60)
     assert_story_intact(events, job["id"], 60)
     assert _slot_owner(rdb, meta) == target
@@ -158,9 +169,19 @@ def test_failover_whenJobMasterKilledMidStory_thenReplicaTakesOverAndEveryoneCar
             victim = _master_of_slot(own_cluster, meta)
             assert victim.process is not None
             victim.process.kill()  # no shutdown: whatever was not replicated is gone
-            wait_until(lambda: _replica_promoted(own_cluster, meta, victim), "no replica took over the job's slot")
+            wait_until(
+                lambda: _replica_promoted(own_cluster, meta, victim),
+                timeout_s=20,
+                interval_s=0.1,
+                message="no replica took over the job's slot",
+            )
             events = reading.result(timeout=60)
-            wait_until(lambda: http.get("/readyz").status_code == 200, "the gateway never became ready again")
+            wait_until(
+                lambda: http.get("/readyz").status_code == 200,
+                timeout_s=20,
+                interval_s=0.1,
+                message="the gateway never became ready again",
+            )
             assert http.post("/v1/jobs", json={"type": "demo.story"}, headers=ALICE).status_code == 201
     finally:
         stack.stop()
@@ -183,7 +204,7 @@ async def _append_through_outage(store: JobStore, job_id: str, event: OutgoingEv
             await store.append(job_id, [event], batch=batch)
             return
         except UNAVAILABLE:
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.2)  # a writer's retry delay, not a wait for something
     raise AssertionError("the cluster did not come back within 20 s")
 
 
@@ -210,13 +231,13 @@ def test_hub_whenItsNodeDies_thenSubscriptionMovesAndReaderMissesNothing(own_clu
                     assert carrier.process is not None
                     carrier.process.kill()
                 if index == 40:
-                    for _ in range(100):  # the move takes a moment
-                        if _pubsub_node(own_cluster) not in (None, carrier):
-                            break
-                        await asyncio.sleep(0.1)
-                    assert _pubsub_node(own_cluster) not in (None, carrier), "the subscription did not move"
+                    await wait_until_async(
+                        lambda: _pubsub_node(own_cluster) not in (None, carrier),
+                        interval_s=0.1,
+                        message="the subscription did not move",
+                    )
                 await _append_through_outage(store, job_id, delta(str(index)), batch=str(index))
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # on purpose: appends keep coming through the node's death and the move
             await asyncio.wait_for(task, 30)
             stored = await store.read(job_id, "0-0", 1000)
             assert [event.id for event in got] == [event.id for event in stored]

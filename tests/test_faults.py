@@ -28,8 +28,7 @@ from jobstream.demo import story_text
 from jobstream.devredis import EmbeddedRedis, free_port
 from jobstream.store import JobRecord, JobStore, OutgoingEvent
 from tests.conftest import ALICE, LiveStack, create_job, make_settings, read_sse
-from tests.test_cli import _clean_env, jobstream, kill_all, scrape, wait_ready
-from tests.test_create import assert_problem
+from tests.helpers import assert_problem, clean_env, jobstream, kill_all, scrape, wait_ready, wait_until
 
 AOF = ["--appendonly", "yes", "--appendfsync", "everysec"]
 
@@ -59,7 +58,7 @@ def follow_with_resume(urls: list[str], job: dict[str, Any], timeout_s: float = 
                             return events
         except httpx.HTTPError:
             pass  # the gateway went away mid-read, or is not back yet
-        time.sleep(0.2)
+        time.sleep(0.2)  # a reconnecting client's retry delay (as EventSource's `retry`), not a wait for something
     raise AssertionError(f"no `done` within {timeout_s}s; got {len(events)} events")
 
 
@@ -67,13 +66,6 @@ def start_story(http: httpx.Client, *, words: int, delay_ms: int) -> dict[str, A
     body = {"type": "demo.story", "input": {"words": words, "delay_ms": delay_ms}}
     created: dict[str, Any] = http.post("/v1/jobs", json=body, headers=ALICE).json()
     return created
-
-
-def wait_until(condition: Callable[[], bool], message: str, timeout_s: float = 20) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, message
-        time.sleep(0.1)
 
 
 @contextmanager
@@ -158,7 +150,7 @@ def test_redisRestart_whenAof_thenJobSurvivesEveryoneReconnectsAndReaderMissesNo
             assert_problem(refused, 503)
             assert refused.headers["retry-after"]
             assert time.monotonic() - outage_started < 15, "requests hung while Redis was down"
-            time.sleep(1)
+            time.sleep(1)  # on purpose: Redis stays down a while, with the reader and the worker cut off
 
             second = EmbeddedRedis(port=port, extra_args=AOF, data_dir=str(tmp_path)).start()
             wait_ready(http, timeout_s=15)
@@ -174,17 +166,15 @@ def test_redisRestart_whenAof_thenJobSurvivesEveryoneReconnectsAndReaderMissesNo
 
 
 def wait_for_events(http: httpx.Client, job: dict[str, Any], count: int, timeout_s: float = 15) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def enough() -> bool:
         body = http.get(job["links"]["poll"], params={"token": job["token"], "limit": count}).json()
-        if len(body["events"]) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} events after {timeout_s}s")
+        return len(body["events"]) >= count
+
+    wait_until(enough, timeout_s=timeout_s, interval_s=0.05, message=f"fewer than {count} events")
 
 
 def _gateway(redis_url: str, port: int, **env: str) -> subprocess.Popen[bytes]:
-    environment = _clean_env(
+    environment = clean_env(
         JOBSTREAM_REDIS_URL=redis_url,
         JOBSTREAM_API_KEYS="key-alice=alice",
         JOBSTREAM_TOKEN_SECRET="s" * 32,
@@ -203,7 +193,7 @@ def test_gatewayStopped_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFree
     # Lease: the larger of 5 s and four heartbeats; each gateway renews its streams' leases.
     gateways = [_gateway(redis_url, port, JOBSTREAM_SSE_LEASE_S="5") for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    worker_env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_TOKEN_SECRET="s" * 32)
+    worker_env = clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_TOKEN_SECRET="s" * 32)
     worker = jobstream("worker", env=worker_env)
     try:
         for url in urls:
@@ -223,10 +213,12 @@ def test_gatewayStopped_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFree
             # Graceful: streams are ended at once (their readers reconnect elsewhere), then it exits.
             assert exit_code == 0 and time.monotonic() - stopped_at < 10
         # A killed gateway never released its reader's slot: it lapses with the lease.
-        deadline = time.monotonic() + 10
-        while rdb.zcard(keys.sse_leases_key("alice")) > 0:
-            assert time.monotonic() < deadline, "the stopped gateway's connection slot was never freed"
-            time.sleep(0.2)
+        wait_until(
+            lambda: rdb.zcard(keys.sse_leases_key("alice")) == 0,
+            timeout_s=10,
+            interval_s=0.2,
+            message="the stopped gateway's connection slot was never freed",
+        )
     finally:
         kill_all(*gateways, worker)
 
@@ -245,7 +237,7 @@ def test_slowReader_whenItStopsReading_thenOnlyItIsDroppedAndItResumesWithoutGap
         for batch in range(128):
             events = [{"type": "log", "data": {"n": batch * 6 + i, "pad": pad}} for i in range(6)]
             assert http.post(f"/v1/jobs/{job['id']}/events", json=events, headers=ALICE).status_code == 201
-            time.sleep(0.01)
+            time.sleep(0.01)  # on purpose: a steady flow, which the fast reader keeps up with
         http.post(f"/v1/jobs/{job['id']}/events", json={"type": "done", "data": {"status": "completed"}}, headers=ALICE)
 
         fast_events = fast.result(timeout=60)
@@ -274,11 +266,12 @@ def _stalled_reader(port: int, job: dict[str, Any]) -> socket.socket:
 
 
 def _wait_for_readers(port: int, count: int, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while scrape(port, "jobstream_sse_connections") < count:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"fewer than {count} open event streams after {timeout_s}s")
-        time.sleep(0.05)
+    wait_until(
+        lambda: scrape(port, "jobstream_sse_connections") >= count,
+        timeout_s=timeout_s,
+        interval_s=0.05,
+        message=f"fewer than {count} open event streams",
+    )
 
 
 def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
@@ -303,7 +296,7 @@ def test_workerTerminated_whenJobOutlastsGrace_thenHandedBackAndFinishedByAnothe
 ) -> None:
     stack = make_stack(with_worker=False)
     # Leases of 30 s: only a hand-back, not a lapsed lease, lets the next worker take the job at once.
-    env = _clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_SHUTDOWN_GRACE_S="1", JOBSTREAM_WORKER_LEASE_S="30")
+    env = clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_SHUTDOWN_GRACE_S="1", JOBSTREAM_WORKER_LEASE_S="30")
     first = jobstream("worker", env=env)
     second: subprocess.Popen[bytes] | None = None
     try:

@@ -20,6 +20,7 @@ from jobstream.connection import MAX_CONNECTIONS, create_client
 from jobstream.hub import Hub, JobGone, SubscriberOverflow
 from jobstream.store import JobRecord, JobStore, OutgoingEvent, StoredEvent
 from tests.conftest import SyncRedis, make_settings, server_nodes, subscribed_channels
+from tests.helpers import wait_until_async
 
 pytestmark = pytest.mark.on_cluster
 
@@ -55,15 +56,28 @@ def run(scenario: Callable[[], Awaitable[None]], timeout_s: float = 40) -> None:
     asyncio.run(asyncio.wait_for(scenario(), timeout_s))
 
 
-async def collect(hub: Hub, job_id: str, after: str, until: int) -> list[StoredEvent]:
-    """Follow until ``until`` events arrived (ticks ignored)."""
+async def collect(
+    hub: Hub, job_id: str, after: str, until: int, on_batch: Callable[[], object] | None = None
+) -> list[StoredEvent]:
+    """Follow until ``until`` events arrived (ticks ignored). ``on_batch`` runs on every batch a tick
+    included: once it has run, the follower has joined and read the history."""
     received: list[StoredEvent] = []
     async with aclosing(hub.follow(job_id, after)) as batches:
         async for batch in batches:
             received += batch
+            if on_batch is not None:
+                on_batch()
             if len(received) >= until:
                 break
     return received
+
+
+async def wait_subscribed(rdb: SyncRedis, job_id: str) -> None:
+    """Until Redis has the job's channel subscribed: published events now reach the hub."""
+    await wait_until_async(
+        lambda: subscribed_channels(rdb, keys.live_channel(job_id)),
+        message=f"the hub never subscribed to job {job_id}'s channel",
+    )
 
 
 def test_join_whenAppendsRunConcurrently_thenEverySubscriberGetsExactSequence(redis_url: str) -> None:
@@ -77,10 +91,10 @@ def test_join_whenAppendsRunConcurrently_thenEverySubscriberGetsExactSequence(re
                 for index in range(total):
                     appended.extend(await store.append(job_id, [delta(str(index))]))
                     if index % 20 == 0:
-                        await asyncio.sleep(0.001)
+                        await asyncio.sleep(0.001)  # on purpose: appends spread out, for joins to fall between them
 
             async def join_later(rng: random.Random) -> tuple[str, list[StoredEvent]]:
-                await asyncio.sleep(rng.random() * 0.3)
+                await asyncio.sleep(rng.random() * 0.3)  # on purpose: each reader joins at its own moment
                 # Resume from a random id already seen (or from the start).
                 after = rng.choice(["0-0", *appended]) if appended else "0-0"
                 expected_count = total + 1 - (appended.index(after) + 2 if after != "0-0" else 0)
@@ -115,16 +129,18 @@ def test_fanout_whenManyReaders_thenRedisWorkPerBatchIsConstant(redis_url: str, 
     readers = 300
 
     async def scenario() -> None:
-        async with hub_and_store(redis_url) as (hub, store):
+        # Frequent ticks: a reader's first tick tells that it has joined and read the (empty) history.
+        async with hub_and_store(redis_url, tick_s=0.05) as (hub, store):
             job_id = await new_job(store)
             clients_before = _client_count(rdb)
             got: list[list[StoredEvent]] = [[] for _ in range(readers)]
+            joined: set[int] = set()
 
             async def reader(slot: int) -> None:
-                got[slot] = await collect(hub, job_id, "0-0", 51)  # status + 50 deltas
+                got[slot] = await collect(hub, job_id, "0-0", 51, lambda: joined.add(slot))  # status + 50 deltas
 
             tasks = [asyncio.create_task(reader(i)) for i in range(readers)]
-            await asyncio.sleep(0.5)  # every reader has joined and read (empty) history
+            await wait_until_async(lambda: len(joined) == readers, message="not every reader joined")
             reads_before = _command_calls(rdb, "xrange") + _command_calls(rdb, "xread")
             for index in range(50):
                 await store.append(job_id, [delta(str(index))])
@@ -147,15 +163,16 @@ def test_slowSubscriber_whenBufferExceeded_thenOnlyItIsDropped(redis_url: str) -
             stalled = hub.follow(job_id, "0-0")
             assert await anext(stalled) == []  # joined; from now on it reads nothing
             healthy_got: list[StoredEvent] = []
+            healthy_joined = asyncio.Event()
 
             async def healthy() -> None:
-                healthy_got.extend(await collect(hub, job_id, "0-0", 61))
+                healthy_got.extend(await collect(hub, job_id, "0-0", 61, healthy_joined.set))
 
             task = asyncio.create_task(healthy())
-            await asyncio.sleep(0.2)
+            await asyncio.wait_for(healthy_joined.wait(), 10)  # its first tick: joined
             for index in range(60):
                 await store.append(job_id, [delta(str(index))])
-                await asyncio.sleep(0)
+                await asyncio.sleep(0)  # a turn for the healthy reader to drain its buffer, as a live one would
             await task
             assert len(healthy_got) == 61
             with pytest.raises(SubscriberOverflow):
@@ -186,13 +203,26 @@ def test_unsubscribe_whenTenThousandCycles_thenNothingLeftBehind(redis_url: str,
                     await follower.aclose()
 
             await asyncio.gather(*(cycle(i) for i in range(500)))  # warm up allocations
+            # Settled: the warm-up's unsubscribes done (this check's own Redis connections opened too,
+            # before the measurement rather than within it).
+            await wait_until_async(
+                lambda: not subscribed_channels(rdb, keys.live_channel("*")), message="the warm-up stayed subscribed"
+            )
             gc.collect()
             tasks_before = len(asyncio.all_tasks())
             tracemalloc.start()
             before = tracemalloc.take_snapshot()
             for start in range(0, 10_000, 500):
                 await asyncio.gather(*(cycle(i) for i in range(start, start + 500)))
-            await asyncio.sleep(0.3)  # pending unsubscribes reach Redis
+            # A turn of the loop lets the finished cycles' tasks go (their last callbacks run in it); the
+            # unsubscribes are tasks of their own: until they are done and Redis has them.
+            await asyncio.sleep(0)
+            await wait_until_async(
+                lambda: (
+                    not subscribed_channels(rdb, keys.live_channel("*")) and len(asyncio.all_tasks()) <= tasks_before
+                ),
+                message="channels still subscribed, or unsubscribe tasks still running",
+            )
             gc.collect()
             after = tracemalloc.take_snapshot()
             tracemalloc.stop()
@@ -215,11 +245,12 @@ def test_lostConnection_whenPubsubKilled_thenReadersResumeWithoutGap(redis_url: 
                 got.extend(await collect(hub, job_id, "0-0", 101))
 
             task = asyncio.create_task(reader())
+            await wait_subscribed(rdb, job_id)
             for index in range(100):
                 await store.append(job_id, [delta(str(index))])
                 if index == 30:
                     assert sum(node.client_kill_filter(_type="pubsub") for node in server_nodes(rdb)) == 1
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # on purpose: appends keep coming while the connection is down
             await asyncio.wait_for(task, 15)
             ids = [event.id for event in await store.read(job_id, "0-0", 1000)]
             assert [event.id for event in got] == ids
@@ -229,7 +260,7 @@ def test_lostConnection_whenPubsubKilled_thenReadersResumeWithoutGap(redis_url: 
 
 
 def test_readerLoop_whenABugRaisesInside_thenItCarriesOnAndReadersMissNothing(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    redis_url: str, rdb: SyncRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async def scenario() -> None:
         async with hub_and_store(redis_url) as (hub, store):
@@ -246,9 +277,10 @@ def test_readerLoop_whenABugRaisesInside_thenItCarriesOnAndReadersMissNothing(
 
             monkeypatch.setattr(hub, "_publish", flaky)
             task = asyncio.create_task(collect(hub, job_id, "0-0", 41))
+            await wait_subscribed(rdb, job_id)  # every append below is published to the hub
             for index in range(40):
                 await store.append(job_id, [delta(str(index))])
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # on purpose: appends keep coming while the reader loop recovers
             got = await asyncio.wait_for(task, 15)
             assert [event.id for event in got] == [event.id for event in await store.read(job_id, "0-0", 1000)]
             assert hub.resets == 1
@@ -256,13 +288,17 @@ def test_readerLoop_whenABugRaisesInside_thenItCarriesOnAndReadersMissNothing(
     run(scenario)
 
 
-def test_wait_whenEventArrives_thenReturnsIt_andTimesOutOtherwise(redis_url: str) -> None:
+def test_wait_whenEventArrives_thenReturnsIt_andTimesOutOtherwise(redis_url: str, rdb: SyncRedis) -> None:
     async def scenario() -> None:
         async with hub_and_store(redis_url) as (hub, store):
             job_id = await new_job(store)
             assert await hub.wait(job_id, "0-0", 0.2) == []
+            await wait_until_async(
+                lambda: not subscribed_channels(rdb, keys.live_channel(job_id)),
+                message="the timed-out wait left its channel subscribed",
+            )
             waiter = asyncio.create_task(hub.wait(job_id, "0-0", 10))
-            await asyncio.sleep(0.2)
+            await wait_subscribed(rdb, job_id)  # the waiter is waiting: the event arrives live
             ids = await store.append(job_id, [delta("late")])
             events = await waiter
             assert [e.type for e in events] == ["status", "delta"] and events[-1].id == ids[-1]
@@ -304,11 +340,16 @@ def test_join_whenManyNewChannelsAtOnce_thenEveryOneIsLive(redis_url: str) -> No
             # A hub on a client that has not connected yet: its first subscribes all open connections.
             settings = make_settings(redis_url)
             fresh = create_client(settings)
-            hub = Hub(fresh, JobStore(fresh, settings))
+            hub = Hub(fresh, JobStore(fresh, settings), tick_s=0.05)
             await hub.start()
             try:
-                followers = [asyncio.create_task(collect(hub, job_id, "0-0", 2)) for job_id in jobs]
-                await asyncio.sleep(0.3)
+                joined: set[str] = set()
+                followers = [
+                    asyncio.create_task(collect(hub, job_id, "0-0", 2, lambda job_id=job_id: joined.add(job_id)))
+                    for job_id in jobs
+                ]
+                # Each one's first tick: its channel is live. (With the bug, most never got that far.)
+                await wait_until_async(lambda: len(joined) == len(jobs), message="not every follower joined")
                 for job_id in jobs:
                     await store.append(job_id, [delta("live")])
                 results = await asyncio.wait_for(asyncio.gather(*followers), 10)

@@ -14,7 +14,7 @@ import httpx
 
 from jobstream.devredis import free_port
 from tests.conftest import read_sse
-from tests.test_cli import app_env, jobstream, kill_all, wait_ready
+from tests.helpers import app_env, jobstream, kill_all, wait_ready
 
 API_KEY = "logs-test-key-0123456789"
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}

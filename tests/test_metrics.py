@@ -14,8 +14,7 @@ import httpx
 
 from jobstream.devredis import free_port
 from tests.conftest import ALICE, LiveStack, create_job, read_sse
-from tests.test_cli import app_env, jobstream, kill_all, value
-from tests.test_faults import wait_until
+from tests.helpers import app_env, jobstream, kill_all, value, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,7 +31,7 @@ def test_metrics_whenJobsQueueRunAndEnd_thenCountedTimedAndQueueReadFromRedis(
         before = http.get("/metrics").text
         waiting = [_story(http, 30, 20) for _ in range(3)]
         boom = create_job(http, "test.boom")
-        time.sleep(0.3)
+        time.sleep(0.3)  # on purpose: the oldest job waits a while, and its age shows it
         queued = http.get("/metrics").text
         assert value(queued, "jobstream_queue_depth", state="waiting") == 4
         assert value(queued, "jobstream_queue_depth", state="running") == 0
@@ -43,7 +42,12 @@ def test_metrics_whenJobsQueueRunAndEnd_thenCountedTimedAndQueueReadFromRedis(
             _, events = read_sse(http, job)  # type: ignore[arg-type]
             assert events[-1].json() == {"status": "completed"}
         read_sse(http, boom)
-        wait_until(lambda: value(http.get("/metrics").text, "jobstream_queue_depth", state="running") == 0, "queue")
+        wait_until(
+            lambda: value(http.get("/metrics").text, "jobstream_queue_depth", state="running") == 0,
+            timeout_s=20,
+            interval_s=0.1,
+            message="jobs still counted as running",
+        )
         after = http.get("/metrics").text
 
     def delta(name: str, **labels: str) -> float:
@@ -80,7 +84,9 @@ def test_workerMetrics_whenListenSet_thenWorkerServesItsOwnCounters(
                 return 0.0
             return value(text, "jobstream_jobs_finished_total", type="demo.story", status="completed")
 
-        wait_until(lambda: scraped() == 1, "the worker's endpoint never counted the job")
+        wait_until(
+            lambda: scraped() == 1, timeout_s=20, interval_s=0.1, message="the worker's endpoint never counted the job"
+        )
     finally:
         kill_all(worker)
 

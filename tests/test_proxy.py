@@ -10,7 +10,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from httpx_sse import connect_sse
 
 from jobstream.devredis import free_port
 from tests.conftest import ALICE, LiveStack, append, create_job
+from tests.helpers import wait_until
 
 CONFIG = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
 
@@ -45,15 +45,13 @@ def proxy(make_stack: Callable[..., LiveStack], tmp_path: Path) -> Iterator[tupl
 
 
 def _wait_http(base_url: str, timeout_s: float = 10) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def healthy() -> bool:
         try:
-            if httpx.get(base_url + "/healthz").status_code == 200:
-                return
+            return httpx.get(base_url + "/healthz").status_code == 200
         except httpx.HTTPError:
-            pass
-        time.sleep(0.05)
-    raise AssertionError("nginx did not come up")
+            return False
+
+    wait_until(healthy, timeout_s=timeout_s, interval_s=0.05, message="nginx did not come up")
 
 
 def test_proxy_whenEventAppended_thenReaderGetsItAtOnceThroughNginx(proxy: tuple[str, list[LiveStack]]) -> None:

@@ -12,9 +12,18 @@ import pytest
 import redis
 
 from jobstream import keys
-from tests.conftest import ALICE, BOB, LiveStack, append, create_job, poll_all, read_sse, subscribed_channels
-from tests.test_cli import value
-from tests.test_create import assert_problem
+from tests.conftest import (
+    ALICE,
+    BOB,
+    LiveStack,
+    SyncRedis,
+    append,
+    create_job,
+    poll_all,
+    read_sse,
+    subscribed_channels,
+)
+from tests.helpers import assert_problem, value, wait_until
 
 pytestmark = pytest.mark.on_cluster
 
@@ -25,6 +34,14 @@ STORY = [
     {"type": "log", "data": {"note": "x"}},
     {"type": "result", "data": {"words": 2}},
 ]
+
+
+def wait_followed(rdb: SyncRedis, job: dict[str, Any]) -> None:
+    """Until a gateway has subscribed to the job's channel: a reader of it is past its start."""
+    wait_until(
+        lambda: subscribed_channels(rdb, keys.live_channel(job["id"])),
+        message=f"no reader of job {job['id']} ever subscribed",
+    )
 
 
 def finished_job(http: httpx.Client) -> dict[str, Any]:
@@ -153,14 +170,17 @@ def test_poll_whenBadParams_then400(client: httpx.Client) -> None:
         assert_problem(client.get(url, params={"token": job["token"], **params}), 400)
 
 
-def test_live_whenEventsAppendedWhileReading_thenDeliveredInOrder(client: httpx.Client, stack: LiveStack) -> None:
+def test_live_whenEventsAppendedWhileReading_thenDeliveredInOrder(
+    client: httpx.Client, stack: LiveStack, rdb: SyncRedis
+) -> None:
     job = create_job(client)
 
     def produce() -> None:
+        wait_followed(rdb, job)
         with stack.client() as producer:
             for index in range(20):
                 append(producer, job, {"type": "delta", "data": {"text": str(index)}})
-                time.sleep(0.01)
+                time.sleep(0.01)  # on purpose: events trickle in, as a job writes them
             append(producer, job, {"type": "done", "data": {"status": "completed"}})
 
     thread = threading.Thread(target=produce)
@@ -171,12 +191,12 @@ def test_live_whenEventsAppendedWhileReading_thenDeliveredInOrder(client: httpx.
     assert events[-1].event == "done"
 
 
-def test_sse_whenDollar_thenOnlyNewEvents(client: httpx.Client, stack: LiveStack) -> None:
+def test_sse_whenDollar_thenOnlyNewEvents(client: httpx.Client, stack: LiveStack, rdb: SyncRedis) -> None:
     job = create_job(client)
     append(client, job, STORY[:2])
 
     def finish_later() -> None:
-        time.sleep(0.5)
+        wait_followed(rdb, job)  # `$` was resolved before the reader subscribed
         with stack.client() as producer:
             append(
                 producer,
@@ -192,11 +212,13 @@ def test_sse_whenDollar_thenOnlyNewEvents(client: httpx.Client, stack: LiveStack
     assert events[0].json() == {"text": "new"}
 
 
-def test_longPoll_whenEventArrives_thenAnswersBeforeWaitEnds(client: httpx.Client, stack: LiveStack) -> None:
+def test_longPoll_whenEventArrives_thenAnswersBeforeWaitEnds(
+    client: httpx.Client, stack: LiveStack, rdb: SyncRedis
+) -> None:
     job = create_job(client)
 
     def produce_later() -> None:
-        time.sleep(0.5)
+        wait_followed(rdb, job)  # the long-poll found nothing and is waiting
         with stack.client() as producer:
             append(producer, job, {"type": "delta", "data": {"text": "late"}})
 
@@ -284,20 +306,21 @@ def test_sse_whenTooManyOpenPerUser_then429UntilOneCloses(make_stack: Callable[.
             bob_job = create_job(http, headers=BOB)
             with http.stream("GET", f"/v1/jobs/{bob_job['id']}/events", params={"token": bob_job["token"]}) as r3:
                 assert r3.status_code == 200
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+
+        def reopened() -> bool:
             with http.stream("GET", url, params={"token": job["token"]}) as again:
-                if again.status_code == 200:
-                    return
-            time.sleep(0.1)
-        pytest.fail("closing a stream did not release its connection slot")
+                return again.status_code == 200
+
+        wait_until(
+            reopened, timeout_s=5, interval_s=0.1, message="closing a stream did not release its connection slot"
+        )
 
 
-def test_sse_whenJobDeleted_thenOpenReaderCloses(client: httpx.Client, stack: LiveStack) -> None:
+def test_sse_whenJobDeleted_thenOpenReaderCloses(client: httpx.Client, stack: LiveStack, rdb: SyncRedis) -> None:
     job = create_job(client)
 
     def delete_later() -> None:
-        time.sleep(0.5)
+        wait_followed(rdb, job)  # the reader is open and waiting for events
         with stack.client() as other:
             assert other.delete(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 204
 
@@ -322,33 +345,38 @@ def test_sse_whenHead_thenHeadersOnlyAndNoSlotTaken(make_stack: Callable[..., Li
 
 
 def test_sse_whenManyReadersComeAndGo_thenNoLeaseOrSubscriptionLeftBehind(
-    make_stack: Callable[..., LiveStack], rdb: redis.Redis
+    make_stack: Callable[..., LiveStack], rdb: SyncRedis
 ) -> None:
     stack = make_stack(with_worker=False, max_sse_per_user=3)
     with stack.client() as http:
         jobs = [create_job(http) for _ in range(3)]
         streams_before = open_streams(http)
         refused = 0
+
+        def opened(job: dict[str, Any]) -> bool:
+            nonlocal refused
+            with http.stream("GET", f"/v1/jobs/{job['id']}/events", params={"token": job["token"]}) as response:
+                if response.status_code == 200:
+                    next(response.iter_lines())  # the retry line: the stream is open
+                    return True
+            refused += 1
+            return False
+
         for _ in range(40):
             for job in jobs:
-                # A slot frees once the gateway has seen the previous disconnect: allow it a moment.
-                for _attempt in range(40):
-                    with http.stream("GET", f"/v1/jobs/{job['id']}/events", params={"token": job["token"]}) as response:
-                        if response.status_code == 200:
-                            next(response.iter_lines())  # the retry line: the stream is open
-                            break
-                    refused += 1
-                    time.sleep(0.05)
-                else:
-                    pytest.fail("a closed stream never gave its slot back")
+                # A slot frees once the gateway has seen the previous disconnect: until then, 429.
+                wait_until(
+                    lambda job=job: opened(job), interval_s=0.05, message="a closed stream never gave its slot back"
+                )
         assert refused < 60, f"{refused} refusals in 120 connects: slots are not released on close"
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            leases = rdb.zcard(keys.sse_leases_key("alice"))
-            channels = subscribed_channels(rdb, keys.live_channel("*"))
-            if leases == 0 and channels == []:
-                break
-            time.sleep(0.05)
+        wait_until(
+            lambda: (
+                rdb.zcard(keys.sse_leases_key("alice")) == 0 and subscribed_channels(rdb, keys.live_channel("*")) == []
+            ),
+            timeout_s=5,
+            interval_s=0.05,
+            message="a closed stream left its lease or its channel subscription behind",
+        )
         assert rdb.zcard(keys.sse_leases_key("alice")) == 0
         assert subscribed_channels(rdb, keys.live_channel("*")) == []
         assert open_streams(http) == streams_before

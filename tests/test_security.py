@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hmac
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -16,9 +15,8 @@ from starlette.requests import Request
 from jobstream import keys
 from jobstream.auth import Authenticator
 from jobstream.settings import SettingsError, load_settings
-from tests.conftest import ALICE, BOB, LiveStack, create_job, make_settings
-from tests.test_cli import value
-from tests.test_create import assert_problem
+from tests.conftest import ALICE, BOB, LiveStack, append, create_job, make_settings
+from tests.helpers import assert_problem, value, wait_until
 
 APP = "https://app.example"
 
@@ -86,12 +84,16 @@ def test_longPolls_whenUserHasTooManyWaiting_then429AndOthersUnaffected(
 
         def long_poll() -> None:
             with stack.client() as other:
-                waiting.append(other.get(url, params={"token": job["token"], "wait": 2}).status_code)
+                # Long enough to outlast the checks below: the event appended after them ends it.
+                waiting.append(other.get(url, params={"token": job["token"], "wait": 20}).status_code)
 
         threads = [threading.Thread(target=long_poll) for _ in range(2)]
         for thread in threads:
             thread.start()
-        _wait_until(lambda: rdb.zcard(keys.long_poll_leases_key("alice")) == 2)
+        wait_until(
+            lambda: rdb.zcard(keys.long_poll_leases_key("alice")) == 2,
+            message="the two long-polls never took their slots",
+        )
         refusals = value(http.get("/metrics").text, "jobstream_rate_limited_total", limit="long_poll")
         refused = http.get(url, params={"token": job["token"], "wait": 2})
         assert_problem(refused, 429)
@@ -101,19 +103,14 @@ def test_longPolls_whenUserHasTooManyWaiting_then429AndOthersUnaffected(
         bob_job = create_job(http, headers=BOB)
         bob = http.get(f"/v1/jobs/{bob_job['id']}/poll", params={"token": bob_job["token"], "wait": 0.2})
         assert bob.status_code == 200
+        assert waiting == []  # both still waiting
+        last_id = append(http, job, {"type": "delta", "data": {"text": "wake up"}})[-1]
         for thread in threads:
             thread.join()
         assert waiting == [200, 200]
         assert rdb.zcard(keys.long_poll_leases_key("alice")) == 0  # every slot given back
-        assert http.get(url, params={"token": job["token"], "wait": 0.2}).status_code == 200
-
-
-def _wait_until(condition: Callable[[], bool], timeout_s: float = 5) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        time.sleep(0.02)
+        # A long-poll again (nothing after the last event): it gets a slot.
+        assert http.get(url, params={"token": job["token"], "after": last_id, "wait": 0.2}).status_code == 200
 
 
 def test_apiKeys_whenChecked_thenEveryKeyComparedInConstantTime(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -51,7 +51,7 @@ def test_disconnect_whenClientLeaves_thenStreamEndsAndBodyClosed() -> None:
     async def body() -> AsyncGenerator[bytes]:
         try:
             while True:
-                await asyncio.sleep(0.01)
+                await asyncio.sleep(0.01)  # on purpose: a body that pings now and then, as an idle stream does
                 yield b": ping\n\n"
         finally:
             closed.set()

@@ -21,13 +21,8 @@ from httpx_sse import ServerSentEvent
 from jobstream.devredis import EmbeddedRedis, free_port, redis_server_binary
 from jobstream.settings import Settings
 from tests.conftest import LiveStack, make_settings
-from tests.test_faults import (
-    assert_story_survived_failover,
-    follow_with_resume,
-    start_story,
-    story_being_read,
-    wait_until,
-)
+from tests.helpers import wait_until
+from tests.test_faults import assert_story_survived_failover, follow_with_resume, start_story, story_being_read
 
 MASTER_NAME = "jobstream"
 
@@ -48,7 +43,9 @@ def sentinel_setup(tmp_path: Path) -> Iterator[tuple[EmbeddedRedis, EmbeddedRedi
         [str(redis_server_binary()), str(conf), "--sentinel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        wait_until(lambda: _replicas_known(port) >= 1, "sentinel never saw the replica")
+        wait_until(
+            lambda: _replicas_known(port) >= 1, timeout_s=20, interval_s=0.1, message="sentinel never saw the replica"
+        )
         yield master, replica, port
     finally:
         sentinel.terminate()
@@ -89,7 +86,12 @@ def test_sentinel_whenMasterKilledMidJob_thenReplicaPromotedAndEveryoneCarriesOn
         ):
             assert master.process is not None
             master.process.kill()  # no shutdown: whatever was not replicated is gone
-            wait_until(lambda: _master_port(sentinel_port) == replica.port, "sentinel did not promote the replica")
+            wait_until(
+                lambda: _master_port(sentinel_port) == replica.port,
+                timeout_s=20,
+                interval_s=0.1,
+                message="sentinel did not promote the replica",
+            )
             events = reading.result(timeout=60)
             assert http.get("/readyz").status_code == 200
     finally:

@@ -12,7 +12,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from jobstream import keys, metrics, requestid, sentry
+from jobstream import keys, metrics, requestid
 from jobstream.auth import Authenticator
 from jobstream.connection import create_client
 from jobstream.errors import EXCEPTION_HANDLERS
@@ -24,7 +24,7 @@ from jobstream.routes import build_routes
 from jobstream.routes.hotpath import EventStreamRoute
 from jobstream.sendwatch import SendWatch
 from jobstream.services import Services
-from jobstream.settings import Settings, load_settings
+from jobstream.settings import Settings
 from jobstream.store import JobStore
 
 #: How often the hot path's delivery counts reach the Prometheus counter.
@@ -40,12 +40,12 @@ def tune_gc() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
-def app_from_environment() -> Starlette:
-    """The app of one process of `jobstream serve --workers N`, configured from the environment."""
-    settings = load_settings()
-    tune_gc()
-    sentry.init(settings, "gateway")
-    return create_app(settings)
+def begin_shutdown(app: Starlette) -> None:
+    """The first step of every shutdown: open streams and waiting long-polls end now, so that their
+    readers resume on another gateway (called on SIGTERM, before uvicorn's graceful shutdown)."""
+    svc: Services | None = getattr(app.state, "services", None)
+    if svc is not None:
+        svc.begin_shutdown()
 
 
 def build_services(settings: Settings, registry: Registry) -> Services:
@@ -114,7 +114,7 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
         finally:
             flusher.cancel()
             metrics.deliveries.flush()
-            svc.shutdown.set()
+            svc.begin_shutdown()
             await svc.send_watch.close()
             await svc.feed.close()
             await svc.redis.aclose()

@@ -4,37 +4,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging.config
 import os
 import secrets
 import shutil
-import signal
+import socket
 import sys
 import tempfile
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 
 import prometheus_client
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
-from jobstream import __version__, metrics, sentry
+from jobstream import __version__, metrics, sentry, server
 from jobstream.app import create_app, tune_gc
 from jobstream.connection import create_client, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
 from jobstream.observability import log_config
 from jobstream.registry import default_registry, load_modules
+from jobstream.server import GatewayServer
 from jobstream.settings import Settings, SettingsError, load_settings
 from jobstream.worker import Worker
 
 logger = logging.getLogger("jobstream.cli")
-
-
-class _Server(uvicorn.Server):
-    """uvicorn, minus its own signal handling: jobstream owns the shutdown signal (see `_serve`)."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -93,7 +86,15 @@ def _run(main: Coroutine[None, None, None]) -> None:
         uvloop.run(main)
 
 
-async def _serve(settings: Settings, host: str, port: int, *, with_worker: bool, dev_key: str | None = None) -> None:
+async def _serve(
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    with_worker: bool,
+    dev_key: str | None = None,
+    sockets: list[socket.socket] | None = None,
+) -> None:
     sentry.init(settings, "gateway+worker" if with_worker else "gateway")
     app = create_app(settings, default_registry, dev_key=dev_key)
     config = uvicorn.Config(
@@ -104,30 +105,18 @@ async def _serve(settings: Settings, host: str, port: int, *, with_worker: bool,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         proxy_headers=True,
     )
-    server = _Server(config)
     worker = _make_worker(settings, settings.worker_concurrency) if with_worker else None
-
-    def stop() -> None:
-        server.should_exit = True
-        # Open SSE responses end at once; EventSource reconnects (to another gateway) from its last id.
-        services = getattr(app.state, "services", None)
-        if services is not None:
-            services.feed.stop_readers()
-        if worker is not None:
-            worker.stop()
-
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop)
+    gateway = GatewayServer(config, app, on_exit=worker.stop if worker is not None else None)
     worker_task = asyncio.create_task(worker.run()) if worker is not None else None
     try:
-        await server.serve()
+        await gateway.serve(sockets=sockets)
     finally:
-        stop()
-        if worker_task is not None:
+        if worker is not None and worker_task is not None:
+            worker.stop()
             await worker_task
-        if worker is not None:
             await worker.client.aclose()
+    if not gateway.started:
+        raise SystemExit(STARTUP_FAILURE)
 
 
 def _warn_about_serve_settings(settings: Settings) -> None:
@@ -141,31 +130,27 @@ def _warn_about_serve_settings(settings: Settings) -> None:
 
 
 def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> None:
-    """Several gateway processes on one port (uvicorn's supervisor); each has its own hub."""
-    # The processes build their settings from the environment: hand them the handler modules.
-    os.environ["JOBSTREAM_APP"] = ",".join(settings.app)
-    # ...and a directory where their metrics meet, so that any one of them answers for all.
+    """Several gateway processes on one port, each with its own hub, run like `serve` itself."""
+    # ...with a directory where their metrics meet, so that any one of them answers for all.
     own_dir = metrics.MULTIPROC_DIR_ENV not in os.environ
     if own_dir:
         os.environ[metrics.MULTIPROC_DIR_ENV] = tempfile.mkdtemp(prefix="jobstream-metrics-")
     try:
-        _run_supervised(settings, host, port, workers)
+        listener = server.bind(host, port)
+        logger.info("gateway processes: %d on http://%s:%d", workers, host, port)
+        server.supervise(
+            lambda: server.spawn(_gateway_process, settings, host, port, listener), workers, settings.shutdown_grace_s
+        )
     finally:
         if own_dir:
             shutil.rmtree(os.environ.pop(metrics.MULTIPROC_DIR_ENV), ignore_errors=True)
 
 
-def _run_supervised(settings: Settings, host: str, port: int, workers: int) -> None:
-    uvicorn.run(
-        "jobstream.app:app_from_environment",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_config=log_config(settings.log_level, settings.log_format),
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
-        proxy_headers=True,
-    )
+def _gateway_process(settings: Settings, host: str, port: int, listener: socket.socket) -> None:
+    """One process of `serve --workers N` (in a fresh interpreter): `serve` on the shared socket."""
+    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
+    load_modules(settings.app)
+    _run(_serve(settings, host, port, with_worker=False, sockets=[listener]))
 
 
 def _make_worker(settings: Settings, concurrency: int) -> Worker:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
-from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     ClusterError,
     ConnectionError,
@@ -33,6 +31,8 @@ MAX_BLOCK_MS = 5000
 #: Connections one process opens at most; callers beyond it wait for a free one. Redis runs commands
 #: one at a time, so more connections add no throughput.
 MAX_CONNECTIONS = 16
+#: A pooled connection idle this long is PINGed before its next command (JOBSTREAM_REDIS_HEALTH_CHECK_S).
+DEFAULT_HEALTH_CHECK_S = 30.0
 
 #: A gateway's or worker's client: one Redis (direct or through Sentinel) or a Redis Cluster.
 RedisClient: TypeAlias = aioredis.Redis | RedisCluster
@@ -54,11 +54,14 @@ def create_client(settings: Settings, *, blocking_reads: bool = False) -> RedisC
     """The client a gateway or worker uses: a cluster client when JOBSTREAM_REDIS_CLUSTER is set
     (JOBSTREAM_REDIS_URL names any one node), through Redis Sentinel when sentinels are configured
     (it follows the master across failovers), else straight to JOBSTREAM_REDIS_URL."""
+    health_check_s = settings.redis_health_check_s
     if settings.redis_cluster:
-        return _cluster_client(settings.effective_redis_url, blocking_reads=blocking_reads)
+        return _cluster_client(
+            settings.effective_redis_url, blocking_reads=blocking_reads, health_check_s=health_check_s
+        )
     if settings.redis_sentinels:
         return _sentinel_client(settings, blocking_reads=blocking_reads)
-    return create_redis(settings.effective_redis_url, blocking_reads=blocking_reads)
+    return create_redis(settings.effective_redis_url, blocking_reads=blocking_reads, health_check_s=health_check_s)
 
 
 def _socket_timeout(blocking_reads: bool) -> float:
@@ -79,7 +82,7 @@ class BoundedRedisCluster(RedisCluster):
             return await super().execute_command(*args, **kwargs)
 
 
-def _cluster_client(url: str, *, blocking_reads: bool) -> RedisCluster:
+def _cluster_client(url: str, *, blocking_reads: bool, health_check_s: float) -> RedisCluster:
     return BoundedRedisCluster.from_url(
         url,
         concurrency=MAX_CONNECTIONS,
@@ -87,7 +90,7 @@ def _cluster_client(url: str, *, blocking_reads: bool) -> RedisCluster:
         max_connections=4 * MAX_CONNECTIONS,
         socket_timeout=_socket_timeout(blocking_reads),
         socket_connect_timeout=CONNECT_TIMEOUT_S,
-        health_check_interval=30,
+        health_check_interval=health_check_s,
         # Enough attempts, with topology refreshes between them, to outlast a replica's promotion.
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=6),
         decode_responses=True,
@@ -102,32 +105,6 @@ async def ping(client: RedisClient) -> None:
         await client.ping()
 
 
-def open_pubsub(client: RedisClient, *, avoid: aioredis.Redis | None = None) -> tuple[PubSub, aioredis.Redis | None]:
-    """A subscription connection, and the client to close with it (None: it shares ``client``'s).
-
-    On a cluster, a plain PUBLISH reaches every node, so one connection to any node hears every
-    channel. A random node spreads a deploy's processes across the cluster; ``avoid`` is the
-    previous subscription's client, whose node just failed (the topology may still list it)."""
-    if not isinstance(client, RedisCluster):
-        return client.pubsub(), None
-    # Before the client has met the cluster it knows only the node it was given.
-    nodes = client.get_nodes() or list(client.nodes_manager.startup_nodes.values())
-    if avoid is not None:
-        failed = avoid.connection_pool.connection_kwargs
-        nodes = [node for node in nodes if (node.host, int(node.port)) != (failed["host"], failed["port"])] or nodes
-    node = random.choice(nodes)
-    direct = aioredis.Redis(
-        host=node.host,
-        port=int(node.port),
-        socket_connect_timeout=CONNECT_TIMEOUT_S,
-        socket_timeout=None,
-        # No reconnect loop against a node that may be gone for good: the hub moves instead.
-        retry=Retry(NoBackoff(), 0),
-        decode_responses=True,
-    )
-    return direct.pubsub(), direct
-
-
 def _sentinel_client(settings: Settings, *, blocking_reads: bool) -> aioredis.Redis:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         settings.sentinel_addresses,
@@ -140,7 +117,7 @@ def _sentinel_client(settings: Settings, *, blocking_reads: bool) -> aioredis.Re
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         # Sentinel's pool does not wait for a free connection: allow more than the plain pool.
         max_connections=4 * MAX_CONNECTIONS,
-        health_check_interval=30,
+        health_check_interval=settings.redis_health_check_s,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[ConnectionError, TimeoutError],
         decode_responses=True,
@@ -148,7 +125,13 @@ def _sentinel_client(settings: Settings, *, blocking_reads: bool) -> aioredis.Re
     return client
 
 
-def create_redis(url: str, *, max_connections: int = MAX_CONNECTIONS, blocking_reads: bool = False) -> aioredis.Redis:
+def create_redis(
+    url: str,
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    blocking_reads: bool = False,
+    health_check_s: float = DEFAULT_HEALTH_CHECK_S,
+) -> aioredis.Redis:
     """A client whose pool waits (up to a bound) for a free connection instead of failing.
 
     ``blocking_reads`` raises the socket timeout above MAX_BLOCK_MS: redis-py's default would cut an
@@ -160,7 +143,7 @@ def create_redis(url: str, *, max_connections: int = MAX_CONNECTIONS, blocking_r
         timeout=COMMAND_TIMEOUT_S,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         socket_timeout=_socket_timeout(blocking_reads),
-        health_check_interval=30,
+        health_check_interval=health_check_s,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),
         retry_on_error=[ConnectionError, TimeoutError],
         decode_responses=True,

@@ -8,15 +8,17 @@ from http import HTTPStatus
 from typing import Any
 
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
-from jobstream import metrics
+from jobstream import metrics, observability
 from jobstream.connection import UNAVAILABLE
 
 logger = logging.getLogger("jobstream.errors")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+#: nginx's status for a request its client abandoned; never sent (there is no one to send it to).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class ProblemError(Exception):
@@ -133,8 +135,19 @@ async def handle_redis_down(request: Request, exc: Exception) -> Response:
     )
 
 
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """The client hung up before its request was read (mobile clients do, all day): not an
+    error, nothing to report, and no one to answer. One quiet line."""
+    logger.info("client disconnected before its request was read: %s %s", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    """Starlette's ServerErrorMiddleware calls this, answers with it, then re-raises for the server
+    to log: the line here carries the request's context, so the server's own is skipped
+    (observability.SkipLoggedErrors). Sentry reports the re-raised exception once."""
+    logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    observability.mark_logged(exc)
     return problem_response(500, "An unexpected error occurred.", slug="internal")
 
 
@@ -143,6 +156,7 @@ ExceptionHandler = Callable[[Request, Exception], Awaitable[Response]]
 EXCEPTION_HANDLERS: dict[type[Exception], ExceptionHandler] = {
     ProblemError: handle_problem,
     HTTPException: handle_http,
+    ClientDisconnect: handle_client_disconnect,
     **dict.fromkeys(UNAVAILABLE, handle_redis_down),
     Exception: handle_unexpected,
 }

@@ -23,13 +23,16 @@ import contextlib
 import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
+from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from jobstream import keys
-from jobstream.connection import RedisClient, open_pubsub
+from jobstream.connection import RedisClient
 from jobstream.cursor import StreamId, parse_id
+from jobstream.link import Link
 from jobstream.store import JobStore, StoredEvent
 
 logger = logging.getLogger("jobstream.hub")
@@ -41,6 +44,7 @@ EVENT_SEP = "\x1f"
 FIELD_SEP = "\x1e"
 HISTORY_PAGE = 500
 JOIN_TIMEOUT_S = 5.0
+SILENT_FLOOR_S = 5.0
 
 
 class SubscriberOverflow(Exception):
@@ -167,7 +171,7 @@ class _Channel:
 
 
 class Hub:
-    """Implements the ``Feed`` protocol with one pubsub connection per process."""
+    """Implements the ``Feed`` protocol with one subscription connection per process (a ``Link``)."""
 
     def __init__(
         self,
@@ -183,25 +187,24 @@ class Hub:
         self._tick_s = tick_s
         self._max_events = max_events
         self._max_bytes = max_bytes
-        self._pubsub, self._pubsub_client = open_pubsub(client)
-        #: On a cluster the subscription is this hub's own connection to one node; after a failure
-        #: it moves to a node picked afresh (the one it had may be gone for good). One Redis, direct
-        #: or through Sentinel, is reconnected to by redis-py itself.
-        self._moves_on_failure = self._pubsub_client is not None
+        self._link = Link(client)
         self._channels: dict[str, _Channel] = {}
         self._by_name: dict[str, _Channel] = {}
+        #: (Un)subscribe commands sent per channel and not yet confirmed: a channel is live once the
+        #: confirmation of its latest SUBSCRIBE arrives, never on an older one's.
+        self._inflight: dict[str, int] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         #: Times the Redis subscription was lost and every reader re-read from its last id.
         self.resets = 0
-        #: Set while the subscription connection exists: the reader loop waits for it.
-        self._connected = asyncio.Event()
-        self._command_lock = asyncio.Lock()
+        #: Why the link could not be opened, while it cannot: joins fail at once meanwhile.
+        self._link_error: Exception | None = None
         self._last_message_at = 0.0
 
     def __repr__(self) -> str:
         readers = sum(len(channel.subscribers) for channel in self._channels.values())
-        return f"Hub(channels={len(self._channels)}, subscribers={readers})"
+        return f"Hub(channels={len(self._channels)}, subscribers={readers}, {self._link!r})"
 
     @property
     def channel_count(self) -> int:
@@ -210,8 +213,6 @@ class Hub:
     async def start(self) -> None:
         if isinstance(self._redis, RedisCluster):
             await self._redis.initialize()  # learn every node, to pick one at random
-            async with self._command_lock:
-                await self._replace_pubsub(failed=False)
         self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._tick_loop())]
 
     def stop_readers(self) -> None:
@@ -224,18 +225,12 @@ class Hub:
 
     async def close(self) -> None:
         self.stop_readers()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._background]:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._close_pubsub()
-
-    async def _close_pubsub(self) -> None:
-        with contextlib.suppress(RedisError, OSError):
-            await self._pubsub.aclose()  # type: ignore[no-untyped-call]
-            if self._pubsub_client is not None:
-                await self._pubsub_client.aclose()
+        await self._link.close()
 
     # ---- the Feed protocol
 
@@ -301,25 +296,17 @@ class Hub:
 
     async def _join(self, job_id: str, sub: Subscription) -> None:
         """Register ``sub`` and wait until the job's channel subscription is live (callers `_leave`)."""
+        if not self._link.live and self._link_error is not None:
+            raise RedisConnectionError(f"no redis subscription: {self._link_error}")
         channel = self._channels.get(job_id)
-        created = channel is None
         if channel is None:
             channel = _Channel(job_id)
             self._channels[job_id] = channel
-            self._by_name[keys.live_channel(job_id)] = channel
+            name = keys.live_channel(job_id)
+            self._by_name[name] = channel
+            # While the link is down this sends nothing: the reader subscribes it once back.
+            await self._send("SUBSCRIBE", name)
         channel.subscribers.add(sub)
-        if created:
-            # Serialized: redis-py's PubSub opens its connection lazily, and two first subscribes at
-            # once would each open one, leaving the earlier one unread.
-            async with self._command_lock:
-                try:
-                    await self._subscribe(keys.live_channel(job_id))
-                except (RedisError, OSError):
-                    if not self._moves_on_failure:
-                        raise
-                    # Its node may be gone for good: once more, on another.
-                    await self._replace_pubsub()
-                    await self._subscribe(*self._by_name)
         # History is read only once the subscription is live, so nothing falls between the two.
         await asyncio.wait_for(asyncio.shield(channel.ready), JOIN_TIMEOUT_S)
 
@@ -333,84 +320,91 @@ class Hub:
             name = keys.live_channel(job_id)
             self._by_name.pop(name, None)
             if not self._closed:
-                # Fire and forget: the confirmation arrives on the reader loop.
-                asyncio.get_running_loop().create_task(self._unsubscribe(name))
-
-    async def _subscribe(self, *names: str) -> None:
-        """Subscribe (the caller holds the command lock); the first subscribe opens the connection."""
-        await self._pubsub.subscribe(*names)
-        if not self._connected.is_set():
-            assert self._pubsub.connection is not None
-            self._pubsub.connection.register_connect_callback(self._on_reconnect)
-            self._last_message_at = asyncio.get_running_loop().time()
-            self._connected.set()
-
-    async def _replace_pubsub(self, *, failed: bool = True) -> None:
-        """A new subscription, away from the node that ``failed`` (the caller holds the command lock)."""
-        self._connected.clear()
-        await self._close_pubsub()
-        avoid = self._pubsub_client if failed else None
-        self._pubsub, self._pubsub_client = open_pubsub(self._redis, avoid=avoid)
-
-    async def _move(self) -> None:
-        """Re-subscribe every followed channel on another node, until one answers."""
-        while not self._closed:
-            async with self._command_lock:
-                await self._replace_pubsub()
-                names = list(self._by_name)
-                if not names:
-                    return  # the next join subscribes
-                try:
-                    await self._subscribe(*names)
-                    logger.info("hub moved its subscription of %d channels to another node", len(names))
-                    return
-                except (RedisError, OSError) as exc:
-                    logger.warning("hub could not subscribe on another node: %s", exc)
-            await asyncio.sleep(0.5)
+                # In the background: leaving happens in `finally` blocks, which cannot wait.
+                task = asyncio.get_running_loop().create_task(self._unsubscribe(name))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
 
     async def _unsubscribe(self, name: str) -> None:
-        if name in self._by_name:  # re-joined meanwhile
-            return
-        with contextlib.suppress(RedisError, OSError):
-            async with self._command_lock:
-                await self._pubsub.unsubscribe(name)
+        if name not in self._by_name:  # unless re-joined meanwhile
+            await self._send("UNSUBSCRIBE", name)
 
-    # ---- the reader
+    async def _send(self, command: str, *names: str) -> None:
+        """(Un)subscribe on the link if it is live, counting the confirmations to come."""
+        for name in names:
+            self._inflight[name] = self._inflight.get(name, 0) + 1
+        if not await self._link.send(command, *names):
+            for name in names:
+                self._confirmed(name)
+
+    def _confirmed(self, name: str) -> bool:
+        """One (un)subscribe of ``name`` answered; True if it was the latest one sent."""
+        left = self._inflight.pop(name, 0) - 1
+        if left > 0:
+            self._inflight[name] = left
+        return left <= 0
+
+    # ---- the reader: the one task that connects and reads the link
 
     async def _read_loop(self) -> None:
+        failed = False
         while not self._closed:
-            if not self._connected.is_set():
-                await self._connected.wait()
-            try:
-                # No timeout: a per-message timer costs more than the message. The tick pings instead.
-                response = await self._pubsub.parse_response(block=True)
-                self._last_message_at = asyncio.get_running_loop().time()
-                if response is None:
-                    continue
-                if response[0] == "message":
-                    self._publish(response[1], response[2])  # the hot path: past redis-py's message dicts
-                else:
-                    # (Un)subscribe confirmations: redis-py keeps its channel bookkeeping for reconnects.
-                    message = await self._pubsub.handle_message(response)  # type: ignore[no-untyped-call]
-                    if message is not None and message["type"] == "subscribe":
-                        self._confirm(str(message["channel"]))
-            except Exception as exc:
-                # redis-py reconnects (and re-subscribes) on the next read; readers re-join meanwhile.
-                # Anything else is a bug, but this loop serves every reader of the process: it
-                # keeps going rather than die and leave them all waiting.
-                if isinstance(exc, RedisError | OSError):
-                    logger.warning("hub lost its redis subscription: %s", exc)
-                else:
-                    logger.exception("hub reader failed; every reader re-reads from its last id")
-                self._reset_all()
+            if not self._link.live and not await self._go_live(failed=failed):
+                failed = True
                 await asyncio.sleep(0.5)
-                if self._moves_on_failure:
-                    await self._move()
+                continue
+            try:
+                response = await self._link.read()
+            except Exception as exc:
+                logger.warning("hub lost its redis subscription: %s", exc)
+                failed = True
+                await self._link_lost()
+                continue
+            self._last_message_at = asyncio.get_running_loop().time()
+            try:
+                self._handle(response)
+            except Exception:
+                # A bug, but this loop serves every reader of the process: it carries on rather
+                # than die and leave them all waiting.
+                logger.exception("hub reader failed; every reader re-reads from its last id")
+                await self._link_lost()
 
-    async def _on_reconnect(self, connection: object) -> None:
-        # Events published while the connection was down are lost to pubsub, not to the stream.
-        logger.info("hub reconnected to redis: readers re-read from their last ids")
+    async def _go_live(self, *, failed: bool) -> bool:
+        """Connect (after a failure, to another node of a cluster) and subscribe every followed
+        channel; False if Redis cannot be reached (joins fail at once until it can)."""
+        try:
+            await self._link.open(failed=failed)
+        except Exception as exc:
+            if self._link_error is None:
+                logger.warning("hub cannot subscribe to redis: %s", exc)
+            self._link_error = exc
+            await self._link_lost()
+            return False
+        if self._link_error is not None:
+            logger.info("hub subscription back: readers re-read from their last ids")
+            self._link_error = None
+        self._last_message_at = asyncio.get_running_loop().time()
+        self._inflight.clear()
+        # Live before the list is taken: a channel joined from here on is subscribed by its join.
+        self._link.live = True
+        if self._by_name:
+            await self._send("SUBSCRIBE", *self._by_name)
+        return True
+
+    async def _link_lost(self) -> None:
+        """Readers re-read from their last ids: events published meanwhile were lost to pub/sub."""
+        await self._link.drop()
         self._reset_all()
+
+    def _handle(self, response: Any) -> None:
+        if not isinstance(response, list) or len(response) < 2:
+            return  # a PONG while nothing was followed
+        kind = response[0]
+        if kind == "message":
+            self._publish(response[1], response[2])  # the hot path
+        elif kind in ("subscribe", "unsubscribe"):
+            if self._confirmed(response[1]) and kind == "subscribe":
+                self._confirm(response[1])
 
     def _confirm(self, name: str) -> None:
         channel = self._by_name.get(name)
@@ -465,22 +459,21 @@ class Hub:
                 await self._check_connection()
 
     async def _check_connection(self) -> None:
-        """Ping the subscription each tick; if even the pongs stopped, the connection is dead
-        without having been closed (a lost network path): drop it so that the reader reconnects."""
-        connection = self._pubsub.connection
+        """Ping the link each tick (the reader reads the PONG); if even the pongs stopped, the
+        connection is dead without having been closed (a lost network path): drop it, and the
+        reader reconnects."""
         now = asyncio.get_running_loop().time()
-        if not self._by_name or connection is None:
+        if not self._by_name or not self._link.live:
             self._last_message_at = now  # nothing to lose while nothing is followed
             return
         silent_s = now - self._last_message_at
-        if silent_s > 3 * self._tick_s:
+        # Three ticks without even a PONG, and never less than SILENT_FLOOR_S: a busy process or
+        # Redis may take a moment to answer, and a reconnect makes every reader re-read.
+        if silent_s > max(3 * self._tick_s, SILENT_FLOOR_S):
             logger.warning("hub subscription silent for %.1fs: reconnecting", silent_s)
-            await connection.disconnect()
+            await self._link.drop()
             return
-        # Sent on the connection itself: PubSub.ping() would run redis-py's own health check, which
-        # reads a reply that belongs to the reader loop.
-        async with self._command_lock:
-            await connection.send_command("PING", check_health=False)
+        await self._link.send("PING")
 
     async def _drop_expired(self) -> None:
         """Jobs whose TTL ran out publish nothing: look for them once per tick, for all readers at once."""

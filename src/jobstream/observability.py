@@ -3,6 +3,7 @@ with read tokens kept out. Import-safe (nothing happens until a function is call
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import json
 import logging
@@ -13,6 +14,9 @@ from typing import Any
 from jobstream import sentry
 
 logger = logging.getLogger("jobstream.jobs")
+
+#: Set on an exception once it has been logged (an attribute: exceptions take no weak references).
+_LOGGED = "_jobstream_logged"
 
 _TOKEN_IN_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s]*")
 
@@ -42,6 +46,23 @@ class RedactTokens(logging.Filter):
         if isinstance(record.args, tuple):
             record.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in record.args)
         return True
+
+
+def mark_logged(exc: BaseException) -> None:
+    """Note that ``exc`` has been logged with its request's context (see SkipLoggedErrors)."""
+    with contextlib.suppress(Exception):
+        setattr(exc, _LOGGED, True)
+
+
+class SkipLoggedErrors(logging.Filter):
+    """On uvicorn's error logger: skip its "Exception in ASGI application" for an exception the
+    app already logged. Starlette re-raises every unhandled exception after its handler answered
+    500 (errors.handle_unexpected, which logs it with the request id), so that the server may log
+    it; once is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not getattr(exc, _LOGGED, False)
 
 
 class ContextIds(logging.Filter):
@@ -96,7 +117,11 @@ def log_config(level: str, log_format: str = "plain") -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"redact": {"()": RedactTokens}, "ids": {"()": ContextIds}},
+        "filters": {
+            "redact": {"()": RedactTokens},
+            "ids": {"()": ContextIds},
+            "skip_logged": {"()": SkipLoggedErrors},
+        },
         "formatters": {"line": formatter},
         "handlers": {
             "stderr": {"class": "logging.StreamHandler", "formatter": "line", "filters": ["redact", "ids"]},
@@ -104,6 +129,7 @@ def log_config(level: str, log_format: str = "plain") -> dict[str, Any]:
         "loggers": {
             "jobstream": {"level": level.upper()},
             "uvicorn": {"level": level.upper()},
+            "uvicorn.error": {"filters": ["skip_logged"]},
             "uvicorn.access": {"level": level.upper(), "filters": ["redact"]},
         },
         "root": {"handlers": ["stderr"], "level": "WARNING"},

@@ -14,6 +14,7 @@ import sentry_sdk
 from sentry_sdk.integrations.logging import LoggingIntegration
 from sentry_sdk.integrations.starlette import StarletteIntegration
 from sentry_sdk.tracing import TransactionSource
+from starlette.requests import ClientDisconnect
 
 from jobstream.settings import Settings
 
@@ -76,6 +77,8 @@ def init(settings: Settings, component: str) -> bool:
         before_send=scrubber.event,
         before_send_transaction=scrubber.event,
         before_breadcrumb=scrubber.breadcrumb,
+        # A client that hangs up mid-request is not an error of the gateway's (errors.py logs it).
+        ignore_errors=[ClientDisconnect],
         integrations=[
             # Transactions named by route template, not by URL (job ids would make each unique).
             StarletteIntegration(transaction_style="url"),
@@ -105,13 +108,12 @@ def name_transaction(name: str) -> None:
         sentry_sdk.get_current_scope().set_transaction_name(name, source=TransactionSource.ROUTE)
 
 
-def end_stream_transaction(events: int) -> None:
-    """End the request's transaction once a stream is set up and has written its first events
-    (or its first ping), instead of when the stream closes, up to an hour later. The count of
-    events in that first write is kept as a measurement; later deliveries are Prometheus's."""
+def end_stream_transaction() -> None:
+    """End the request's transaction once its event stream is set up (headers and `retry:`
+    written), instead of when the first event arrives (an idle job may send none for minutes) or
+    when the stream closes, up to an hour later. Deliveries are Prometheus's to count."""
     transaction = sentry_sdk.get_current_scope().transaction
     if transaction is not None and transaction.timestamp is None:
-        transaction.set_measurement("stream.first_write_events", events)
         transaction.finish()
 
 

@@ -34,6 +34,11 @@ class Services:
     #: The API key `jobstream dev` made up, for its demo page; None everywhere else.
     dev_key: str | None = None
 
+    def begin_shutdown(self) -> None:
+        """End open streams and waiting long-polls now; their readers reconnect elsewhere."""
+        self.shutdown.set()
+        self.feed.stop_readers()
+
 
 def services(request: Request) -> Services:
     found: Services = request.app.state.services

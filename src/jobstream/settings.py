@@ -26,6 +26,8 @@ class Settings(BaseSettings):
     redis_master_name: str = "jobstream"
     #: Redis Cluster: JOBSTREAM_REDIS_URL names any one node; the client finds the others.
     redis_cluster: bool = False
+    #: A pooled Redis connection idle this long is PINGed before its next command (0: never).
+    redis_health_check_s: float = Field(30, ge=0)
     #: Sentry: on when a DSN is set.
     sentry_dsn: str | None = None
     sentry_environment: str = "production"

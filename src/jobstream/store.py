@@ -69,6 +69,14 @@ class OutgoingEvent:
     data: str
 
 
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """What an append wrote: the new events' ids (none for a repeated batch) and the job's status after it."""
+
+    ids: list[str]
+    status: JobStatus
+
+
 def done_event(status: JobStatus) -> OutgoingEvent:
     return OutgoingEvent(TERMINAL_EVENT, to_json({"status": status.value}))
 
@@ -198,22 +206,33 @@ class JobStore:
     async def append(
         self, job_id: str, events: Sequence[OutgoingEvent], *, batch: str = "", replicas: int = 0
     ) -> list[str]:
+        """Append events and apply the status change they carry, atomically; returns their ids.
+        Raises JobNotFound or JobEnded. See ``write``."""
+        if not events:
+            return []
+        return (await self.write(job_id, events, batch=batch, replicas=replicas)).ids
+
+    async def write(
+        self, job_id: str, events: Sequence[OutgoingEvent], *, batch: str = "", replicas: int = 0
+    ) -> Appended:
         """Append events and apply the status change they carry, atomically. Raises JobNotFound or JobEnded.
 
+        An ending (a `done` completed or failed) written after a cancel was accepted is written as
+        `cancelled`, without its result or failure event: the returned status says which.
         ``batch`` names this batch for its producer: appending the same name twice in a row adds it
         once (the second call returns no ids), so a producer may retry after a lost reply.
         ``replicas`` > 0 then waits (Redis WAIT, on the same connection) until that many replicas
         have the write, up to the configured timeout; fewer is logged, not raised."""
         if not events:
-            return []
+            raise ValueError("nothing to append")
         args = self._append_args(job_id, events, batch)
         if not replicas:
-            return _append_result(await self._append(keys=self._append_keys(job_id), args=args))
+            return _appended(await self._append(keys=self._append_keys(job_id), args=args))
         timeout_ms = self._settings.durable_end_timeout_ms
         reply, acked = await self._append_and_wait(job_id, args, replicas, timeout_ms)
         if int(acked) < replicas:
             logger.warning("job %s: write reached %s of %d replicas within %d ms", job_id, acked, replicas, timeout_ms)
-        return _append_result(reply)
+        return _appended(reply)
 
     async def _append_and_wait(
         self, job_id: str, args: list[str | int], replicas: int, timeout_ms: int
@@ -243,12 +262,12 @@ class JobStore:
                 self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events))
                 for job_id, events in appends
             ]
-            return [_append_result(reply) for reply in await asyncio.gather(*calls)]
+            return [_appended(reply).ids for reply in await asyncio.gather(*calls)]
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id, events in appends:
                 await self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events), client=pipe)
             replies = await pipe.execute()
-        return [_append_result(reply) for reply in replies]
+        return [_appended(reply).ids for reply in replies]
 
     @staticmethod
     def _append_keys(job_id: str) -> list[str]:
@@ -278,14 +297,18 @@ class JobStore:
             args += [event.type, event.data]
         return args
 
-    async def request_cancel(self, job_id: str) -> tuple[JobStatus, str]:
-        """Flag the job for cancellation; returns its status and type at that moment."""
-        reply = await self._request_cancel(keys=[keys.meta_key(job_id)])
-        if reply[0] == "gone":
-            raise JobNotFound()
-        if reply[0] == "ended":
-            raise JobEnded(f"The job has already ended ({reply[1]}).")
-        return JobStatus(reply[1]), reply[2]
+    async def request_cancel(self, job_id: str) -> bool:
+        """Accept a cancel (raises JobEnded once the job has ended, JobNotFound if it is gone).
+
+        Returns True when the job ended `cancelled` here, in the same step (no worker holds it: it
+        is pending, or external), False when its worker will stop it; either way any ending
+        written from now on is `cancelled`."""
+        args = self._append_args(job_id, [done_event(JobStatus.cancelled)])
+        reply = await self._request_cancel(keys=self._append_keys(job_id), args=args)
+        if reply[0] == "cancelling":
+            return False
+        _appended(reply)  # raises for a job gone or ended
+        return True
 
     async def start_attempt(self, job_id: str) -> tuple[str, int]:
         """Count a worker's run of a job. Returns ('ok', attempt), ('gone'|'ended'|'cancelled', 0)."""
@@ -350,14 +373,13 @@ class JobStore:
         await self._redis.delete(key)
 
 
-def _append_result(reply: list[str]) -> list[str]:
-    if reply[0] == "repeat":
-        return []
+def _appended(reply: list[str]) -> Appended:
+    """The append script's reply: {'ok', status, id...} | {'repeat', status} | {'gone'} | {'ended', status}."""
     if reply[0] == "gone":
         raise JobNotFound()
     if reply[0] == "ended":
         raise JobEnded(f"The job has already ended ({reply[1]}).")
-    return list(reply[1:])
+    return Appended(list(reply[2:]), JobStatus(reply[1]))
 
 
 def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StoredEvent:

@@ -25,7 +25,7 @@ from jobstream.connection import RedisClient
 from jobstream.errors import JobEnded, JobNotFound, ValidationFailed
 from jobstream.models import JobStatus, to_json
 from jobstream.observability import job_transition
-from jobstream.producer import JobContext, JobFailed, result_data
+from jobstream.producer import EventWriter, JobContext, JobFailed, result_data
 from jobstream.queue import QueueEntry, WorkQueue
 from jobstream.registry import HandlerSpec, Registry
 from jobstream.settings import Settings
@@ -47,7 +47,7 @@ class _Running:
 
 @dataclass
 class _Counters:
-    complete: int = 0
+    completed: int = 0
     failed: int = 0
     cancelled: int = 0
     reclaimed: int = 0
@@ -56,9 +56,46 @@ class _Counters:
     def __str__(self) -> str:
         return " ".join(f"j_{name}={value}" for name, value in vars(self).items())
 
+    def ended(self, status: JobStatus) -> None:
+        setattr(self, status.value, getattr(self, status.value) + 1)
 
-def failure_events(message: str) -> list[OutgoingEvent]:
-    return [OutgoingEvent("failure", to_json({"message": message})), done_event(JobStatus.failed)]
+
+@dataclass(frozen=True)
+class Ending:
+    """How a worker ends a run of a job: the status it asks for, the events before its `done`, and
+    its kind, for the log (completed, failed, timeout, cancelled, cancelled_before_start,
+    no_handler, worker_lost). ``reason`` is the failure message readers get."""
+
+    status: JobStatus
+    kind: str
+    events: tuple[OutgoingEvent, ...] = ()
+    reason: str | None = None
+
+    @classmethod
+    def completed(cls, result: Any) -> Ending:
+        events = () if result is None else (OutgoingEvent("result", to_json(result_data(result))),)
+        return cls(JobStatus.completed, "completed", events)
+
+    @classmethod
+    def failed(cls, message: str, kind: str = "failed") -> Ending:
+        return cls(JobStatus.failed, kind, (OutgoingEvent("failure", to_json({"message": message})),), message)
+
+    @classmethod
+    def cancelled(cls, kind: str = "cancelled") -> Ending:
+        return cls(JobStatus.cancelled, kind)
+
+    def outgoing(self) -> list[OutgoingEvent]:
+        return [*self.events, done_event(self.status)]
+
+
+@dataclass
+class _JobRun:
+    """One run of a job by this worker, from taking its queue entry to its ending."""
+
+    job: JobRecord
+    attempt: int
+    writer: EventWriter
+    started: float
 
 
 @dataclass
@@ -83,7 +120,7 @@ class Worker:
     @property
     def completed(self) -> int:
         """Jobs this worker ran to `completed`."""
-        return self._counters.complete
+        return self._counters.completed
 
     def stop(self) -> None:
         """Stop taking jobs; `run` then waits for running ones up to the shutdown grace."""
@@ -202,100 +239,117 @@ class Worker:
             logger.warning("worker %s lost redis while running job %s: %s", self.name, entry.job_id, exc)
 
     async def _run_entry(self, entry: QueueEntry) -> None:
+        started = time.monotonic()
         outcome, attempt = await self.store.start_attempt(entry.job_id)
-        job = await self.store.get(entry.job_id) if outcome == "ok" else None
-        if outcome == "cancelled":
-            await self._record(entry.job_id, [done_event(JobStatus.cancelled)])
-        elif job is not None:
-            await self._run_job(entry, job, attempt)
+        job = await self.store.get(entry.job_id) if outcome in ("ok", "cancelled") else None
+        if job is not None:
+            observability.job_id.set(job.id)  # this task's log lines belong to the job
+            run = _JobRun(job, attempt, self._writer(job.id, attempt), started)
+            with sentry.job_run(job.id, job.type, attempt, job.fields):
+                try:
+                    await self._run_job(entry, run, cancelled=outcome == "cancelled")
+                finally:
+                    await run.writer.close()
         await self.queue.finish(entry.entry_id)
 
-    async def _run_job(self, entry: QueueEntry, job: JobRecord, attempt: int) -> None:
-        spec = self.registry.get(job.type)
-        if spec is None:
-            metrics.jobs_finished.labels(job.type, JobStatus.failed.value).inc()
-            await self._record(job.id, failure_events(f"No handler for job type '{job.type}' on this worker."))
-            return
-        if attempt > 1:
-            if not spec.idempotent or attempt > self.settings.max_attempts:
-                self._counters.failed += 1
-                metrics.jobs_finished.labels(job.type, JobStatus.failed.value).inc()
-                await self._record(job.id, failure_events(WORKER_LOST))
-                return
-            self._counters.retried += 1
-        ctx = JobContext(
-            self.store,
-            job.id,
-            job.type,
-            attempt=attempt,
-            flush_ms=self.settings.delta_flush_ms,
-            flush_bytes=self.settings.delta_flush_bytes,
-        )
-        try:
-            observability.job_id.set(job.id)  # this task's log lines belong to the job
-            with sentry.job_run(job.id, job.type, attempt, job.fields):
-                if attempt > 1:
-                    job_transition("reclaimed", job.id, job_type=job.type, attempt=attempt)
-                await self._execute(entry, spec, ctx, job)
-        finally:
-            await ctx.close()
+    def _writer(self, job_id: str, attempt: int) -> EventWriter:
+        flush_ms, flush_bytes = self.settings.delta_flush_ms, self.settings.delta_flush_bytes
+        return EventWriter(self.store, job_id, attempt=attempt, flush_ms=flush_ms, flush_bytes=flush_bytes)
 
-    async def _execute(self, entry: QueueEntry, spec: HandlerSpec, ctx: JobContext, job: JobRecord) -> None:
-        try:
-            if ctx.attempt == 1:
-                await ctx.emit("status", {"status": JobStatus.running.value})
-            else:
-                await ctx.log("retrying after its worker was lost", attempt=ctx.attempt)
-        except (JobNotFound, JobEnded):
+    async def _run_job(self, entry: QueueEntry, run: _JobRun, *, cancelled: bool) -> None:
+        spec = self.registry.get(run.job.type)
+        refusal = self._refusal(run, spec, cancelled)
+        if refusal is not None:
+            await self._finish(run, refusal)
             return
-        job_transition("started", job.id, job_type=job.type, attempt=ctx.attempt)
-        started = time.monotonic()
+        assert spec is not None  # refused above otherwise
+        if run.attempt > 1:
+            self._counters.retried += 1
+            job_transition("reclaimed", run.job.id, job_type=run.job.type, attempt=run.attempt)
+        await self._execute(entry, spec, run)
+
+    def _refusal(self, run: _JobRun, spec: HandlerSpec | None, cancelled: bool) -> Ending | None:
+        """An ending decided before the handler runs: cancelled while no worker held it, no handler
+        on this worker, or lost with its worker and not safe (or no longer allowed) to retry."""
+        if cancelled:
+            return Ending.cancelled("cancelled_before_start")
+        if spec is None:
+            return Ending.failed(f"No handler for job type '{run.job.type}' on this worker.", "no_handler")
+        if run.attempt > 1 and (not spec.idempotent or run.attempt > self.settings.max_attempts):
+            return Ending.failed(WORKER_LOST, "worker_lost")
+        return None
+
+    async def _execute(self, entry: QueueEntry, spec: HandlerSpec, run: _JobRun) -> None:
+        ctx = JobContext(run.writer, run.job.type)
+        if not await _announce(ctx):
+            return
+        job_transition("started", run.job.id, job_type=run.job.type, attempt=run.attempt)
         running = self._running[entry.entry_id]
-        running.handler_task = asyncio.create_task(_call(spec, ctx, job.input))
+        running.handler_task = asyncio.create_task(_call(spec, ctx, run.job.input))
+        ending = await self._handler_ending(running, spec, run.job.id)
+        if ending is not None:
+            await self._finish(run, ending)
+
+    async def _handler_ending(self, running: _Running, spec: HandlerSpec, job_id: str) -> Ending | None:
+        """How the handler's run ended; None when the job ended elsewhere (deleted, say) meanwhile."""
+        assert running.handler_task is not None
         try:
             result = await asyncio.shield(running.handler_task)
         except asyncio.CancelledError:
             if running.stop_requested:
-                self._counters.cancelled += 1
-                _ended(job, JobStatus.cancelled, started)
-                await self._record(job.id, [done_event(JobStatus.cancelled)], ctx)
-                return
+                return Ending.cancelled()
             # The worker itself is shutting down: stop the handler and leave the job to be reclaimed.
             running.handler_task.cancel()
             raise
         except (JobNotFound, JobEnded):
-            return
+            return None
         except Exception as exc:
-            self._counters.failed += 1
-            message = _failure_message(spec, exc, job.id)
-            _ended(job, JobStatus.failed, started, reason=message)
-            await self._record(job.id, failure_events(message), ctx)
-            return
-        self._counters.complete += 1
-        _ended(job, JobStatus.completed, started)
-        events = [] if result is None else [OutgoingEvent("result", to_json(result_data(result)))]
-        await self._record(job.id, [*events, done_event(JobStatus.completed)], ctx)
+            return _failure(spec, exc, job_id)
+        return Ending.completed(result)
 
-    async def _record(self, job_id: str, events: list[OutgoingEvent], ctx: JobContext | None = None) -> None:
-        """Write a job's ending; shielded so that cancellation cannot leave it running."""
+    async def _finish(self, run: _JobRun, ending: Ending) -> None:
+        """Every ending of a job goes through here (as arq's ``finish_job``): its final events are
+        written, shielded so that cancellation cannot leave the job running, and durable on
+        ``durable_end_replicas`` replicas when so configured; then it is logged, counted, timed and
+        left as a Sentry breadcrumb, with the status Redis recorded (a cancel accepted before the
+        write makes any ending `cancelled`)."""
+        await asyncio.shield(self._write_ending(run, ending))
+
+    async def _write_ending(self, run: _JobRun, ending: Ending) -> None:
         replicas = self.settings.durable_end_replicas
-        writer = (
-            ctx.append(events, replicas=replicas)
-            if ctx is not None
-            else self.store.append(job_id, events, replicas=replicas)
-        )
         try:
-            await asyncio.shield(writer)
+            status = await run.writer.end(ending.outgoing(), replicas=replicas)
         except (JobNotFound, JobEnded):
-            pass
+            logger.info("job %s ended or was deleted elsewhere; its %s ending was not written", run.job.id, ending.kind)
+            return
+        self._counters.ended(status)
+        _account(run, ending, status)
 
 
-def _ended(job: JobRecord, status: JobStatus, started: float, **fields: str) -> None:
-    """A run that ended: counted, timed, logged, and a breadcrumb."""
-    duration_s = time.monotonic() - started
-    metrics.jobs_finished.labels(job.type, status.value).inc()
-    metrics.job_duration.labels(job.type).observe(duration_s)
-    job_transition(status.value, job.id, job_type=job.type, duration_s=round(duration_s, 3), **fields)
+def _account(run: _JobRun, ending: Ending, status: JobStatus) -> None:
+    """A job this worker ended: counted, timed, logged, and a breadcrumb (through the log line)."""
+    duration_s = time.monotonic() - run.started
+    metrics.jobs_finished.labels(run.job.type, status.value).inc()
+    metrics.job_duration.labels(run.job.type).observe(duration_s)
+    fields: dict[str, Any] = {"ending": ending.kind, "attempt": run.attempt, "duration_s": round(duration_s, 3)}
+    if ending.reason is not None:
+        fields["reason"] = ending.reason
+    if status is not ending.status:
+        fields["superseded"] = ending.status.value  # a cancel accepted before the ending was written
+    job_transition(status.value, run.job.id, job_type=run.job.type, **fields)
+
+
+async def _announce(ctx: JobContext) -> bool:
+    """The run's first event: `running`, or a log line on a retry. False if the job ended meanwhile
+    (cancelled while pending, or deleted)."""
+    try:
+        if ctx.attempt == 1:
+            await ctx.emit("status", {"status": JobStatus.running.value})
+        else:
+            await ctx.log("retrying after its worker was lost", attempt=ctx.attempt)
+    except (JobNotFound, JobEnded):
+        return False
+    return True
 
 
 async def _call(spec: HandlerSpec, ctx: JobContext, raw_input: dict[str, Any]) -> Any:
@@ -305,17 +359,17 @@ async def _call(spec: HandlerSpec, ctx: JobContext, raw_input: dict[str, Any]) -
         return await spec.run(ctx, raw_input)
 
 
-def _failure_message(spec: HandlerSpec, exc: Exception, job_id: str) -> str:
+def _failure(spec: HandlerSpec, exc: Exception, job_id: str) -> Ending:
     """What readers see of a failure: the handler's own JobFailed message, never internals."""
     if isinstance(exc, JobFailed):
-        return exc.message
+        return Ending.failed(exc.message)
     if isinstance(exc, TimeoutError):
-        return f"The job timed out after {spec.timeout_s:g} s."
+        return Ending.failed(f"The job timed out after {spec.timeout_s:g} s.", "timeout")
     if isinstance(exc, ValidationFailed):
-        return "The job's input is not valid for this handler."
+        return Ending.failed("The job's input is not valid for this handler.")
     logger.error("job %s (%s) raised", job_id, spec.name, exc_info=exc)
     sentry.capture(exc)
-    return "The job failed with an internal error."
+    return Ending.failed("The job failed with an internal error.")
 
 
 async def _wait_any(*events: asyncio.Event, timeout_s: float) -> None:

@@ -131,15 +131,12 @@ async def get_job(request: Request) -> Response:
 
 
 async def cancel_job(request: Request) -> Response:
+    """202 once the cancel is accepted, which is atomic in Redis: from then on the job can only end
+    `cancelled`. A job no worker holds (pending, or external) ends at once; a running one when its
+    worker stops it. 409 once the job has ended."""
     _, job = await load_job(request, write=True)
-    store = services(request).store
-    status, job_type = await store.request_cancel(job.id)
-    if status is JobStatus.pending or job_type == EXTERNAL:
-        # No worker holds it: end it here. A worker that picks it up later sees it ended.
-        try:
-            await store.append(job.id, [done_event(JobStatus.cancelled)])
-        except JobEnded:
-            pass
+    if await services(request).store.request_cancel(job.id):
+        job_transition("cancelled", job.id, job_type=job.type, ending="cancelled_by_gateway")
     return JSONResponse({"status": "cancelling"}, status_code=202)
 
 

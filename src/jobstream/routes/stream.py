@@ -91,7 +91,9 @@ async def _frames(
         yield sse.retry(svc.settings.retry_ms)
         if first_kept is not None:
             yield sse.unnamed_frame("truncated", to_json({"first_id": first_kept}))
-        set_up = False
+        # Set up (headers and retry written): the request's transaction ends here, however long
+        # the job then stays silent.
+        sentry.end_stream_transaction()
         async with contextlib.aclosing(svc.feed.follow(job_id, after)) as batches:
             async for batch in batches:
                 if not batch:
@@ -103,9 +105,6 @@ async def _frames(
                     metrics.lag.written(batch[-1].id, "sse")
                     if finished:
                         return
-                if not set_up:
-                    set_up = True
-                    sentry.end_stream_transaction(len(batch))
                 now = loop.time()
                 if now >= deadline or svc.shutdown.is_set():
                     return
@@ -146,7 +145,8 @@ class PollQuery(BaseModel):
 
     after: str | None = None
     limit: int = Field(100, ge=1, le=1000)
-    wait: float = Field(0, ge=0, le=30)
+    #: Bounded by the gateway's JOBSTREAM_POLL_MAX_WAIT_S, checked in `_poll_query`.
+    wait: float = Field(0, ge=0)
 
 
 def _poll_query(request: Request, max_wait_s: float) -> PollQuery:

@@ -1,0 +1,149 @@
+"""Helpers shared by test modules: waiting for a condition, reading /metrics, checking problem answers.
+
+A test that needs something to have happened waits for that very thing with ``wait_until`` (or
+``wait_until_async`` inside an event loop) rather than sleeping for a while and hoping: it goes
+on as soon as the condition holds, and fails with ``message`` if it never does. A fixed sleep is
+left only where time passing is what the test is about (a quiet period, a slow client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar, overload
+
+import httpx
+
+T = TypeVar("T")
+
+
+def wait_until(
+    predicate: Callable[[], T],
+    *,
+    timeout_s: float = 10,
+    interval_s: float = 0.02,
+    message: str = "the condition was never met",
+) -> T:
+    """Call ``predicate`` until it returns something truthy, and return that; raise AssertionError
+    with ``message`` if it has not within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} (within {timeout_s:g} s)")
+        time.sleep(interval_s)
+
+
+@overload
+async def wait_until_async(
+    predicate: Callable[[], Awaitable[T]], *, timeout_s: float = ..., interval_s: float = ..., message: str = ...
+) -> T: ...
+
+
+@overload
+async def wait_until_async(
+    predicate: Callable[[], T], *, timeout_s: float = ..., interval_s: float = ..., message: str = ...
+) -> T: ...
+
+
+async def wait_until_async(
+    predicate: Callable[[], Any],
+    *,
+    timeout_s: float = 10,
+    interval_s: float = 0.02,
+    message: str = "the condition was never met",
+) -> Any:
+    """``wait_until`` inside an event loop: sleeps without blocking it, and ``predicate`` may be a
+    coroutine function."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{message} (within {timeout_s:g} s)")
+        await asyncio.sleep(interval_s)
+
+
+def value(text: str, name: str, **labels: str) -> float:
+    """The sample ``name{labels}`` of an exposition (labels in any order), 0 when absent."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        series, _, number = line.rpartition(" ")
+        found_name, _, label_text = series.partition("{")
+        found = dict(re.findall(r'(\w+)="([^"]*)"', label_text))
+        if found_name == name and found == labels:
+            return float(number)
+    return 0.0
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
+    """``response`` is an RFC 9457 problem with ``status``; returns its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body: dict[str, object] = response.json()
+    assert body["status"] == status
+    assert {"type", "title", "status", "detail"} <= body.keys()
+    return body
+
+
+# ---- jobstream as real processes
+
+
+def wait_ready(http: httpx.Client, timeout_s: float = 20) -> None:
+    def ready() -> bool:
+        try:
+            return http.get("/readyz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    wait_until(ready, timeout_s=timeout_s, interval_s=0.05, message="the gateway never became ready")
+
+
+def jobstream(*args: str, env: dict[str, str], **popen: Any) -> subprocess.Popen[bytes]:
+    """`python -m jobstream <args>` as a real process."""
+    return subprocess.Popen([sys.executable, "-m", "jobstream", *args], env=env, **popen)
+
+
+def kill_all(*processes: subprocess.Popen[bytes] | None) -> None:
+    """Test cleanup: kill whatever is still running (a passing test has already stopped them)."""
+    for process in processes:
+        if process is not None and process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBSTREAM_")}
+    return {**env, **extra}
+
+
+def app_env(redis_url: str, api_key: str, token_secret: str, **extra: str) -> dict[str, str]:
+    """The environment of a gateway or worker process on ``redis_url`` with the test handlers,
+    one API key (for user alice) and a shared token secret."""
+    return clean_env(
+        PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+        JOBSTREAM_REDIS_URL=redis_url,
+        JOBSTREAM_API_KEYS=f"{api_key}=alice",
+        JOBSTREAM_TOKEN_SECRET=token_secret,
+        JOBSTREAM_APP="tests.handlers",
+        **extra,
+    )
+
+
+def scrape(port: int, name: str, **labels: str) -> float:
+    """One series of /metrics, over a new connection (so that any process may answer)."""
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
+        return value(fresh.get("/metrics").text, name, **labels)
