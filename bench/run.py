@@ -188,6 +188,7 @@ def server(
             "JOBSTREAM_API_KEYS": f"{API_KEY}=bench",
             "JOBSTREAM_TOKEN_SECRET": TOKEN_SECRET,
             "JOBSTREAM_MAX_SSE_PER_USER": "1000000",
+            "JOBSTREAM_MAX_SSE_PER_TOKEN_JOB": "1000000",
             "JOBSTREAM_CREATE_RATE": "100000000/minute",
             "JOBSTREAM_LOG_LEVEL": "WARNING",
         }

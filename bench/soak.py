@@ -1,17 +1,20 @@
-"""Soak: steady traffic across 2 gateways and 2 workers while processes are killed and restarted.
+"""Soak: steady traffic across 3 gateways and 3 workers while processes are killed and restarted.
 
-    python -m bench.soak --minutes 10 --rate 4
+    python -m bench.soak --minutes 60 --rate 4
 
-Starts its own redis-server, two `jobstream serve` and two `jobstream worker` processes on
+Starts its own redis-server, three `jobstream serve` and three `jobstream worker` processes on
 127.0.0.1. Sessions arrive at ``--rate`` per second; each creates a `demo.story` job on a random
 gateway and follows it to its end by SSE (resuming with Last-Event-ID on another gateway after
-any break), by long-polling, or by SSE with a cancel half a second in. Every minute one gateway
-and one worker are killed with SIGKILL and started again two seconds later.
+any break), by long-polling, or by SSE with a cancel half a second in. Every minute gateway and
+worker 0 or 1 (in turn) are killed with SIGKILL and started again two seconds later; gateway and
+worker 2 are never killed, so that their memory over the whole run shows whether a long-lived
+process grows.
 
-Every session is checked end to end: ids strictly increasing (no duplicate), the job ended, and a
+Every session is checked end to end: ids strictly increasing (no duplicate), the job ended, a
 completed story's text exact (a story retried after its worker was killed re-emits its words
-after a "retrying" log: then the text is a cut-off start followed by the whole story). Memory
-(RSS of each process, Redis's used_memory) is sampled every 10 s. Prints one JSON line.
+after a "retrying" log: then the text is a cut-off start followed by the whole story), and a
+cancel answered 202 ended `cancelled`. Memory (RSS of each process, Redis's used_memory) is
+sampled every 10 s. Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ class Outcome:
     events: int = 0
     duplicates: int = 0
     reconnects: int = 0
+    #: The cancel's answer (cancel sessions): 202 must end `cancelled`, 409 means it had ended.
+    cancel_status: int = 0
     text_ok: bool = True
     retried: bool = False
     error: str = ""
@@ -66,18 +71,21 @@ class Cluster:
     def env(self) -> dict[str, str]:
         return {
             **os.environ,
-            "PYTHONPATH": str(ROOT),
+            # This tree's code, whichever jobstream the interpreter has installed.
+            "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}",
             "JOBSTREAM_REDIS_URL": self.redis_url,
             "JOBSTREAM_API_KEYS": f"{API_KEY}=soak",
             "JOBSTREAM_TOKEN_SECRET": "soak-token-secret-0123456789abcdef",
             "JOBSTREAM_CREATE_RATE": "1000000/minute",
             "JOBSTREAM_MAX_SSE_PER_USER": "100000",
+            "JOBSTREAM_MAX_SSE_PER_TOKEN_JOB": "100000",
             "JOBSTREAM_MAX_LONG_POLLS_PER_USER": "100000",
             "JOBSTREAM_HEARTBEAT_S": "2",
             "JOBSTREAM_RETRY_MS": "300",
             "JOBSTREAM_SSE_LEASE_S": "8",
             "JOBSTREAM_WORKER_LEASE_S": "5",
             "JOBSTREAM_LOG_LEVEL": "WARNING",
+            "JOBSTREAM_DEMO": "1",  # its sessions are demo.story jobs
         }
 
     def start_gateway(self, index: int) -> None:
@@ -110,6 +118,7 @@ class Cluster:
 
 
 def _base(cluster: Cluster) -> str:
+    # Every gateway, the long-lived one too: a load balancer spreads readers over all of them.
     return f"http://127.0.0.1:{random.choice(cluster.gateway_ports)}"
 
 
@@ -152,7 +161,7 @@ async def _follow_sse(
                         events.append({"id": message.id, "type": message.event, "data": message.json()})
                         if cancel_at is not None and time.monotonic() >= cancel_at:
                             cancel_at = None
-                            await http.post(job["links"]["cancel"], headers=AUTH)
+                            outcome.cancel_status = (await http.post(job["links"]["cancel"], headers=AUTH)).status_code
                         if message.event == "done":
                             return events
         except (httpx.HTTPError, json.JSONDecodeError):
@@ -289,6 +298,9 @@ def _summary(outcomes: list[Outcome], kills: list[dict[str, Any]], samples: list
         "duplicates_or_disorder": sum(o.duplicates for o in outcomes),
         "text_mismatch": sum(1 for o in outcomes if not o.text_ok),
         "not_ended": sum(1 for o in outcomes if o.status in ("", "not ended")),
+        "cancels_accepted": sum(1 for o in outcomes if o.cancel_status == 202),
+        "cancels_refused_ended": sum(1 for o in outcomes if o.cancel_status == 409),
+        "accepted_cancel_not_cancelled": sum(1 for o in outcomes if o.cancel_status == 202 and o.status != "cancelled"),
         "retried_after_worker_kill": sum(1 for o in outcomes if o.retried),
         "reconnects": sum(o.reconnects for o in outcomes),
         "errors": [o.error for o in outcomes if o.error][:10],
@@ -303,10 +315,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=4, help="new sessions per second")
     args = parser.parse_args()
     with EmbeddedRedis().start() as embedded:
-        cluster = Cluster(embedded.url, [free_port(), free_port()])
+        cluster = Cluster(embedded.url, [free_port() for _ in range(3)])
         rdb = redis.Redis.from_url(embedded.url)
         try:
-            for index in range(2):
+            for index in range(3):
                 cluster.start_gateway(index)
                 cluster.start_worker(index)
             result = asyncio.run(soak(args, cluster, rdb))

@@ -23,10 +23,11 @@ from httpx_sse import ServerSentEvent, connect_sse
 from redis.cluster import RedisCluster
 
 import tests.handlers  # noqa: F401  (registers the test.* job types)
+from jobstream import httplimits
 from jobstream.app import create_app
 from jobstream.connection import create_client
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisCluster, free_port
-from jobstream.registry import default_registry, load_modules
+from jobstream.registry import registry_for
 from jobstream.settings import Settings
 from jobstream.worker import Worker
 
@@ -59,6 +60,9 @@ def make_settings(redis_url: str, **overrides: Any) -> Settings:
         "delta_flush_ms": 20,
         "shutdown_grace_s": 1,
         "redis_cluster": redis_url in CLUSTER_URLS,
+        # As in production (whatever the shell running the tests sets): tests of the demo.* job
+        # types turn them on, with demo=True.
+        "demo": False,
     }
     values.update(overrides)
     return Settings(**values)
@@ -78,7 +82,6 @@ def redis_backend() -> str:
 
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[EmbeddedRedis]:
-    load_modules([])
     server = EmbeddedRedis().start()
     yield server
     server.stop()
@@ -86,7 +89,6 @@ def redis_server() -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[EmbeddedRedisCluster]:
-    load_modules([])
     with EmbeddedRedisCluster(masters=3, replicas=1) as cluster:
         CLUSTER_URLS.add(cluster.url)
         yield cluster
@@ -166,15 +168,21 @@ class LiveStack:
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
-        app = create_app(self.settings, default_registry, dev_key=self.dev_key)
+        app = create_app(self.settings, registry_for(self.settings), dev_key=self.dev_key)
         config = uvicorn.Config(
-            app, host="127.0.0.1", port=self.port, log_level="warning", timeout_graceful_shutdown=1, lifespan="on"
+            app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            timeout_graceful_shutdown=1,
+            lifespan="on",
+            **httplimits.uvicorn_options(self.settings),  # as `serve` runs it
         )
         self._server = uvicorn.Server(config)
         worker_task = None
         if self.with_worker:
             client = create_client(self.settings, blocking_reads=True)
-            self.worker = Worker(self.settings, default_registry, client, concurrency=4)
+            self.worker = Worker(self.settings, registry_for(self.settings), client, concurrency=4)
             worker_task = asyncio.create_task(self.worker.run())
         serve = asyncio.create_task(self._server.serve())
         while not self._server.started and not serve.done():
@@ -222,6 +230,13 @@ def stack(make_stack: Callable[..., LiveStack]) -> LiveStack:
 @pytest.fixture
 def client(stack: LiveStack) -> Iterator[httpx.Client]:
     with stack.client() as http:
+        yield http
+
+
+@pytest.fixture
+def demo_client(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
+    """``client`` of a gateway and worker with the built-in demo.* job types on (JOBSTREAM_DEMO)."""
+    with make_stack(demo=True).client() as http:
         yield http
 
 

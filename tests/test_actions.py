@@ -67,7 +67,7 @@ def test_append_whenInvalid_then4xx(client: httpx.Client, stack: LiveStack) -> N
     token_auth = {"Authorization": f"Bearer {job['token']}"}
     assert_problem(client.post(url, json={"type": "delta", "data": {"text": "x"}}, headers=token_auth), 403)
     assert_problem(client.post(url, json={"type": "delta", "data": {"text": "x"}}, params={"token": job["token"]}), 401)
-    worker_job = create_job(client, "demo.story", input={"words": 1, "delay_ms": 0})
+    worker_job = create_job(client, "test.echo")
     response = client.post(
         f"/v1/jobs/{worker_job['id']}/events", json={"type": "delta", "data": {"text": "x"}}, headers=ALICE
     )
@@ -77,7 +77,7 @@ def test_append_whenInvalid_then4xx(client: httpx.Client, stack: LiveStack) -> N
 def test_cancel_whenExternalOrPending_thenCancelledAtOnce(make_stack: Callable[..., LiveStack]) -> None:
     stack = make_stack(with_worker=False)
     with stack.client() as http:
-        for job_type in ("external", "demo.story"):
+        for job_type in ("external", "test.echo"):
             job = create_job(http, job_type)
             response = http.post(f"/v1/jobs/{job['id']}/cancel", headers=ALICE)
             assert response.status_code == 202 and response.json() == {"status": "cancelling"}

@@ -66,8 +66,9 @@ def page(context: BrowserContext) -> Page:
 
 @pytest.fixture
 def dev_stack(make_stack: Callable[..., LiveStack]) -> LiveStack:
-    """As `jobstream dev`: the page gets its key from /dev.json; readers retry after 300 ms."""
-    return make_stack(dev_key="key-alice", retry_ms=300)
+    """As `jobstream dev`: the demo job types on, the page gets its key from /dev.json; readers
+    retry after 300 ms."""
+    return make_stack(dev_key="key-alice", retry_ms=300, demo=True)
 
 
 def start_story(page: Page, stack: LiveStack, *, words: int, delay_ms: int, transport: str = "auto") -> str:
@@ -255,7 +256,7 @@ def test_client_whenCredentialRefused_thenOneErrorNoHammering(page: Page, dev_st
 
 
 def test_keyField_whenNotDevMode_thenAskedForAndUsed(page: Page, make_stack: Callable[..., LiveStack]) -> None:
-    stack = make_stack()
+    stack = make_stack(demo=True)  # not `jobstream dev`, but the demo job types on (JOBSTREAM_DEMO=1)
     page.goto(stack.base_url + "/")
     key = page.get_by_label("API key")
     expect(key).to_be_visible()
@@ -349,7 +350,7 @@ def test_client_whenPollsKeepFailing_thenBacksOffAndStopsAfterFive(page: Page, d
 def test_client_whenSseRefusedWith429_thenPollsInsteadOfReconnecting(
     page: Page, make_stack: Callable[..., LiveStack]
 ) -> None:
-    stack = make_stack(with_worker=False, max_sse_per_user=1)
+    stack = make_stack(with_worker=False, max_sse_per_token_job=1)
     streams = requests_to(page, "/events")
     with stack.client() as http:
         job = create_job(http)

@@ -100,7 +100,12 @@ def test_serve_whenSettingInvalid_thenOneClearLineNoTraceback() -> None:
 
 def test_serveAndWorker_whenSeparateProcesses_thenJobRunsAndSigtermStopsBoth(redis_url: str) -> None:
     port = free_port()
-    env = clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_API_KEYS="k-serve=alice", JOBSTREAM_TOKEN_SECRET="s" * 32)
+    env = clean_env(
+        JOBSTREAM_REDIS_URL=redis_url,
+        JOBSTREAM_API_KEYS="k-serve=alice",
+        JOBSTREAM_TOKEN_SECRET="s" * 32,
+        JOBSTREAM_DEMO="1",
+    )
     gateway = jobstream("serve", "--port", str(port), env=env)
     worker = jobstream("worker", "--concurrency", "2", env=env)
     try:
@@ -133,7 +138,7 @@ def test_serve_whenWorkersTwo_thenBothProcessesServeStreams(redis_url: str) -> N
             auth = {"Authorization": "Bearer k-serve"}
             job = http.post("/v1/jobs", json={"type": "external"}, headers=auth).json()
             for _ in range(2):  # no worker runs: they wait in the queue, whichever process is asked
-                http.post("/v1/jobs", json={"type": "demo.story"}, headers=auth)
+                assert http.post("/v1/jobs", json={"type": "test.echo"}, headers=auth).status_code == 201
             for _ in range(4):
                 assert scrape(port, "jobstream_queue_depth", state="waiting") == 2
             url = job["links"]["events"]

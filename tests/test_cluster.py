@@ -118,7 +118,7 @@ def test_slotMigration_whenJobSlotMovesMidStory_thenAskAndMovedFollowedAndReader
     make_stack: Callable[..., LiveStack], rdb: SyncRedis
 ) -> None:
     assert isinstance(rdb, RedisCluster)
-    stack = make_stack(heartbeat_s=0.5)
+    stack = make_stack(heartbeat_s=0.5, demo=True)
     with (
         stack.client() as http,
         story_being_read(http, [stack.base_url], words=60, delay_ms=40, started=5) as (job, reading),
@@ -159,7 +159,7 @@ def _replica_promoted(cluster: EmbeddedRedisCluster, key: str, dead: EmbeddedRed
 def test_failover_whenJobMasterKilledMidStory_thenReplicaTakesOverAndEveryoneCarriesOn(
     own_cluster: EmbeddedRedisCluster,
 ) -> None:
-    stack = LiveStack(make_settings(own_cluster.url, heartbeat_s=0.5, retry_ms=200)).start()
+    stack = LiveStack(make_settings(own_cluster.url, heartbeat_s=0.5, retry_ms=200, demo=True)).start()
     try:
         with (
             stack.client() as http,

@@ -24,12 +24,12 @@ def test_create_whenValid_thenStoresMetaWithTtlAndQueuesBeforeAnswering(
     stack = make_stack(with_worker=False)
     started = time.monotonic()
     with stack.client() as http:
-        response = http.post("/v1/jobs", json={"type": "demo.story", "input": {"words": 3}, "ttl": 120}, headers=ALICE)
+        response = http.post("/v1/jobs", json={"type": "test.slow", "input": {"steps": 3}, "ttl": 120}, headers=ALICE)
     assert response.status_code == 201
     body = response.json()
     job_id = body["id"]
     assert response.headers["location"] == f"/v1/jobs/{job_id}"
-    assert body["status"] == "pending" and body["type"] == "demo.story" and body["token"]
+    assert body["status"] == "pending" and body["type"] == "test.slow" and body["token"]
     assert body["links"] == {
         "self": f"/v1/jobs/{job_id}",
         "events": f"/v1/jobs/{job_id}/events",
@@ -79,9 +79,9 @@ def test_create_whenUnknownType_then422NamingTheField(client: httpx.Client) -> N
 
 
 def test_create_whenInputInvalidForHandler_then422WithFieldErrors(client: httpx.Client) -> None:
-    response = client.post("/v1/jobs", json={"type": "demo.story", "input": {"words": "many"}}, headers=ALICE)
+    response = client.post("/v1/jobs", json={"type": "test.slow", "input": {"steps": "many"}}, headers=ALICE)
     body = assert_problem(response, 422)
-    assert body["errors"][0]["loc"] == ["input", "words"]  # type: ignore[index]
+    assert body["errors"][0]["loc"] == ["input", "steps"]  # type: ignore[index]
 
 
 def test_create_whenBodyMalformed_thenClear4xx(client: httpx.Client) -> None:

@@ -63,8 +63,11 @@ def follow_with_resume(urls: list[str], job: dict[str, Any], timeout_s: float = 
 
 
 def start_story(http: httpx.Client, *, words: int, delay_ms: int) -> dict[str, Any]:
+    """A demo.story job: its gateway and workers need the demo job types on (JOBSTREAM_DEMO)."""
     body = {"type": "demo.story", "input": {"words": words, "delay_ms": delay_ms}}
-    created: dict[str, Any] = http.post("/v1/jobs", json=body, headers=ALICE).json()
+    response = http.post("/v1/jobs", json=body, headers=ALICE)
+    assert response.status_code == 201, response.text
+    created: dict[str, Any] = response.json()
     return created
 
 
@@ -137,7 +140,7 @@ def test_redisRestart_whenAof_thenJobSurvivesEveryoneReconnectsAndReaderMissesNo
     port = free_port()
     first = EmbeddedRedis(port=port, extra_args=AOF, data_dir=str(tmp_path)).start()
     second: EmbeddedRedis | None = None
-    stack = LiveStack(make_settings(first.url, heartbeat_s=0.5, retry_ms=200)).start()
+    stack = LiveStack(make_settings(first.url, heartbeat_s=0.5, retry_ms=200, demo=True)).start()
     try:
         with (
             stack.client() as http,
@@ -180,6 +183,7 @@ def _gateway(redis_url: str, port: int, **env: str) -> subprocess.Popen[bytes]:
         JOBSTREAM_TOKEN_SECRET="s" * 32,
         JOBSTREAM_HEARTBEAT_S="0.5",
         JOBSTREAM_RETRY_MS="200",
+        JOBSTREAM_DEMO="1",
         **env,
     )
     return jobstream("serve", "--port", str(port), env=environment)
@@ -193,7 +197,7 @@ def test_gatewayStopped_whenMidStream_thenReaderResumesOnAnotherAndItsSlotIsFree
     # Lease: the larger of 5 s and four heartbeats; each gateway renews its streams' leases.
     gateways = [_gateway(redis_url, port, JOBSTREAM_SSE_LEASE_S="5") for port in ports]
     urls = [f"http://127.0.0.1:{port}" for port in ports]
-    worker_env = clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_TOKEN_SECRET="s" * 32)
+    worker_env = clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_TOKEN_SECRET="s" * 32, JOBSTREAM_DEMO="1")
     worker = jobstream("worker", env=worker_env)
     try:
         for url in urls:
@@ -243,7 +247,7 @@ def test_slowReader_whenItStopsReading_thenOnlyItIsDroppedAndItResumesWithoutGap
         fast_events = fast.result(timeout=60)
         assert [e.json()["n"] for e in fast_events if e.event == "log"] == list(range(768))
 
-        received = _read_until_closed(slow, timeout_s=15)  # the server dropped it: EOF, not a hang
+        received = _read_until_ended(slow, timeout_s=15)  # the server dropped it: the stream ended, not a hang
         seen = [e for e in parse_frames(received) if e["event"] == "log"]
         assert 0 < len(seen) < 768, "the stalled reader should have been dropped part-way"
         _, rest = read_sse(http, job, last_event_id=seen[-1]["id"])
@@ -274,11 +278,13 @@ def _wait_for_readers(port: int, count: int, timeout_s: float = 10) -> None:
     )
 
 
-def _read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+def _read_until_ended(sock: socket.socket, timeout_s: float) -> bytes:
+    """The rest of a chunked response, up to its last chunk or the connection's end (a dropped
+    stream's connection may stay open for the next request, as keep-alive allows)."""
     sock.settimeout(timeout_s)
-    chunks = []
+    chunks: list[bytes] = []
     with sock:
-        while chunk := sock.recv(65536):
+        while not b"".join(chunks[-2:]).endswith(b"\r\n0\r\n\r\n") and (chunk := sock.recv(65536)):
             chunks.append(chunk)
     return b"".join(chunks)
 
@@ -294,9 +300,14 @@ def parse_frames(raw: bytes) -> list[dict[str, str]]:
 def test_workerTerminated_whenJobOutlastsGrace_thenHandedBackAndFinishedByAnotherAtOnce(
     make_stack: Callable[..., LiveStack], redis_url: str
 ) -> None:
-    stack = make_stack(with_worker=False)
+    stack = make_stack(with_worker=False, demo=True)
     # Leases of 30 s: only a hand-back, not a lapsed lease, lets the next worker take the job at once.
-    env = clean_env(JOBSTREAM_REDIS_URL=redis_url, JOBSTREAM_SHUTDOWN_GRACE_S="1", JOBSTREAM_WORKER_LEASE_S="30")
+    env = clean_env(
+        JOBSTREAM_REDIS_URL=redis_url,
+        JOBSTREAM_SHUTDOWN_GRACE_S="1",
+        JOBSTREAM_WORKER_LEASE_S="30",
+        JOBSTREAM_DEMO="1",
+    )
     first = jobstream("worker", env=env)
     second: subprocess.Popen[bytes] | None = None
     try:

@@ -4,6 +4,7 @@ batch, bounded buffers, clean unsubscribes, and recovery from a lost connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import random
 import time
@@ -357,5 +358,45 @@ def test_join_whenManyNewChannelsAtOnce_thenEveryOneIsLive(redis_url: str) -> No
             finally:
                 await hub.close()
                 await fresh.aclose()
+
+    run(scenario)
+
+
+def test_wait_whenTimeoutTiny_thenAnswersAtOnceAndLeavesNothing(redis_url: str, rdb: SyncRedis) -> None:
+    """Regression: a deadline that passed while the join sent its SUBSCRIBE (redis-py wraps the
+    send in asyncio.wait_for, which on Python 3.11 can swallow the cancellation) was lost, and
+    the wait went on until the next event."""
+
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (hub, store):
+            job_id = await new_job(store)
+            for timeout_s in (1e-9, 1e-6, 1e-4, 1e-3):
+                started = time.monotonic()
+                assert await asyncio.wait_for(hub.wait(job_id, "0-0", timeout_s), 5) == []
+                assert time.monotonic() - started < 1
+            await wait_until_async(
+                lambda: hub.channel_count == 0 and not subscribed_channels(rdb, keys.live_channel(job_id)),
+                message="a tiny wait left its channel behind",
+            )
+
+    run(scenario)
+
+
+def test_wait_whenCancelledWhileJoining_thenNoChannelLeftBehind(redis_url: str, rdb: SyncRedis) -> None:
+    async def scenario() -> None:
+        async with hub_and_store(redis_url) as (hub, store):
+            jobs = [await new_job(store) for _ in range(20)]
+            for index, job_id in enumerate(jobs):
+                waiter = asyncio.create_task(hub.wait(job_id, "0-0", 10))
+                for _ in range(index % 4):
+                    await asyncio.sleep(0)  # on purpose: cancelled at a different step each time
+                waiter.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await waiter
+            assert hub.channel_count == 0
+            await wait_until_async(
+                lambda: not subscribed_channels(rdb, keys.live_channel("*")),
+                message="cancelled joins left channels subscribed",
+            )
 
     run(scenario)

@@ -37,6 +37,7 @@ def test_jsonLogs_whenJobsRun_thenOneLinePerRequestAndTransitionWithIdsAndNoSecr
         API_KEY,
         "logs-test-token-secret-0123456789abcdef",
         JOBSTREAM_LOG_FORMAT="json",
+        JOBSTREAM_DEMO="1",
     )
     gateway_log, worker_log = tmp_path / "gateway.log", tmp_path / "worker.log"
     with gateway_log.open("wb") as gateway_err, worker_log.open("wb") as worker_err:

@@ -26,7 +26,7 @@ def _story(http: httpx.Client, words: int, delay_ms: int) -> dict[str, object]:
 def test_metrics_whenJobsQueueRunAndEnd_thenCountedTimedAndQueueReadFromRedis(
     make_stack: Callable[..., LiveStack],
 ) -> None:
-    gateway = make_stack(with_worker=False)
+    gateway = make_stack(with_worker=False, demo=True)
     with gateway.client() as http:
         before = http.get("/metrics").text
         waiting = [_story(http, 30, 20) for _ in range(3)]
@@ -37,7 +37,7 @@ def test_metrics_whenJobsQueueRunAndEnd_thenCountedTimedAndQueueReadFromRedis(
         assert value(queued, "jobstream_queue_depth", state="running") == 0
         assert value(queued, "jobstream_queue_oldest_waiting_age_seconds") >= 0.3
 
-        make_stack()  # a worker arrives
+        make_stack(demo=True)  # a worker arrives
         for job in waiting:
             _, events = read_sse(http, job)  # type: ignore[arg-type]
             assert events[-1].json() == {"status": "completed"}
@@ -68,10 +68,16 @@ def test_workerMetrics_whenListenSet_thenWorkerServesItsOwnCounters(
     redis_url: str, make_stack: Callable[..., LiveStack]
 ) -> None:
     metrics_port = free_port()
-    env = app_env(redis_url, "key-alice", "unused", JOBSTREAM_WORKER_METRICS_LISTEN=f"127.0.0.1:{metrics_port}")
+    env = app_env(
+        redis_url,
+        "key-alice",
+        "unused",
+        JOBSTREAM_WORKER_METRICS_LISTEN=f"127.0.0.1:{metrics_port}",
+        JOBSTREAM_DEMO="1",
+    )
     worker = jobstream("worker", env=env)
     try:
-        gateway = make_stack(with_worker=False)
+        gateway = make_stack(with_worker=False, demo=True)
         with gateway.client() as http:
             job = create_job(http, "demo.story", input={"words": 3, "delay_ms": 0})
             _, events = read_sse(http, job)

@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from starlette.requests import Request
 
@@ -39,6 +39,18 @@ def test_parseId_whenAnyText_thenIdOrBadRequestNothingElse(text: str) -> None:
 @given(U64, U64, U64, U64)
 def test_isBefore_whenTwoIds_thenNumericOrderNotTextOrder(ms1: int, seq1: int, ms2: int, seq2: int) -> None:
     assert is_before(f"{ms1}-{seq1}", f"{ms2}-{seq2}") == ((ms1, seq1) < (ms2, seq2))
+
+
+@given(U64, U64)
+@example(2**64 - 1, 2**64 - 1)
+@example(2**64 - 1, 2**64 - 2)
+def test_resolveCursor_whenAnyU64Parts_thenOnlyTheLastPossibleIdRefused(ms: int, seq: int) -> None:
+    # XRANGE refuses "(2^64-1-2^64-1" as an exclusive start: nothing can follow it.
+    last = ms == seq == 2**64 - 1
+    try:
+        assert resolve_cursor(None, f"{ms}-{seq}") == f"{ms}-{seq}" and not last
+    except BadRequest:
+        assert last
 
 
 @given(st.one_of(st.none(), st.text(max_size=40)), st.one_of(st.none(), st.text(max_size=40)))
@@ -142,3 +154,48 @@ def test_readJson_whenArbitraryBytes_thenJsonOr422NeverACrash(body: bytes) -> No
         asyncio.run(read_json(_request(body, [], True), 1000))
     except ProblemError as exc:
         assert exc.status == 422
+
+
+#: JSON values as clients send them: finite numbers, valid Unicode (hypothesis' text has no surrogates).
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=25,
+)
+#: What the standard library's json.loads takes and API.md's strict JSON does not.
+NOT_STRICT = ["NaN", "Infinity", "-Infinity", "1e999", "-1e400", '"\\ud800"', '"\\udfff"', '"a\\udc00b"']
+
+
+def _read(body: bytes) -> Any:
+    return asyncio.run(read_json(_request(body, [], True), 1 << 20))
+
+
+@given(JSON_VALUES)
+def test_readJson_whenStrictJson_thenTheSameValue(value: Any) -> None:
+    for body in (json.dumps(value), json.dumps(value, ensure_ascii=False)):
+        assert _read(body.encode()) == value
+
+
+@given(JSON_VALUES, st.sampled_from(NOT_STRICT), st.integers(min_value=0, max_value=40))
+def test_readJson_whenOneBadLeafAnywhere_then422(value: Any, bad: str, depth: int) -> None:
+    marker = "\ue000marker\ue000"
+    text = json.dumps({"value": value, "bad": marker}).replace(json.dumps(marker), "[" * depth + bad + "]" * depth)
+    json.loads(text)  # the standard library takes it
+    with pytest.raises(ProblemError) as refused:
+        _read(text.encode())
+    assert refused.value.status == 422
+
+
+@given(st.integers(min_value=1, max_value=400), st.sampled_from(["[]", "{}"]), st.booleans())
+def test_readJson_whenNested_thenAcceptedUpTo64Levels(depth: int, brackets: str, as_strings: bool) -> None:
+    opening, closing = ("[", "]") if brackets == "[]" else ('{"k":', "}")
+    text = opening * (depth - 1) + ("[]" if brackets == "[]" else "{}") + closing * (depth - 1)
+    if as_strings:  # brackets inside strings nest nothing
+        text = json.dumps([text])
+        depth = 1
+    if depth <= 64:
+        assert _read(text.encode()) == json.loads(text)
+    else:
+        with pytest.raises(ProblemError) as refused:
+            _read(text.encode())
+        assert refused.value.status == 422

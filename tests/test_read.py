@@ -293,22 +293,23 @@ def test_sse_whenTooManyOpenPerUser_then429UntilOneCloses(make_stack: Callable[.
     with stack.client() as http:
         job = create_job(http)
         url = f"/v1/jobs/{job['id']}/events"
-        first = http.stream("GET", url, params={"token": job["token"]})
-        second = http.stream("GET", url, params={"token": job["token"]})
+        # With the user's own credential: streams read with a read token count per job instead.
+        first = http.stream("GET", url, headers=ALICE)
+        second = http.stream("GET", url, headers=ALICE)
         with first as r1, second as r2:
             assert r1.status_code == 200 and r2.status_code == 200
             refusals = value(http.get("/metrics").text, "jobstream_rate_limited_total", limit="sse")
-            refused = http.get(url, params={"token": job["token"]})
+            refused = http.get(url, headers=ALICE)
             assert_problem(refused, 429)
             assert "retry-after" in refused.headers
             assert value(http.get("/metrics").text, "jobstream_rate_limited_total", limit="sse") == refusals + 1
             # Another user is not affected.
             bob_job = create_job(http, headers=BOB)
-            with http.stream("GET", f"/v1/jobs/{bob_job['id']}/events", params={"token": bob_job["token"]}) as r3:
+            with http.stream("GET", f"/v1/jobs/{bob_job['id']}/events", headers=BOB) as r3:
                 assert r3.status_code == 200
 
         def reopened() -> bool:
-            with http.stream("GET", url, params={"token": job["token"]}) as again:
+            with http.stream("GET", url, headers=ALICE) as again:
                 return again.status_code == 200
 
         wait_until(
@@ -347,9 +348,13 @@ def test_sse_whenHead_thenHeadersOnlyAndNoSlotTaken(make_stack: Callable[..., Li
 def test_sse_whenManyReadersComeAndGo_thenNoLeaseOrSubscriptionLeftBehind(
     make_stack: Callable[..., LiveStack], rdb: SyncRedis
 ) -> None:
-    stack = make_stack(with_worker=False, max_sse_per_user=3)
+    stack = make_stack(with_worker=False, max_sse_per_token_job=1)
     with stack.client() as http:
         jobs = [create_job(http) for _ in range(3)]
+
+        def token_slots(job: dict[str, Any]) -> str:
+            return keys.token_sse_leases_key(job["id"])
+
         streams_before = open_streams(http)
         refused = 0
 
@@ -371,7 +376,8 @@ def test_sse_whenManyReadersComeAndGo_thenNoLeaseOrSubscriptionLeftBehind(
         assert refused < 60, f"{refused} refusals in 120 connects: slots are not released on close"
         wait_until(
             lambda: (
-                rdb.zcard(keys.sse_leases_key("alice")) == 0 and subscribed_channels(rdb, keys.live_channel("*")) == []
+                sum(rdb.zcard(slots) for slots in [keys.sse_leases_key("alice"), *map(token_slots, jobs)]) == 0
+                and subscribed_channels(rdb, keys.live_channel("*")) == []
             ),
             timeout_s=5,
             interval_s=0.05,

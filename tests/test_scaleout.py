@@ -52,7 +52,7 @@ def test_reader_whenSwitchingGatewaysMidStream_thenExactSequence(
 
 
 def test_workers_whenTwoTakeManyJobs_thenEachJobRunsOnce(make_stack: Callable[..., LiveStack]) -> None:
-    gateways = [make_stack(), make_stack()]  # each with its own worker
+    gateways = [make_stack(demo=True), make_stack(demo=True)]  # each with its own worker
     with gateways[0].client() as http:
         jobs = [start_story(http, words=8, delay_ms=5) for _ in range(20)]
         for job in jobs:

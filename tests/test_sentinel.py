@@ -77,6 +77,7 @@ def test_sentinel_whenMasterKilledMidJob_thenReplicaPromotedAndEveryoneCarriesOn
         redis_master_name=MASTER_NAME,
         heartbeat_s=0.5,
         retry_ms=200,
+        demo=True,
     )
     stack = LiveStack(settings).start()
     try:
@@ -110,7 +111,7 @@ def test_settings_whenSentinelsMalformed_thenStartupRefused(monkeypatch: pytest.
 
 
 def _short_story(settings: Settings) -> tuple[dict[str, Any], list[ServerSentEvent]]:
-    stack = LiveStack(settings).start()
+    stack = LiveStack(settings.model_copy(update={"demo": True})).start()
     try:
         with stack.client() as http:
             job = start_story(http, words=3, delay_ms=0)

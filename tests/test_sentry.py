@@ -121,7 +121,9 @@ def test_sentry_whenJobsRunAndFail_thenLinkedTracesTaggedErrorsAndNothingSecret(
     redis_url: str, ingest: FakeIngest
 ) -> None:
     port = free_port()
-    env = sentry_env(redis_url, ingest, JOBSTREAM_SENTRY_ENVIRONMENT="ci", JOBSTREAM_HEARTBEAT_S="0.5")
+    env = sentry_env(
+        redis_url, ingest, JOBSTREAM_SENTRY_ENVIRONMENT="ci", JOBSTREAM_HEARTBEAT_S="0.5", JOBSTREAM_DEMO="1"
+    )
     gateway = jobstream("serve", "--port", str(port), env=env)
     worker = jobstream("worker", env=env)
     tokens = []

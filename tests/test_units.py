@@ -15,7 +15,7 @@ from jobstream.auth import Authenticator, authorize_read, authorize_write
 from jobstream.cursor import NEWEST, is_before, parse_id, resolve_cursor
 from jobstream.errors import BadRequest, Forbidden, Unauthorized
 from jobstream.models import EventIn, Progress
-from jobstream.observability import redact
+from jobstream.redaction import redact
 from jobstream.settings import SettingsError, load_settings
 from jobstream.store import JobRecord
 from tests.conftest import JWT_SECRET, TOKEN_SECRET, make_settings

@@ -23,27 +23,27 @@ pytestmark = pytest.mark.on_cluster
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_story_whenRun_thenOneDeltaPerWordProgressResultDone(client: httpx.Client) -> None:
-    job = create_job(client, "demo.story", input={"words": 12, "delay_ms": 0})
-    _, events = read_sse(client, job)
+def test_story_whenRun_thenOneDeltaPerWordProgressResultDone(demo_client: httpx.Client) -> None:
+    job = create_job(demo_client, "demo.story", input={"words": 12, "delay_ms": 0})
+    _, events = read_sse(demo_client, job)
     types = [e.event for e in events]
     assert types[0] == "status" and events[0].json() == {"status": "running"}
     assert types.count("delta") == 12 and types.count("progress") >= 10
     assert types[-2:] == ["result", "done"] and events[-1].json() == {"status": "completed"}
     text = "".join(e.json()["text"] for e in events if e.event == "delta")
     assert len(text.split()) == 12
-    view = client.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()
+    view = demo_client.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()
     assert view["status"] == "completed" and view["result"] == {"words": 12}
     assert view["progress"]["percent"] == 100.0 and view["started_at"] and view["completed_at"]
 
 
-def test_demoFail_whenRun_thenDeltasFailureDoneFailed(client: httpx.Client) -> None:
-    job = create_job(client, "demo.fail", input={"after": 3, "delay_ms": 0})
-    _, events = read_sse(client, job)
+def test_demoFail_whenRun_thenDeltasFailureDoneFailed(demo_client: httpx.Client) -> None:
+    job = create_job(demo_client, "demo.fail", input={"after": 3, "delay_ms": 0})
+    _, events = read_sse(demo_client, job)
     assert [e.event for e in events] == ["status", "delta", "delta", "delta", "failure", "done"]
     assert "after 3 deltas" in events[-2].json()["message"]
     assert events[-1].json() == {"status": "failed"}
-    view = client.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()
+    view = demo_client.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()
     assert view["status"] == "failed" and "after 3 deltas" in view["error"]["message"]
 
 

@@ -16,9 +16,10 @@ from jobstream import keys, metrics, requestid
 from jobstream.auth import Authenticator
 from jobstream.connection import create_client
 from jobstream.errors import EXCEPTION_HANDLERS
+from jobstream.httplimits import HeaderLimit
 from jobstream.hub import Hub
 from jobstream.ratelimit import RATE_LIMIT_HEADERS, ConnectionLeases, CreateLimiter
-from jobstream.registry import Registry, default_registry, load_modules
+from jobstream.registry import Registry, load_modules, registry_for
 from jobstream.requestid import RequestId
 from jobstream.routes import build_routes
 from jobstream.routes.hotpath import EventStreamRoute
@@ -99,7 +100,7 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
     """The gateway. ``dev_key`` (from `jobstream dev` only) is served to the demo page at /dev.json."""
     if registry is None:
         load_modules(settings.app)
-        registry = default_registry
+        registry = registry_for(settings)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -122,6 +123,11 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
     return Starlette(
         routes=build_routes(),
         exception_handlers=EXCEPTION_HANDLERS,
-        middleware=[*cors_middleware(settings), Middleware(EventStreamRoute), Middleware(RequestId)],
+        middleware=[
+            Middleware(HeaderLimit),
+            *cors_middleware(settings),
+            Middleware(EventStreamRoute),
+            Middleware(RequestId),
+        ],
         lifespan=lifespan,
     )

@@ -1,9 +1,19 @@
-"""Who is calling: API keys, HS256 JWTs, and per-job read tokens."""
+"""Who is calling: API keys, HS256 JWTs, and per-job read tokens.
+
+Where each is accepted (API.md, "Hardening"): API keys and user JWTs only in the
+``Authorization`` header; a job's read token there or as ``?token=`` (EventSource cannot send
+headers). A credential is looked at only when it is at most ``MAX_CREDENTIAL_BYTES`` long, and
+JWT-decoded at most once: its unverified ``aud`` claim says which kind it claims to be, and only
+that kind's secret is tried."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import jwt
 from starlette.requests import Request
@@ -16,6 +26,9 @@ from jobstream.store import JobRecord
 #: even if an operator gives both the same secret.
 READ_AUDIENCE = "jobstream:read"
 _ALGORITHMS = ["HS256"]
+#: The longest credential (the whole ``Authorization`` value, or ``?token=``) looked at: longer
+#: is 401 before any decoding. Read tokens are ~150 bytes; 8 KiB leaves user JWTs plenty of claims.
+MAX_CREDENTIAL_BYTES = 8192
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,13 +54,22 @@ class Authenticator:
 
     def authenticate(self, request: Request, *, allow_query_token: bool = False) -> Principal:
         credential = _bearer(request)
-        if credential is None and allow_query_token:
-            credential = request.query_params.get("token") or None
-        if credential is None:
+        if credential is not None:
+            principal = self._api_key_user(credential) or self._token(credential, read_only=False)
+            if principal is None:
+                raise Unauthorized("Invalid credentials.")
+            return principal
+        token = request.query_params.get("token") if allow_query_token else None
+        if not token:
             raise Unauthorized("Missing credentials: send 'Authorization: Bearer <API key or token>'.")
-        principal = self._api_key_user(credential) or self._read_token(credential) or self._user_jwt(credential)
+        if len(token) > MAX_CREDENTIAL_BYTES:
+            raise Unauthorized(f"The token is longer than {MAX_CREDENTIAL_BYTES} bytes.")
+        principal = self._token(token, read_only=True)
         if principal is None:
-            raise Unauthorized("Invalid credentials.")
+            raise Unauthorized(
+                "Invalid read token. The query accepts only a job's read token (?token=); "
+                "send API keys and user JWTs in the Authorization header."
+            )
         return principal
 
     def _api_key_user(self, credential: str) -> Principal | None:
@@ -58,6 +80,17 @@ class Authenticator:
             if hmac.compare_digest(given, key):
                 found = user
         return Principal(found) if found is not None else None
+
+    def _token(self, credential: str, *, read_only: bool) -> Principal | None:
+        """A read token or (unless ``read_only``) a user JWT, verified with the one secret its
+        unverified audience points to: one decode at most, none for what is not a JWT."""
+        claims = _unverified_claims(credential)
+        if claims is None:
+            return None
+        audience = claims.get("aud")
+        if audience == READ_AUDIENCE or (isinstance(audience, list) and READ_AUDIENCE in audience):
+            return self._read_token(credential)
+        return None if read_only else self._user_jwt(credential)
 
     def _read_token(self, credential: str) -> Principal | None:
         try:
@@ -82,13 +115,39 @@ class Authenticator:
         except jwt.PyJWTError:
             return None
         sub = claims.get("sub")
-        return Principal(sub) if isinstance(sub, str) and sub else None
+        return Principal(sub) if isinstance(sub, str) and sub and _is_unicode(sub) else None
+
+
+def _unverified_claims(credential: str) -> dict[str, Any] | None:
+    """The payload of something shaped like a JWT (three dot-separated segments, the middle one a
+    JSON object), unverified: only to choose which secret to verify it with."""
+    parts = credential.split(".")
+    if len(parts) != 3:
+        return None
+    payload = parts[1]
+    try:
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (ValueError, binascii.Error, RecursionError):  # JSON errors are ValueErrors; a deep one recurses
+        return None
+    return claims if isinstance(claims, dict) else None
+
+
+def _is_unicode(text: str) -> bool:
+    """False for a string holding a lone surrogate (JSON's ``"\\ud800"`` decodes to one): no user
+    id can be one, since nothing downstream could encode it."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _bearer(request: Request) -> str | None:
     header = request.headers.get("authorization")
     if header is None:
         return None
+    if len(header) > MAX_CREDENTIAL_BYTES:
+        raise Unauthorized(f"The Authorization header is longer than {MAX_CREDENTIAL_BYTES} bytes.")
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         raise Unauthorized("Malformed Authorization header: expected 'Bearer <credential>'.")

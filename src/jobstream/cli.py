@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging.config
 import os
 import secrets
@@ -17,12 +18,12 @@ import prometheus_client
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
-from jobstream import __version__, metrics, sentry, server
+from jobstream import __version__, httplimits, metrics, sentry, supervisor
 from jobstream.app import create_app, tune_gc
 from jobstream.connection import create_client, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
 from jobstream.observability import log_config
-from jobstream.registry import default_registry, load_modules
+from jobstream.registry import load_modules, registry_for
 from jobstream.server import GatewayServer
 from jobstream.settings import Settings, SettingsError, load_settings
 from jobstream.worker import Worker
@@ -96,7 +97,7 @@ async def _serve(
     sockets: list[socket.socket] | None = None,
 ) -> None:
     sentry.init(settings, "gateway+worker" if with_worker else "gateway")
-    app = create_app(settings, default_registry, dev_key=dev_key)
+    app = create_app(settings, registry_for(settings), dev_key=dev_key)
     config = uvicorn.Config(
         app,
         host=host,
@@ -104,6 +105,8 @@ async def _serve(
         log_config=log_config(settings.log_level, settings.log_format),
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         proxy_headers=True,
+        # Bounded request heads, a deadline per request, the keep-alive timeout (httplimits).
+        **httplimits.uvicorn_options(settings),
     )
     worker = _make_worker(settings, settings.worker_concurrency) if with_worker else None
     gateway = GatewayServer(config, app, on_exit=worker.stop if worker is not None else None)
@@ -136,18 +139,18 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
     if own_dir:
         os.environ[metrics.MULTIPROC_DIR_ENV] = tempfile.mkdtemp(prefix="jobstream-metrics-")
     try:
-        listener = server.bind(host, port)
+        listener = supervisor.bind(host, port)
         logger.info("gateway processes: %d on http://%s:%d", workers, host, port)
-        server.supervise(
-            lambda: server.spawn(_gateway_process, settings, host, port, listener), workers, settings.shutdown_grace_s
-        )
+        start = functools.partial(supervisor.spawn, _gateway_process, settings, host, port, listener, os.getpid())
+        supervisor.supervise(start, workers, settings.shutdown_grace_s)
     finally:
         if own_dir:
             shutil.rmtree(os.environ.pop(metrics.MULTIPROC_DIR_ENV), ignore_errors=True)
 
 
-def _gateway_process(settings: Settings, host: str, port: int, listener: socket.socket) -> None:
+def _gateway_process(settings: Settings, host: str, port: int, listener: socket.socket, supervisor_pid: int) -> None:
     """One process of `serve --workers N` (in a fresh interpreter): `serve` on the shared socket."""
+    supervisor.become_child(supervisor_pid)
     logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
     load_modules(settings.app)
     _run(_serve(settings, host, port, with_worker=False, sockets=[listener]))
@@ -155,7 +158,7 @@ def _gateway_process(settings: Settings, host: str, port: int, listener: socket.
 
 def _make_worker(settings: Settings, concurrency: int) -> Worker:
     client = create_client(settings, blocking_reads=True)
-    return Worker(settings, default_registry, client, concurrency=concurrency)
+    return Worker(settings, registry_for(settings), client, concurrency=concurrency)
 
 
 async def _work(settings: Settings, concurrency: int) -> None:
@@ -172,7 +175,9 @@ async def _work(settings: Settings, concurrency: int) -> None:
 
 
 def _dev(settings: Settings, host: str, port: int) -> None:
-    updates: dict[str, object] = {}
+    # The demo job types, for the demo page: on here, and in the environment of anything this starts.
+    os.environ["JOBSTREAM_DEMO"] = "1"
+    updates: dict[str, object] = {"demo": True}
     # Only a key made up here is shown to the demo page; configured keys stay the operator's.
     dev_key = None if settings.api_keys else f"dev-{secrets.token_urlsafe(12)}"
     if dev_key is not None:

@@ -7,7 +7,8 @@ from typing import NamedTuple
 
 from jobstream.errors import BadRequest
 
-_STREAM_ID = re.compile(r"^(\d{1,20})-(\d{1,20})$")
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+#: Each part of a Redis stream id is an unsigned 64-bit integer.
 _MAX_PART = 2**64 - 1
 #: "Only new events", as in XREAD.
 NEWEST = "$"
@@ -22,9 +23,13 @@ class StreamId(NamedTuple):
         return f"{self.ms}-{self.seq}"
 
 
+#: The largest stream id Redis takes; no event can come after it.
+LAST_POSSIBLE = StreamId(_MAX_PART, _MAX_PART)
+
+
 def parse_id(value: str) -> StreamId:
     """Parse ``<ms>-<seq>``; anything else raises BadRequest (never reaches Redis)."""
-    match = _STREAM_ID.match(value)
+    match = _STREAM_ID.fullmatch(value)
     if match is None:
         # The echo is bounded: repr() of 40 characters can be ten times as long.
         shown = repr(value[:40])[:100]
@@ -33,6 +38,16 @@ def parse_id(value: str) -> StreamId:
     if ms > _MAX_PART or seq > _MAX_PART:
         raise BadRequest("Malformed event id: a part is larger than 2^64-1.")
     return StreamId(ms, seq)
+
+
+def parse_resume_point(value: str) -> StreamId:
+    """An id to read after (``Last-Event-ID``, ``?last_event_id``, ``after``): any stream id but the
+    largest, ``2^64-1-2^64-1``, after which Redis reads nothing (``XRANGE`` refuses it as an
+    exclusive start, so it would fail every poll and every reconnect); raises BadRequest."""
+    parsed = parse_id(value)
+    if parsed == LAST_POSSIBLE:
+        raise BadRequest("Malformed event id: nothing can follow the largest possible id, so it is no resume point.")
+    return parsed
 
 
 def resolve_cursor(header: str | None, query: str | None) -> str | None:
@@ -49,7 +64,7 @@ def resolve_cursor(header: str | None, query: str | None) -> str | None:
             continue
         if value == NEWEST:
             return NEWEST
-        return str(parse_id(value))
+        return str(parse_resume_point(value))
     return None
 
 

@@ -1,14 +1,28 @@
-"""Built-in job types for trying jobstream out: ``demo.story`` and ``demo.fail``."""
+"""Built-in job types for trying jobstream out: ``demo.story`` and ``demo.fail``.
+
+They register in a registry of their own, `demo_registry`, which a gateway or worker serves only
+when JOBSTREAM_DEMO is on (`jobstream dev` turns it on): importing this module enables nothing.
+Their inputs are bounded and every run ends within `DEMO_TIMEOUT_S`, so that a demo job can never
+hold a worker for long.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from jobstream.producer import JobContext, JobFailed
-from jobstream.registry import handler
+from jobstream.registry import HandlerFunc, Registry, handler
+
+#: The demo job types; see `jobstream.registry.registry_for`.
+demo_registry = Registry()
+#: Longest run of a demo job: a handler still running then fails with a timeout.
+DEMO_TIMEOUT_S = 300
+MAX_WORDS = 5000
+MAX_DELAY_MS = 2000
 
 _WORDS = (
     "the quick brown fox jumps over a lazy dog while a patient river carries small boats past quiet "
@@ -19,15 +33,20 @@ _WORDS = (
 class StoryInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    words: int = Field(50, ge=1, le=10000)
-    delay_ms: int = Field(50, ge=0, le=10000)
+    words: int = Field(50, ge=1, le=MAX_WORDS)
+    delay_ms: int = Field(50, ge=0, le=MAX_DELAY_MS)
 
 
 class FailInput(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    after: int = Field(3, ge=0, le=10000)
-    delay_ms: int = Field(20, ge=0, le=10000)
+    after: int = Field(3, ge=0, le=MAX_WORDS)
+    delay_ms: int = Field(20, ge=0, le=MAX_DELAY_MS)
+
+
+def demo_handler(name: str, *, idempotent: bool = False) -> Callable[[HandlerFunc], HandlerFunc]:
+    """``@handler`` for a demo job type: in `demo_registry`, with the demo timeout."""
+    return handler(name, idempotent=idempotent, timeout_s=DEMO_TIMEOUT_S, registry=demo_registry)
 
 
 def _word(index: int, rng: random.Random) -> str:
@@ -41,7 +60,7 @@ def story_text(job_id: str, words: int) -> str:
     return "".join(_word(index, rng) for index in range(words))
 
 
-@handler("demo.story", idempotent=True)
+@demo_handler("demo.story", idempotent=True)
 async def story(ctx: JobContext, input: StoryInput) -> dict[str, int]:
     """Writes ``words`` words, one delta each (flushed per word, as a model streaming tokens), with progress."""
     rng = random.Random(ctx.job_id)
@@ -55,7 +74,7 @@ async def story(ctx: JobContext, input: StoryInput) -> dict[str, int]:
     return {"words": input.words}
 
 
-@handler("demo.fail")
+@demo_handler("demo.fail")
 async def fail(ctx: JobContext, input: FailInput) -> None:
     """Writes ``after`` deltas, then fails."""
     rng = random.Random(ctx.job_id)

@@ -39,8 +39,8 @@ def free_port() -> int:
         return port
 
 
-def _die_with_parent() -> None:
-    # Linux: the server gets SIGTERM if the process that started it dies, so none is left behind.
+def die_with_parent() -> None:
+    """Linux: this process gets SIGTERM when the process that started it dies, so none is left behind."""
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
@@ -71,7 +71,7 @@ class EmbeddedRedis:
             args,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
             start_new_session=True,
         )
         self._wait_ready()

@@ -27,140 +27,34 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from jobstream import keys
 from jobstream.connection import RedisClient
-from jobstream.cursor import StreamId, parse_id
+from jobstream.cursor import parse_id
 from jobstream.link import Link
 from jobstream.store import JobStore, StoredEvent
+from jobstream.subscription import (
+    HubClosed,
+    JobGone,
+    Reset,
+    SubscriberOverflow,
+    Subscription,
+    decode_batch,
+)
+
+__all__ = ["Hub", "HubClosed", "JobGone", "SubscriberOverflow", "Subscription", "decode_batch"]
 
 logger = logging.getLogger("jobstream.hub")
 
-#: Separators of a published batch (set in scripts.APPEND): events by US (0x1f), an event's id,
-#: type and data by RS (0x1e). Neither can occur in compact JSON (control characters are
-#: escaped), in an event type, or in a stream id.
-EVENT_SEP = "\x1f"
-FIELD_SEP = "\x1e"
 HISTORY_PAGE = 500
 JOIN_TIMEOUT_S = 5.0
 SILENT_FLOOR_S = 5.0
-
-
-class SubscriberOverflow(Exception):
-    """The subscriber fell further behind than its buffer allows."""
-
-
-class JobGone(Exception):
-    """The job was deleted or expired while a reader followed it."""
-
-
-class HubClosed(Exception):
-    """The gateway is shutting down."""
-
-
-class _Reset(Exception):
-    """The hub's connection was lost: re-join and re-read from the last id."""
-
-
-def decode_batch(payload: str) -> list[StoredEvent]:
-    events = []
-    for item in payload.split(EVENT_SEP):
-        event_id, event_type, data = item.split(FIELD_SEP, 2)
-        events.append(StoredEvent(event_id, event_type, data))
-    return events
-
-
-class Subscription:
-    """One local reader's bounded buffer of live events.
-
-    Slots, a list and a bare future rather than a deque and an asyncio.Event: thousands of these
-    live at once, one per open connection.
-    """
-
-    __slots__ = (
-        "_waiter",
-        "closed",
-        "floor",
-        "gone",
-        "max_bytes",
-        "max_events",
-        "overflowed",
-        "queue",
-        "reset",
-        "size_bytes",
-        "ticked",
-    )
-
-    def __init__(self, max_events: int, max_bytes: int) -> None:
-        self.max_events = max_events
-        self.max_bytes = max_bytes
-        self.queue: list[StoredEvent] = []
-        self.size_bytes = 0
-        #: Events with ids up to this one were read from history: drop them from the live feed.
-        self.floor: StreamId | None = None
-        self.overflowed = False
-        self.reset = False
-        self.gone = False
-        self.closed = False
-        self.ticked = False
-        self._waiter: asyncio.Future[None] | None = None
-
-    def push(self, events: list[StoredEvent], size_bytes: int) -> None:
-        if self.overflowed:
-            return
-        self.queue += events
-        self.size_bytes += size_bytes
-        if len(self.queue) > self.max_events or self.size_bytes > self.max_bytes:
-            self.overflowed = True
-            self.queue = []
-            self.size_bytes = 0
-        self.wake()
-
-    def wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def take(self) -> list[StoredEvent]:
-        """Queued events, without those already read from history."""
-        events, self.queue = self.queue, []
-        self.size_bytes = 0
-        if self.floor is not None and events:
-            floor = self.floor
-            events = [event for event in events if parse_id(event.id) > floor]
-            if events:
-                self.floor = None  # ids only grow from here on
-        return events
-
-    async def next(self) -> list[StoredEvent]:
-        """Wait for live events or a tick; [] means a tick (write a ping if idle)."""
-        while True:
-            self._raise_if_ended()
-            events = self.take()
-            if events:
-                return events
-            if self.ticked:
-                self.ticked = False
-                return []
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    def _raise_if_ended(self) -> None:
-        if self.reset:
-            self.reset = False
-            self.queue = []
-            self.size_bytes = 0
-            raise _Reset()
-        if self.closed:
-            raise HubClosed()
-        if self.gone:
-            raise JobGone()
-        if self.overflowed:
-            raise SubscriberOverflow()
+#: A link that fails within RECONNECT_QUIET_S of coming back reconnects after a pause that grows
+#: from RECONNECT_MIN_S to RECONNECT_MAX_S (a Redis at maxclients, an ACL that refuses SUBSCRIBE).
+RECONNECT_QUIET_S = 5.0
+RECONNECT_MIN_S = 0.5
+RECONNECT_MAX_S = 5.0
 
 
 @dataclass(eq=False)
@@ -171,7 +65,14 @@ class _Channel:
 
 
 class Hub:
-    """Implements the ``Feed`` protocol with one subscription connection per process (a ``Link``)."""
+    """Implements the ``Feed`` protocol with one subscription connection per process (a ``Link``).
+
+    Three tasks own the link: the reader (connects, reads, reconnects), the writer (sends every
+    SUBSCRIBE, UNSUBSCRIBE and PING, queued by the others), and the tick. Callers never await
+    redis-py themselves to join or leave: on Python 3.11 a cancellation (a long-poll's deadline, a
+    client gone) that lands inside redis-py's ``asyncio.wait_for`` around a send can be swallowed,
+    and the caller would wait on past its deadline.
+    """
 
     def __init__(
         self,
@@ -190,17 +91,21 @@ class Hub:
         self._link = Link(client)
         self._channels: dict[str, _Channel] = {}
         self._by_name: dict[str, _Channel] = {}
-        #: (Un)subscribe commands sent per channel and not yet confirmed: a channel is live once the
-        #: confirmation of its latest SUBSCRIBE arrives, never on an older one's.
+        #: (Un)subscribe commands sent per channel and not yet answered: a channel is live once the
+        #: reply to its latest SUBSCRIBE arrives, never on an older one's.
         self._inflight: dict[str, int] = {}
+        #: Commands for the writer task, in order.
+        self._outbox: list[tuple[str, ...]] = []
+        self._outbox_ready = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._background: set[asyncio.Task[None]] = set()
         self._closed = False
         #: Times the Redis subscription was lost and every reader re-read from its last id.
         self.resets = 0
         #: Why the link could not be opened, while it cannot: joins fail at once meanwhile.
         self._link_error: Exception | None = None
         self._last_message_at = 0.0
+        self._live_since = 0.0
+        self._backoff_s = 0.0
 
     def __repr__(self) -> str:
         readers = sum(len(channel.subscribers) for channel in self._channels.values())
@@ -213,7 +118,11 @@ class Hub:
     async def start(self) -> None:
         if isinstance(self._redis, RedisCluster):
             await self._redis.initialize()  # learn every node, to pick one at random
-        self._tasks = [asyncio.create_task(self._read_loop()), asyncio.create_task(self._tick_loop())]
+        self._tasks = [
+            asyncio.create_task(self._read_loop()),
+            asyncio.create_task(self._write_loop()),
+            asyncio.create_task(self._tick_loop()),
+        ]
 
     def stop_readers(self) -> None:
         """End every follower now (gateway shutdown): their readers reconnect, to another gateway."""
@@ -225,9 +134,10 @@ class Hub:
 
     async def close(self) -> None:
         self.stop_readers()
-        for task in [*self._tasks, *self._background]:
+        self._outbox_ready.set()  # the writer sees the flag
+        for task in self._tasks:
             task.cancel()
-        for task in [*self._tasks, *self._background]:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self._link.close()
@@ -239,7 +149,7 @@ class Hub:
         cursor = after
         try:
             while True:
-                await self._join(job_id, sub)
+                await self._join(job_id, sub, JOIN_TIMEOUT_S)
                 async for page in self._history(job_id, cursor):
                     cursor = page[-1].id
                     yield page
@@ -250,29 +160,34 @@ class Hub:
                         if batch:
                             cursor = batch[-1].id
                         yield batch
-                except _Reset:
+                except Reset:
                     self._leave(job_id, sub)
         finally:
             self._leave(job_id, sub)
 
     async def wait(self, job_id: str, after: str, timeout_s: float) -> list[StoredEvent]:
+        """Events after ``after`` as soon as there is one, or [] by the deadline. The deadline is
+        checked between steps too, not only by cancellation: a tiny ``timeout_s`` answers at once."""
         if self._closed:
             return []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         sub = self._subscription()
         try:
-            async with asyncio.timeout(timeout_s):
-                await self._join(job_id, sub)
-                history = await self._store.read(job_id, after, HISTORY_PAGE)
-                if history:
-                    return history
-                sub.floor = parse_id(after)
-                while True:
-                    try:
+            await self._join(job_id, sub, min(JOIN_TIMEOUT_S, timeout_s))
+            history = await self._store.read(job_id, after, HISTORY_PAGE)
+            if history or loop.time() >= deadline:
+                return history
+            sub.floor = parse_id(after)
+            while (remaining_s := deadline - loop.time()) > 0:
+                try:
+                    async with asyncio.timeout(remaining_s):  # around futures only: never swallowed
                         batch = await sub.next()
-                    except _Reset:
-                        return await self._store.read(job_id, after, HISTORY_PAGE)
-                    if batch:
-                        return batch
+                except Reset:
+                    return await self._store.read(job_id, after, HISTORY_PAGE)
+                if batch:
+                    return batch
+            return []
         except (TimeoutError, JobGone, SubscriberOverflow, HubClosed):
             return []
         finally:
@@ -294,7 +209,7 @@ class Hub:
             if len(page) < HISTORY_PAGE:
                 return
 
-    async def _join(self, job_id: str, sub: Subscription) -> None:
+    async def _join(self, job_id: str, sub: Subscription, timeout_s: float) -> None:
         """Register ``sub`` and wait until the job's channel subscription is live (callers `_leave`)."""
         if not self._link.live and self._link_error is not None:
             raise RedisConnectionError(f"no redis subscription: {self._link_error}")
@@ -304,11 +219,11 @@ class Hub:
             self._channels[job_id] = channel
             name = keys.live_channel(job_id)
             self._by_name[name] = channel
-            # While the link is down this sends nothing: the reader subscribes it once back.
-            await self._send("SUBSCRIBE", name)
+            self._queue("SUBSCRIBE", name)
         channel.subscribers.add(sub)
         # History is read only once the subscription is live, so nothing falls between the two.
-        await asyncio.wait_for(asyncio.shield(channel.ready), JOIN_TIMEOUT_S)
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(channel.ready)
 
     def _leave(self, job_id: str, sub: Subscription) -> None:
         channel = self._channels.get(job_id)
@@ -320,25 +235,40 @@ class Hub:
             name = keys.live_channel(job_id)
             self._by_name.pop(name, None)
             if not self._closed:
-                # In the background: leaving happens in `finally` blocks, which cannot wait.
-                task = asyncio.get_running_loop().create_task(self._unsubscribe(name))
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
+                self._queue("UNSUBSCRIBE", name)
 
-    async def _unsubscribe(self, name: str) -> None:
-        if name not in self._by_name:  # unless re-joined meanwhile
-            await self._send("UNSUBSCRIBE", name)
+    # ---- the writer: the one task that sends on the link
 
-    async def _send(self, command: str, *names: str) -> None:
-        """(Un)subscribe on the link if it is live, counting the confirmations to come."""
+    def _queue(self, *command: str) -> None:
+        self._outbox.append(command)
+        self._outbox_ready.set()
+
+    async def _write_loop(self) -> None:
+        # Checks the flag too: redis-py can swallow a cancellation that lands inside one of its calls.
+        while not self._closed:
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            commands, self._outbox = self._outbox, []
+            for command in commands:
+                await self._write(command)
+
+    async def _write(self, command: tuple[str, ...]) -> None:
+        """Send one command while the link is live; (un)subscribes count the replies to come. While
+        the link is down nothing is sent: the reader subscribes every followed channel when it is
+        back, and a channel left meanwhile is simply not among them."""
+        verb, names = command[0], command[1:]
+        if verb == "UNSUBSCRIBE":
+            names = tuple(name for name in names if name not in self._by_name)  # unless re-joined
+            if not names:
+                return
         for name in names:
             self._inflight[name] = self._inflight.get(name, 0) + 1
-        if not await self._link.send(command, *names):
+        if not await self._link.send(*command):
             for name in names:
-                self._confirmed(name)
+                self._count_reply(name)
 
-    def _confirmed(self, name: str) -> bool:
-        """One (un)subscribe of ``name`` answered; True if it was the latest one sent."""
+    def _count_reply(self, name: str) -> bool:
+        """One (un)subscribe of ``name`` answered (or never sent); True if it was the latest one."""
         left = self._inflight.pop(name, 0) - 1
         if left > 0:
             self._inflight[name] = left
@@ -349,14 +279,16 @@ class Hub:
     async def _read_loop(self) -> None:
         failed = False
         while not self._closed:
-            if not self._link.live and not await self._go_live(failed=failed):
-                failed = True
-                await asyncio.sleep(0.5)
-                continue
+            if not self._link.live:
+                if not await self._go_live(failed=failed):
+                    failed = True
+                    await asyncio.sleep(max(self._backoff_s, 0.5))
+                    continue
+                failed = False
             try:
                 response = await self._link.read()
             except Exception as exc:
-                logger.warning("hub lost its redis subscription: %s", exc)
+                self._log_lost(exc)
                 failed = True
                 await self._link_lost()
                 continue
@@ -378,23 +310,38 @@ class Hub:
             if self._link_error is None:
                 logger.warning("hub cannot subscribe to redis: %s", exc)
             self._link_error = exc
-            await self._link_lost()
+            await self._link.drop()
             return False
         if self._link_error is not None:
             logger.info("hub subscription back: readers re-read from their last ids")
             self._link_error = None
-        self._last_message_at = asyncio.get_running_loop().time()
+        self._last_message_at = self._live_since = asyncio.get_running_loop().time()
         self._inflight.clear()
-        # Live before the list is taken: a channel joined from here on is subscribed by its join.
+        # Live before the list is taken: a channel joined from here on is queued by its join.
         self._link.live = True
         if self._by_name:
-            await self._send("SUBSCRIBE", *self._by_name)
+            self._outbox.insert(0, ("SUBSCRIBE", *self._by_name))
+            self._outbox_ready.set()
         return True
 
+    def _log_lost(self, exc: Exception) -> None:
+        if isinstance(exc, ResponseError):
+            # Redis refused a command (an ACL without channel rights, say): retrying cannot help
+            # until the operator acts, so it is an error, and the reconnects back off.
+            logger.error("hub subscription refused by redis: %s", exc)
+        else:
+            logger.warning("hub lost its redis subscription: %s", exc)
+
     async def _link_lost(self) -> None:
-        """Readers re-read from their last ids: events published meanwhile were lost to pub/sub."""
+        """Readers re-read from their last ids: events published meanwhile were lost to pub/sub. A
+        link that fails again soon after it came back reconnects after a growing pause."""
         await self._link.drop()
         self._reset_all()
+        now = asyncio.get_running_loop().time()
+        quick = now - self._live_since < RECONNECT_QUIET_S
+        self._backoff_s = min(max(RECONNECT_MIN_S, 2 * self._backoff_s), RECONNECT_MAX_S) if quick else 0.0
+        if self._backoff_s:
+            await asyncio.sleep(self._backoff_s)
 
     def _handle(self, response: Any) -> None:
         if not isinstance(response, list) or len(response) < 2:
@@ -403,10 +350,10 @@ class Hub:
         if kind == "message":
             self._publish(response[1], response[2])  # the hot path
         elif kind in ("subscribe", "unsubscribe"):
-            if self._confirmed(response[1]) and kind == "subscribe":
-                self._confirm(response[1])
+            if self._count_reply(response[1]) and kind == "subscribe":
+                self._mark_live(response[1])
 
-    def _confirm(self, name: str) -> None:
+    def _mark_live(self, name: str) -> None:
         channel = self._by_name.get(name)
         if channel is not None and not channel.ready.done():
             channel.ready.set_result(None)
@@ -473,7 +420,7 @@ class Hub:
             logger.warning("hub subscription silent for %.1fs: reconnecting", silent_s)
             await self._link.drop()
             return
-        await self._link.send("PING")
+        self._queue("PING")
 
     async def _drop_expired(self) -> None:
         """Jobs whose TTL ran out publish nothing: look for them once per tick, for all readers at once."""

@@ -39,6 +39,11 @@ def sse_leases_key(user: str) -> str:
     return f"{prefix}:sse:{_user_digest(user)}"
 
 
+def token_sse_leases_key(job_id: str) -> str:
+    """The event streams of one job's read-token readers, counted per job (not against its owner)."""
+    return f"{prefix}:{{{job_id}}}:sse"
+
+
 def long_poll_leases_key(user: str) -> str:
     return f"{prefix}:longpoll:{_user_digest(user)}"
 

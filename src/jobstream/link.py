@@ -8,9 +8,9 @@ another coroutine is already waiting for incoming data". So the hub does not use
 holds one plain connection, and
 
 - only the reader task connects, reads and reconnects (``open``, ``read``);
-- any task may *send* (SUBSCRIBE, UNSUBSCRIBE, PING), and only while the link is ``live``: connected,
-  past the handshake, with every followed channel re-subscribed by the reader task. A send while
-  the link is down is skipped, since the reader subscribes every followed channel when it is back;
+- one other task (the hub's writer) *sends* (SUBSCRIBE, UNSUBSCRIBE, PING), and only while the
+  link is ``live``: connected and past the handshake. A send while the link is down is skipped,
+  since the hub subscribes every followed channel when it is back;
 - the connection has no redis-py health check: the hub pings it on its own tick and the PONG is
   read by the reader task like any other reply.
 
@@ -27,14 +27,13 @@ import math
 import random
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from jobstream.connection import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, RedisClient
+from jobstream.connection import COMMAND_TIMEOUT_S, RedisClient
 
 
 class Link:
@@ -42,29 +41,28 @@ class Link:
 
     def __init__(self, client: RedisClient) -> None:
         self._client = client
-        self._node_client: aioredis.Redis | None = None  # a cluster node's own client
-        self._pool: ConnectionPool | None = None
+        self._pool: ConnectionPool | None = None  # where the connection goes back (one Redis)
         self._connection: AbstractConnection | None = None
-        self._last_node: tuple[str, int] | None = None
-        #: Connected and every followed channel re-subscribed: other tasks may send.
+        self._node: tuple[str, int] | None = None  # a cluster node's address
+        #: Connected and past the handshake: commands may be sent (the hub then re-subscribes
+        #: every followed channel).
         self.live = False
 
     def __repr__(self) -> str:
         return f"Link(live={self.live}, connection={self._connection!r})"
 
     async def open(self, *, failed: bool) -> None:
-        """Connect (the reader task only). After a failure on a cluster, on another node."""
+        """Connect (the reader task only). After a failure on a cluster, to another node."""
         self.live = False
-        if isinstance(self._client, RedisCluster) and (failed or self._node_client is None):
-            await self._release()
-            self._pool = self._cluster_node_pool(self._client, failed=failed)
-        elif self._pool is None:
-            assert isinstance(self._client, aioredis.Redis)
+        if isinstance(self._client, RedisCluster):
+            if failed or self._connection is None:
+                await self._release()
+                self._connection = self._cluster_connection(self._client, failed=failed)
+        elif self._connection is None:
             self._pool = self._client.connection_pool
-        if self._connection is None:
             self._connection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
-            # The hub pings on its own tick: redis-py's check would read from the sending task.
-            self._connection.health_check_interval = 0
+        # The hub pings on its own tick: redis-py's check would read from the sending task.
+        self._connection.health_check_interval = 0
         await self._connection.connect()
 
     async def read(self) -> Any:
@@ -73,18 +71,17 @@ class Link:
         return await self._connection.read_response(timeout=math.inf, push_request=True)
 
     async def send(self, *args: str) -> bool:
-        """Send a command if the link is live (any task); False if it was skipped or failed.
-
-        A failed send closes the connection (redis-py does), which ends the reader's read: the
-        reader reconnects and re-subscribes.
-        """
+        """Send a command if the link is live (the hub's writer task); False if it was skipped or
+        failed. A failed send closes the connection (redis-py does), which ends the reader's read:
+        the reader reconnects and re-subscribes."""
         connection = self._connection
         if not self.live or connection is None or not connection.is_connected:
             return False
         try:
             await connection.send_command(*args, check_health=False)
-        except (RedisError, OSError):
-            self.live = False
+        except Exception:  # also redis-py's AttributeError when the connection was dropped meanwhile
+            if connection is self._connection:  # not a late failure on a connection since replaced
+                self.live = False
             return False
         return True
 
@@ -99,31 +96,25 @@ class Link:
         await self._release()
 
     async def _release(self) -> None:
-        connection, pool, node_client = self._connection, self._pool, self._node_client
-        self._connection = self._pool = self._node_client = None
+        connection, pool = self._connection, self._pool
+        self._connection = self._pool = None
+        if connection is None:
+            return
         with contextlib.suppress(RedisError, OSError):
-            if connection is not None and pool is not None:
-                await connection.disconnect(nowait=True)
+            await connection.disconnect(nowait=True)
+            if pool is not None:
                 await pool.release(connection)
-            if node_client is not None:
-                await node_client.aclose()
 
-    def _cluster_node_pool(self, cluster: RedisCluster, *, failed: bool) -> ConnectionPool:
-        """A client of one node, picked at random, other than the last one if it ``failed`` (the
-        topology may still list it)."""
+    def _cluster_connection(self, cluster: RedisCluster, *, failed: bool) -> AbstractConnection:
+        """A connection of its own to one node picked at random, other than the last one if it
+        ``failed`` (the topology may still list it), with the cluster's own settings (credentials,
+        TLS) and no reconnect loop against a node that may be gone for good: the link moves instead."""
         # Before the client has met the cluster it knows only the node it was given.
         nodes = cluster.get_nodes() or list(cluster.nodes_manager.startup_nodes.values())
-        if failed and self._last_node is not None:
-            nodes = [node for node in nodes if (node.host, int(node.port)) != self._last_node] or nodes
+        if failed and self._node is not None:
+            nodes = [node for node in nodes if (node.host, int(node.port)) != self._node] or nodes
         node = random.choice(nodes)
-        self._last_node = (node.host, int(node.port))
-        self._node_client = aioredis.Redis(
-            host=node.host,
-            port=int(node.port),
-            socket_connect_timeout=CONNECT_TIMEOUT_S,
-            socket_timeout=COMMAND_TIMEOUT_S,
-            # No reconnect loop against a node that may be gone for good: the link moves instead.
-            retry=Retry(NoBackoff(), 0),
-            decode_responses=True,
-        )
-        return self._node_client.connection_pool
+        self._node = (node.host, int(node.port))
+        kwargs = {**node.connection_kwargs, "retry": Retry(NoBackoff(), 0), "socket_timeout": COMMAND_TIMEOUT_S}
+        connection: AbstractConnection = node.connection_class(**kwargs)
+        return connection

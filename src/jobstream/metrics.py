@@ -10,10 +10,13 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from jobstream.observability import job_transition
 
 MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -29,14 +32,31 @@ _delivered = Counter("jobstream_events_delivered_total", "Events written to read
 redis_errors = Counter(
     "jobstream_redis_errors_total", "Redis unavailable: requests answered 503, writes retried.", ["where"]
 )
-# Workers
-jobs_finished = Counter("jobstream_jobs_finished_total", "Jobs a worker ended.", ["type", "status"])
+# Endings: written by workers, and by gateways for a cancel of a job no worker holds (pending or
+# external) and an external job's result or failure. Recorded by ``job_ended`` only.
+jobs_finished = Counter(
+    "jobstream_jobs_finished_total",
+    "Jobs ended (by a worker, or by a gateway: cancels, external jobs).",
+    ["type", "status"],
+)
 job_duration = Histogram(
     "jobstream_job_duration_seconds",
-    "From a worker starting a job to its end.",
+    "From a job's start (a worker taking it, an external job's first event) to its end; 0 if it never started.",
     ["type"],
     buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
+
+
+def job_ended(job_type: str, job: str, status: str, duration_s: float, **fields: Any) -> None:
+    """Account for one ending of a job, by whoever wrote it (a worker; a gateway's cancel of a job
+    no worker holds; a gateway appending an external job's result or failure): counted by type
+    and status, timed, and its transition (`job.<status>`, with ``duration_s`` and ``fields``)
+    logged and left as a Sentry breadcrumb. Every ending goes through here, once."""
+    jobs_finished.labels(job_type, status).inc()
+    job_duration.labels(job_type).observe(duration_s)
+    job_transition(status, job, job_type=job_type, duration_s=round(duration_s, 3), **fields)
+
+
 jobs_reclaimed = Counter("jobstream_jobs_reclaimed_total", "Jobs taken over from a lost or stopped worker.")
 #: Sampled (one batch in LAG_SAMPLE_EVERY): observing every write would cost more than the write.
 delivery_lag = Histogram(

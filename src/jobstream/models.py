@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StrictFloat, StrictInt, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class JobStatus(StrEnum):
@@ -31,6 +32,15 @@ TERMINAL = frozenset({JobStatus.completed, JobStatus.failed, JobStatus.cancelled
 TERMINAL_EVENT = "done"
 #: Event names: lowercase words, so a name can never break an SSE frame.
 EVENT_TYPE_PATTERN = r"^[a-z][a-z0-9_.\-]{0,63}$"
+#: Events the gateway itself sends to readers (`truncated`: the resume point was trimmed away;
+#: `snapshot`: a late joiner's summary). No producer may append them, so readers can trust them.
+RESERVED_EVENT_TYPES = ("snapshot", "truncated")
+
+# Numbers of request bodies are strict: a JSON number, never `true` or "5" read as one. Finiteness
+# (no NaN or Infinity) is each model's `allow_inf_nan=False`, for what handlers pass in Python;
+# JSON bodies are already refused at parsing (routes/_common.read_json).
+NonNegativeNumber = Annotated[StrictInt, Field(ge=0)] | Annotated[StrictFloat, Field(ge=0)]
+PositiveNumber = Annotated[StrictInt, Field(gt=0)] | Annotated[StrictFloat, Field(gt=0)]
 
 
 class JobCreate(BaseModel):
@@ -38,14 +48,16 @@ class JobCreate(BaseModel):
 
     type: str = Field(min_length=1, max_length=128)
     input: dict[str, JsonValue] = Field(default_factory=dict)
-    ttl: int | None = Field(default=None, ge=1, description="Idle timeout in seconds, bounded by the server's maximum.")
+    ttl: StrictInt | None = Field(
+        default=None, ge=1, description="Idle timeout in seconds, bounded by the server's maximum."
+    )
 
 
 class Progress(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    current: int | float = Field(ge=0)
-    total: int | float | None = Field(default=None, gt=0)
+    current: NonNegativeNumber
+    total: PositiveNumber | None = None
     message: str | None = Field(default=None, max_length=1000)
     percent: float | None = None
 
@@ -91,12 +103,24 @@ EVENT_SCHEMAS: dict[str, type[BaseModel]] = {
 
 
 class EventIn(BaseModel):
-    """One event appended by a producer. Known types have their data checked."""
+    """One event appended by a producer. Known types have their data checked; the gateway's own
+    types are refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    type: str = Field(pattern=EVENT_TYPE_PATTERN)
+    type: str = Field(pattern=EVENT_TYPE_PATTERN, json_schema_extra={"not": {"enum": list(RESERVED_EVENT_TYPES)}})
     data: JsonValue = Field(default_factory=dict)
+
+    @field_validator("type")
+    @classmethod
+    def _not_reserved(cls, value: str) -> str:
+        if value in RESERVED_EVENT_TYPES:
+            raise PydanticCustomError(
+                "reserved_event_type",
+                "'{name}' is one of the gateway's own event types; producers cannot append it",
+                {"name": value},
+            )
+        return value
 
     @model_validator(mode="after")
     def _check_data(self) -> EventIn:

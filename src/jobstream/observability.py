@@ -7,18 +7,17 @@ import contextlib
 import contextvars
 import json
 import logging
-import re
 import time
 from typing import Any
 
 from jobstream import sentry
+from jobstream.redaction import redact
 
 logger = logging.getLogger("jobstream.jobs")
 
 #: Set on an exception once it has been logged (an attribute: exceptions take no weak references).
 _LOGGED = "_jobstream_logged"
 
-_TOKEN_IN_QUERY = re.compile(r"(?i)([?&](?:token|access_token)=)[^&\s]*")
 
 #: The request (X-Request-ID) and the job a log line belongs to, wherever it is logged from.
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
@@ -35,16 +34,17 @@ def job_transition(transition: str, job: str, **fields: Any) -> None:
     sentry.job_breadcrumb(transition, job, **fields)
 
 
-def redact(text: str) -> str:
-    return _TOKEN_IN_QUERY.sub(r"\1REDACTED", text)
-
-
 class RedactTokens(logging.Filter):
-    """Keep read tokens (passed as ?token= by EventSource) out of access log lines."""
+    """Keep credentials out of log lines: uvicorn's access lines carry each request's query, where
+    EventSource passes its read token (``?token=``) and a careless client may pass anything else
+    (``?api_key=``, ``?tok%65n=``). Every string argument is redacted, and a message that came
+    without arguments (already formatted) too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if isinstance(record.args, tuple):
+        if isinstance(record.args, tuple) and record.args:
             record.args = tuple(redact(arg) if isinstance(arg, str) else arg for arg in record.args)
+        elif not record.args and isinstance(record.msg, str):
+            record.msg = redact(record.msg)
         return True
 
 

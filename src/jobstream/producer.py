@@ -80,8 +80,16 @@ class EventWriter:
     async def end(self, events: list[OutgoingEvent], *, replicas: int = 0) -> JobStatus:
         """Write the job's ending (pending text, then ``events``, the last a `done`) and wait for
         ``replicas``. Returns the status the job ended with: `cancelled` whenever a cancel was
-        accepted before this write, whatever ``events`` said."""
-        self._raise_deferred()
+        accepted before this write, whatever ``events`` said.
+
+        A background flush that failed meanwhile is not raised here, as it is by the handler's own
+        calls: the ending is written all the same (riding out an outage like any append), so that
+        the job ends now rather than when its lease lapses. Its text is lost, and logged as such."""
+        if self._error is not None:
+            error, self._error = self._error, None
+            logger.warning(
+                "job %s: a delta batch could not be written (%r); writing the job's ending", self.job_id, error
+            )
         async with self._lock:
             return (await self._write(self._take_pending() + events, replicas)).status
 

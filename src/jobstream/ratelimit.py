@@ -1,4 +1,5 @@
-"""Per-user limits shared by every gateway through Redis: create rate and open SSE connections."""
+"""Limits shared by every gateway through Redis: create rate per user, open connections per user
+(or, for a job's read-token readers, per job)."""
 
 from __future__ import annotations
 
@@ -67,8 +68,8 @@ class CreateLimiter:
         return RateDecision(allowed, self._item.amount, max(0, stats.remaining), reset_s)
 
 
-#: Drop expired leases, then take one if the user holds fewer than the limit.
-#: KEYS: the user's lease set. ARGV: now_ms, expires_ms, lease id, limit, key ttl_ms.
+#: Drop expired leases, then take one if the holder has fewer than the limit.
+#: KEYS: the holder's lease set. ARGV: now_ms, expires_ms, lease id, limit, key ttl_ms.
 _ACQUIRE = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return 0 end
@@ -79,8 +80,8 @@ return 1
 
 
 class ConnectionLeases:
-    """Open connections per user (event streams, or waiting long-polls), as leases in a sorted
-    set scored by expiry.
+    """Open connections per holder (a user's event streams or waiting long-polls; a job's
+    read-token streams), as leases in a sorted set scored by expiry.
 
     A gateway renews the leases of its open connections; if it dies they expire by themselves.
     """
@@ -90,15 +91,24 @@ class ConnectionLeases:
     ) -> None:
         self._redis = client
         self._key = key
-        self._limit = limit
+        self.limit = limit
         self.lease_s = lease_s
         self._lease_ms = lease_s * 1000
         self._acquire = client.register_script(_ACQUIRE)
+        self._others: dict[tuple[Callable[[str], str], int], ConnectionLeases] = {}
+
+    def counted_by(self, key: Callable[[str], str], limit: int) -> ConnectionLeases:
+        """Leases like these (same Redis, same length, renewed the same way) under other keys
+        with another limit, e.g. a job's read-token streams per job; made once, then reused."""
+        other = self._others.get((key, limit))
+        if other is None:
+            other = self._others[(key, limit)] = ConnectionLeases(self._redis, limit, self.lease_s, key)
+        return other
 
     async def acquire(self, user: str) -> str | None:
         lease = uuid.uuid4().hex
         now = _now_ms()
-        args: list[int | str] = [now, now + self._lease_ms, lease, self._limit, self._lease_ms * 2]
+        args: list[int | str] = [now, now + self._lease_ms, lease, self.limit, self._lease_ms * 2]
         taken = await self._acquire(keys=[self._key(user)], args=args)
         return lease if taken else None
 

@@ -15,6 +15,7 @@ from jobstream.errors import ValidationFailed, pydantic_errors
 
 if TYPE_CHECKING:
     from jobstream.producer import JobContext
+    from jobstream.settings import Settings
 
 #: A job type with no built-in worker: an outside producer appends its events over HTTP.
 EXTERNAL = "external"
@@ -46,8 +47,12 @@ class HandlerSpec:
 
 
 class Registry:
-    def __init__(self) -> None:
+    """Job types by name: those registered here, then those of the registries it includes (looked
+    up live, so a handler registered there later is known here too)."""
+
+    def __init__(self, *, include: Iterable[Registry] = ()) -> None:
         self._specs: dict[str, HandlerSpec] = {}
+        self._included = tuple(include)
 
     def register(
         self, name: str, func: HandlerFunc, *, idempotent: bool = False, timeout_s: float | None = None
@@ -61,13 +66,19 @@ class Registry:
         return spec
 
     def get(self, name: str) -> HandlerSpec | None:
-        return self._specs.get(name)
+        if name in self._specs:
+            return self._specs[name]
+        for included in self._included:
+            spec = included.get(name)
+            if spec is not None:
+                return spec
+        return None
 
     def knows(self, name: str) -> bool:
-        return name == EXTERNAL or name in self._specs
+        return name == EXTERNAL or self.get(name) is not None
 
     def names(self) -> list[str]:
-        return sorted(self._specs)
+        return sorted({*self._specs, *(name for included in self._included for name in included.names())})
 
 
 def _input_model(func: HandlerFunc) -> type[BaseModel] | None:
@@ -79,7 +90,9 @@ def _input_model(func: HandlerFunc) -> type[BaseModel] | None:
     return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
 
 
-#: The registry `@handler` writes to, and that `serve`, `worker` and `dev` read.
+#: The registry `@handler` writes to: the application's job types. Never the built-in demo
+#: types, which live in `jobstream.demo.demo_registry` and are served only where `registry_for`
+#: adds them.
 default_registry = Registry()
 
 
@@ -96,7 +109,21 @@ def handler(
 
 
 def load_modules(modules: Iterable[str]) -> None:
-    """Import the modules that define handlers (the built-in demo handlers always)."""
-    importlib.import_module("jobstream.demo")
+    """Import the modules that define handlers, so that their ``@handler`` functions register."""
     for module in modules:
         importlib.import_module(module)
+
+
+def registry_for(settings: Settings) -> Registry:
+    """The job types a gateway or worker run with ``settings`` serves: the application's, and the
+    built-in ``demo.*`` types only when ``settings.demo`` (JOBSTREAM_DEMO) is on.
+
+    Decided per gateway or worker, from its own settings, never by what a process happens to have
+    imported: one process (the test suite, an app embedding jobstream) can hold gateways with and
+    without the demo types, and a gateway whose demo setting is off answers 422 for them whatever
+    else imported `jobstream.demo`."""
+    if not settings.demo:
+        return default_registry
+    from jobstream.demo import demo_registry  # only when on: nothing else needs the demo module
+
+    return Registry(include=(default_registry, demo_registry))

@@ -2,6 +2,16 @@
 
 from __future__ import annotations
 
+#: A batch its producer sent before (it lost the reply: a timeout, a Redis restart, redis-py's own
+#: retry of the script) is not added twice, and its producer learns how it went: this comes before
+#: the check that the job has not ended, since the batch that ends a job is the one most worth
+#: retrying. KEYS: meta. ARGV[8]: the batch ('' = none). Returns {'repeat', status}.
+_REPEAT = """
+if ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'batch') == ARGV[8] then
+  return {'repeat', redis.call('HGET', KEYS[1], 'status')}
+end
+"""
+
 #: The job must exist and not have ended. KEYS: meta. Leaves its status in ``status``.
 _UNENDED = """
 local status = redis.call('HGET', KEYS[1], 'status')
@@ -17,8 +27,7 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' then ret
 #: ARGV: now_ms, maxlen, retention_s, failed_retention_s, new_status ('' = unchanged), channel,
 #:       nfields, batch ('' = none: a producer's id of this batch, one it may retry), nfields
 #:       field/value pairs for the meta hash, then type/data pairs of the events.
-#: Returns {'ok', status, id...} (status: the job's status after the append) | {'gone'} |
-#: {'ended', status} | {'repeat', status} (the batch was appended before).
+#: Returns {'ok', status, id...} (status: the job's status after the append).
 _WRITE = """
 local now = tonumber(ARGV[1])
 local maxlen = ARGV[2]
@@ -26,11 +35,8 @@ local new_status = ARGV[5]
 local nfields = tonumber(ARGV[7])
 local batch = ARGV[8]
 local first = 9 + 2 * nfields
--- A producer retrying a batch whose reply it lost (Redis restarted meanwhile) must not add it twice.
-if batch ~= '' then
-  if redis.call('HGET', KEYS[1], 'batch') == batch then return {'repeat', status} end
-  redis.call('HSET', KEYS[1], 'batch', batch)
-end
+-- Remembered so that a retry of this batch is known as one (see _REPEAT).
+if batch ~= '' then redis.call('HSET', KEYS[1], 'batch', batch) end
 local cancel_wins = (new_status == 'completed' or new_status == 'failed')
   and redis.call('HGET', KEYS[1], 'cancel') == '1'
 local dropped_events, dropped_fields = {}, {}
@@ -89,7 +95,10 @@ ids[2] = effective
 return ids
 """
 
-APPEND = _UNENDED + _WRITE
+#: A producer's append (see _WRITE). Returns {'ok', status, id...} | {'gone'} | {'ended', status} |
+#: {'repeat', status} (the batch was appended before: status is the job's now, which for the batch
+#: that ended the job is how it ended).
+APPEND = _REPEAT + _UNENDED + _WRITE
 
 #: Accept a cancel, or refuse it once the job has ended. The flag is set in the same step as the
 #: status is checked, so any ending written after an accepted cancel is cancelled (see APPEND). A

@@ -5,7 +5,6 @@ Every function here is a cheap no-op while Sentry is off."""
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -16,12 +15,10 @@ from sentry_sdk.integrations.starlette import StarletteIntegration
 from sentry_sdk.tracing import TransactionSource
 from starlette.requests import ClientDisconnect
 
+from jobstream.redaction import redact
 from jobstream.settings import Settings
 
 FILTERED = "[Filtered]"
-#: A JWT anywhere in a string (read tokens, user JWTs).
-_JWT = re.compile(r"eyJ[\w-]+\.[\w-]+\.[\w-]*")
-_TOKEN_PARAM = re.compile(r"(?i)((?:^|[?&])(?:token|access_token|api_key)=)[^&\s]*")
 _SECRET_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key"})
 #: Meta fields that carry a create request's trace to the worker that runs the job.
 TRACE_FIELD = "sentry_trace"
@@ -36,7 +33,7 @@ class Scrubber:
         self._secrets = sorted((secret for secret in secrets if len(secret) >= 4), key=len, reverse=True)
 
     def text(self, value: str) -> str:
-        value = _JWT.sub(FILTERED, _TOKEN_PARAM.sub(rf"\1{FILTERED}", value))
+        value = redact(value, FILTERED)
         for secret in self._secrets:
             value = value.replace(secret, FILTERED)
         return value

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(10000, ge=10)
     heartbeat_s: float = Field(15, gt=0)
     max_sse_per_user: int = Field(5, ge=1)
+    #: Open event streams of one job read with its read token: they count here, per job, and not
+    #: against the owner's max_sse_per_user, so a shared token cannot lock its owner out.
+    max_sse_per_token_job: int = Field(20, ge=1)
     sse_lease_s: int = Field(60, ge=5)
     create_rate: str = "10/minute"
     max_body_bytes: int = Field(65536, ge=256)
@@ -55,11 +58,19 @@ class Settings(BaseSettings):
     #: A reader whose client takes no write for this long is dropped; it resumes from its last id.
     send_timeout_s: float = Field(30, gt=0)
     poll_max_wait_s: float = Field(30, ge=0)
+    #: A request (line, headers, body) must arrive whole within this long of its first byte (of the
+    #: connection's opening, for its first request); else 408 and the connection is closed.
+    request_timeout_s: float = Field(15, gt=0)
+    #: An idle keep-alive connection is closed after this long: above a fronting proxy's own idle
+    #: timeout for its connections to gateways (nginx, AWS ALB: 60 s), so that the proxy closes first.
+    keep_alive_s: int = Field(75, ge=1)
     max_long_polls_per_user: int = Field(10, ge=1)
     #: Origins allowed to call the API from a browser ("https://app.example.com,..."); none by default.
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Modules imported at start-up so their @handler functions register.
     app: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: The built-in demo.* job types (at most 5 minutes a run); `jobstream dev` turns them on.
+    demo: bool = False
     worker_concurrency: int = Field(10, ge=1)
     worker_lease_s: int = Field(30, ge=2)
     max_attempts: int = Field(3, ge=1)

@@ -220,7 +220,8 @@ class JobStore:
         An ending (a `done` completed or failed) written after a cancel was accepted is written as
         `cancelled`, without its result or failure event: the returned status says which.
         ``batch`` names this batch for its producer: appending the same name twice in a row adds it
-        once (the second call returns no ids), so a producer may retry after a lost reply.
+        once (the second call returns no ids, and the job's status: how it ended, for a batch that
+        ended it), so a producer may retry after a lost reply, its ending included.
         ``replicas`` > 0 then waits (Redis WAIT, on the same connection) until that many replicas
         have the write, up to the configured timeout; fewer is logged, not raised."""
         if not events:

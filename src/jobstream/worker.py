@@ -34,7 +34,11 @@ from jobstream.store import JobRecord, JobStore, OutgoingEvent, done_event
 logger = logging.getLogger("jobstream.worker")
 
 WORKER_LOST = "worker lost"
+RESULT_NOT_JSON = "The job's result is not JSON."
 CANCEL_CHECK_S = 0.25
+#: On shutdown, how long endings still being written when the grace is over (a slow or failing-over
+#: Redis) may take to land before the worker gives up on them.
+ENDING_DRAIN_S = 5.0
 
 
 @dataclass
@@ -43,6 +47,8 @@ class _Running:
     task: asyncio.Task[None]
     handler_task: asyncio.Task[Any] | None = None
     stop_requested: bool = False
+    #: The write of the job's ending, once started: a shutdown lets it land rather than hand the job back.
+    ending: asyncio.Task[None] | None = None
 
 
 @dataclass
@@ -63,7 +69,7 @@ class _Counters:
 @dataclass(frozen=True)
 class Ending:
     """How a worker ends a run of a job: the status it asks for, the events before its `done`, and
-    its kind, for the log (completed, failed, timeout, cancelled, cancelled_before_start,
+    its kind, for the log (completed, failed, timeout, cancelled, cancelled_on_reclaim,
     no_handler, worker_lost). ``reason`` is the failure message readers get."""
 
     status: JobStatus
@@ -92,6 +98,7 @@ class Ending:
 class _JobRun:
     """One run of a job by this worker, from taking its queue entry to its ending."""
 
+    entry: QueueEntry
     job: JobRecord
     attempt: int
     writer: EventWriter
@@ -169,17 +176,42 @@ class Worker:
         self._slot_free.set()
 
     async def _drain(self) -> None:
-        """Give running jobs the shutdown grace, then hand the rest back, marked as lapsed so that the
-        next reclaim by any worker takes them."""
-        tasks = [running.task for running in self._running.values()]
-        if not tasks:
+        """Give running jobs the shutdown grace, then stop the handlers still running and hand their
+        jobs back, marked as lapsed so that the next reclaim by any worker takes them. A job whose
+        ending is being written when the grace is over is not handed back (another worker would
+        run it again, or fail it `worker lost`, though its handler is done): its ending gets up to
+        ENDING_DRAIN_S more to land, and the job then leaves the queue as usual."""
+        runs = list(self._running.values())
+        if not runs:
             return
-        logger.info("worker %s waiting up to %.0fs for %d jobs", self.name, self.settings.shutdown_grace_s, len(tasks))
-        _, pending = await asyncio.wait(tasks, timeout=self.settings.shutdown_grace_s)
-        handed_back = [entry_id for entry_id, running in self._running.items() if running.task in pending]
-        for task in pending:
+        grace_s = self.settings.shutdown_grace_s
+        logger.info("worker %s waiting up to %.0fs for %d jobs", self.name, grace_s, len(runs))
+        await asyncio.wait([run.task for run in runs], timeout=grace_s)
+        late = [run for run in runs if not run.task.done()]
+        if late:
+            await self._stop_late(late)
+
+    async def _stop_late(self, late: list[_Running]) -> None:
+        """Stop the runs still going after the grace: cancel the handlers, wait (bounded) for the
+        endings under way, hand back the jobs that have none."""
+        writing = sum(run.ending is not None for run in late)
+        for run in late:
+            if run.ending is None:
+                run.task.cancel()  # its handler stops; a cancel of the job accepted just now may still end it
+        if writing:
+            logger.info(
+                "worker %s waiting up to %.0fs for %d endings being written", self.name, ENDING_DRAIN_S, writing
+            )
+        await asyncio.wait([run.task for run in late], timeout=ENDING_DRAIN_S)
+        unwritten = [run for run in late if run.ending is not None and not run.ending.done()]
+        endings = [run.ending for run in late if run.ending is not None]
+        for task in [run.task for run in late] + endings:
             task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(run.task for run in late), *endings, return_exceptions=True)
+        if unwritten:
+            # Left leased to this worker: reclaimed once the lease lapses, by when Redis may be back.
+            logger.warning("worker %s stopped with %d job endings not written", self.name, len(unwritten))
+        handed_back = [run.entry.entry_id for run in late if run.ending is None]
         if handed_back:
             with contextlib.suppress(RedisError):
                 await self.queue.hand_back(handed_back, self.settings.worker_lease_s * 1000)
@@ -244,7 +276,7 @@ class Worker:
         job = await self.store.get(entry.job_id) if outcome in ("ok", "cancelled") else None
         if job is not None:
             observability.job_id.set(job.id)  # this task's log lines belong to the job
-            run = _JobRun(job, attempt, self._writer(job.id, attempt), started)
+            run = _JobRun(entry, job, attempt, self._writer(job.id, attempt), started)
             with sentry.job_run(job.id, job.type, attempt, job.fields):
                 try:
                     await self._run_job(entry, run, cancelled=outcome == "cancelled")
@@ -269,10 +301,12 @@ class Worker:
         await self._execute(entry, spec, run)
 
     def _refusal(self, run: _JobRun, spec: HandlerSpec | None, cancelled: bool) -> Ending | None:
-        """An ending decided before the handler runs: cancelled while no worker held it, no handler
-        on this worker, or lost with its worker and not safe (or no longer allowed) to retry."""
+        """An ending decided before the handler runs: a cancel accepted for a job this worker
+        reclaimed (its worker was lost or stopped after it started the job: a job cancelled while
+        pending never reaches a worker, its cancel ends it at once), no handler on this worker, or
+        lost with its worker and not safe (or no longer allowed) to retry."""
         if cancelled:
-            return Ending.cancelled("cancelled_before_start")
+            return Ending.cancelled("cancelled_on_reclaim")
         if spec is None:
             return Ending.failed(f"No handler for job type '{run.job.type}' on this worker.", "no_handler")
         if run.attempt > 1 and (not spec.idempotent or run.attempt > self.settings.max_attempts):
@@ -305,15 +339,24 @@ class Worker:
             return None
         except Exception as exc:
             return _failure(spec, exc, job_id)
-        return Ending.completed(result)
+        try:
+            return Ending.completed(result)
+        except (TypeError, ValueError) as exc:  # json.dumps refuses it (a set, an object, a cycle, NaN...)
+            logger.error("job %s (%s) returned a result that is not JSON", job_id, spec.name, exc_info=exc)
+            sentry.capture(exc)
+            return Ending.failed(RESULT_NOT_JSON)
 
     async def _finish(self, run: _JobRun, ending: Ending) -> None:
         """Every ending of a job goes through here (as arq's ``finish_job``): its final events are
         written, shielded so that cancellation cannot leave the job running, and durable on
         ``durable_end_replicas`` replicas when so configured; then it is logged, counted, timed and
         left as a Sentry breadcrumb, with the status Redis recorded (a cancel accepted before the
-        write makes any ending `cancelled`)."""
-        await asyncio.shield(self._write_ending(run, ending))
+        write makes any ending `cancelled`). A shutdown waits for the write (see ``_drain``)."""
+        task = asyncio.create_task(self._write_ending(run, ending), name=f"ending-{run.job.id}")
+        running = self._running.get(run.entry.entry_id)
+        if running is not None:
+            running.ending = task
+        await asyncio.shield(task)
 
     async def _write_ending(self, run: _JobRun, ending: Ending) -> None:
         replicas = self.settings.durable_end_replicas
@@ -327,16 +370,13 @@ class Worker:
 
 
 def _account(run: _JobRun, ending: Ending, status: JobStatus) -> None:
-    """A job this worker ended: counted, timed, logged, and a breadcrumb (through the log line)."""
-    duration_s = time.monotonic() - run.started
-    metrics.jobs_finished.labels(run.job.type, status.value).inc()
-    metrics.job_duration.labels(run.job.type).observe(duration_s)
-    fields: dict[str, Any] = {"ending": ending.kind, "attempt": run.attempt, "duration_s": round(duration_s, 3)}
+    """A job this worker ended: counted, timed, logged, and a breadcrumb (``metrics.job_ended``)."""
+    fields: dict[str, Any] = {"ending": ending.kind, "attempt": run.attempt}
     if ending.reason is not None:
         fields["reason"] = ending.reason
     if status is not ending.status:
         fields["superseded"] = ending.status.value  # a cancel accepted before the ending was written
-    job_transition(status.value, run.job.id, job_type=run.job.type, **fields)
+    metrics.job_ended(run.job.type, run.job.id, status.value, time.monotonic() - run.started, **fields)
 
 
 async def _announce(ctx: JobContext) -> bool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from starlette.endpoints import HTTPEndpoint
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Mount, Route
+from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
 
 from jobstream.routes import jobs, ops, stream
 
@@ -30,6 +32,29 @@ class JobEvents(HTTPEndpoint):
         return await jobs.append_events(request)
 
 
+class NoRoute(Mount):
+    """The last route: 404 for any path that no other route knows.
+
+    Without it Starlette's router answers such a path, when the same path with a trailing slash
+    added or removed matches (``/v1/jobs/``, ``/v1/jobs/{id}/events/``, ``/static``), with a
+    redirect to an absolute URL built from the request's ``Host`` header, query (read token)
+    included: a forged ``Host`` sends the reader, token and all, elsewhere. Starlette() takes no
+    ``redirect_slashes`` switch, so the router must never get that far: this catch-all mount
+    takes every path, but only as a partial match, so that a route that knows the path and not
+    the method still answers 405.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("", app=_not_found)
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        return (Match.PARTIAL, {}) if scope["type"] == "http" else (Match.NONE, {})
+
+
+async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
+    raise HTTPException(404)  # the same problem+json 404 as the router's own
+
+
 def build_routes() -> list[Route | Mount]:
     return [
         Route("/v1/jobs", jobs.create_job, methods=["POST"]),
@@ -44,4 +69,5 @@ def build_routes() -> list[Route | Mount]:
         Route("/", ops.index, methods=["GET"]),
         Route("/dev.json", ops.dev_info, methods=["GET"]),
         Mount("/static", StaticFiles(directory=ops.static_dir()), name="static"),
+        NoRoute(),
     ]

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import json
+import math
 import re
+from collections.abc import Iterable
 from typing import Any
 
+from pydantic_core import from_json
 from starlette.requests import Request
 
 from jobstream.auth import Principal, authorize_read, authorize_write
@@ -14,6 +16,11 @@ from jobstream.services import services
 from jobstream.store import JobRecord
 
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+#: JSON bodies nest at most this deep (API.md, "Hardening"); the parser itself stops near 200.
+MAX_JSON_DEPTH = 64
+#: Parsed JSON values that need no look: neither a container nor a float (which may be infinite).
+_PLAIN = frozenset({str, int, bool, type(None)})
+_JSON_RULES = f"JSON (RFC 8259) in UTF-8, numbers finite, strings valid Unicode, at most {MAX_JSON_DEPTH} levels deep"
 
 
 def job_id_of(request: Request) -> str:
@@ -49,9 +56,64 @@ async def read_json(request: Request, max_bytes: int) -> Any:
         body += chunk
         if len(body) > max_bytes:
             raise PayloadTooLarge(f"The body is larger than {max_bytes} bytes.")
+    return parse_json(body)
+
+
+def parse_json(body: bytes | bytearray) -> Any:
+    """Strict JSON, where every body enters: anything else is 422 before a model or Redis sees it.
+
+    pydantic's own parser (jiter) refuses what the standard library lets through: ``NaN`` and
+    ``Infinity``, lone surrogates (``"\\ud800"``, which no UTF-8 encoder can write back), invalid
+    UTF-8, a BOM; and it never recurses without bound (it stops near 200 levels, with an error).
+    What it accepts and we do not, nesting past MAX_JSON_DEPTH and number literals too large for a
+    double (``1e400`` parses as infinity, which would go out as ``Infinity``), one loop then finds.
+    """
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        raise ValidationFailed(
-            "The body is not valid JSON.", errors=[{"loc": ["body"], "msg": "invalid JSON"}]
-        ) from None
+        value = from_json(body, allow_inf_nan=False)
+    except ValueError as exc:
+        problem = str(exc)
+        if problem.startswith("recursion limit exceeded"):
+            raise _invalid(["body"], f"nested more than {MAX_JSON_DEPTH} levels deep") from None
+        if "surrogate" in problem or "hex escape" in problem:
+            problem += " (strings must be valid Unicode: no lone surrogates)"
+        raise _invalid(["body"], f"invalid JSON: {problem}") from None
+    _check_depth_and_numbers(value)
+    return value
+
+
+def _check_depth_and_numbers(value: Any) -> None:
+    """Nesting and numbers of a parsed body, with a stack of its own (never recursion). Linear in
+    the body's size: at most a few milliseconds for 64 KiB of tiny nested arrays."""
+    if type(value) is float and not math.isfinite(value):
+        raise _out_of_range(["body"])
+    stack: list[tuple[Any, tuple[str | int, ...]]] = [(value, ("body",))]
+    while stack:
+        # ``loc`` is "body" then one key per level down to ``node``: its depth is len(loc).
+        node, loc = stack.pop()
+        pairs: Iterable[tuple[str | int, Any]]
+        if type(node) is dict:
+            if _PLAIN.issuperset(map(type, node.values())):
+                continue  # the usual case: strings, integers, booleans and nulls, nothing to look at
+            pairs = node.items()
+        elif type(node) is list:
+            if _PLAIN.issuperset(map(type, node)):
+                continue
+            pairs = enumerate(node)
+        else:
+            continue
+        for key, item in pairs:
+            kind = type(item)
+            if kind is dict or kind is list:
+                if len(loc) >= MAX_JSON_DEPTH:
+                    raise _invalid([*loc, key], f"nested more than {MAX_JSON_DEPTH} levels deep")
+                stack.append((item, (*loc, key)))
+            elif kind is float and not math.isfinite(item):
+                raise _out_of_range([*loc, key])
+
+
+def _out_of_range(loc: list[str | int]) -> ValidationFailed:
+    return _invalid(loc, "number out of range: numbers must be finite (at most about 1.8e308)")
+
+
+def _invalid(loc: list[str | int], msg: str) -> ValidationFailed:
+    return ValidationFailed(f"The body is not valid: {_JSON_RULES}.", errors=[{"loc": loc, "msg": msg}])

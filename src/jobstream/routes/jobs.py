@@ -19,7 +19,7 @@ from jobstream.observability import job_transition
 from jobstream.registry import EXTERNAL
 from jobstream.routes._common import load_job, read_json
 from jobstream.services import Services, services
-from jobstream.store import JobRecord, OutgoingEvent, done_event
+from jobstream.store import JobRecord, OutgoingEvent, done_event, now_ms
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_EVENTS_PER_APPEND = 1000
@@ -39,7 +39,10 @@ async def create_job(request: Request) -> Response:
     idem_key = _idempotency_key(request, principal.user)
     fingerprint = hashlib.sha256(to_json(payload.model_dump(mode="json")).encode()).hexdigest()
     if idem_key is not None and (earlier := await svc.store.recall_idempotent(idem_key)) is not None:
-        return _replay(earlier, fingerprint)
+        if (await svc.store.exist([earlier["body"]["id"]]))[0]:
+            return _replay(earlier, fingerprint)
+        # Its job was deleted: the key is free again, as if it had never been used.
+        await svc.store.forget_idempotent(idem_key)
 
     decision = await svc.limiter.hit(principal.user)
     if not decision.allowed:
@@ -136,8 +139,16 @@ async def cancel_job(request: Request) -> Response:
     worker stops it. 409 once the job has ended."""
     _, job = await load_job(request, write=True)
     if await services(request).store.request_cancel(job.id):
-        job_transition("cancelled", job.id, job_type=job.type, ending="cancelled_by_gateway")
+        # Ended here, not by a worker: accounted here, as a worker accounts for the endings it writes.
+        metrics.job_ended(job.type, job.id, JobStatus.cancelled.value, _run_time_s(job), ending="cancelled_by_gateway")
     return JSONResponse({"status": "cancelling"}, status_code=202)
+
+
+def _run_time_s(job: JobRecord) -> float:
+    """How long the job has run, as of now: from its start (an external job's first event) when it
+    started, else 0 (it ends without having started)."""
+    started_ms = job.fields.get("started_ms")
+    return max(0, now_ms() - int(started_ms)) / 1000 if started_ms else 0.0
 
 
 async def append_events(request: Request) -> Response:
@@ -147,8 +158,10 @@ async def append_events(request: Request) -> Response:
         raise JobEnded("Only jobs of type 'external' take events over HTTP; a worker writes this one.")
     events = _validate_events(await read_json(request, svc.settings.max_body_bytes))
     outgoing = [OutgoingEvent(event.type, to_json(event.data)) for event in events]
-    ids = await svc.store.append(job.id, outgoing + _implied_done(events))
-    return JSONResponse({"ids": ids[: len(outgoing)]}, status_code=201)
+    appended = await svc.store.write(job.id, outgoing + _implied_done(events))
+    if appended.status.terminal:  # this append ended it (one to a job already ended answers 409)
+        metrics.job_ended(job.type, job.id, appended.status.value, _run_time_s(job), ending="external")
+    return JSONResponse({"ids": appended.ids[: len(outgoing)]}, status_code=201)
 
 
 def _validate_events(raw: Any) -> list[EventIn]:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncGenerator
+from typing import Any
 
 import anyio
 import sentry_sdk
@@ -15,16 +16,17 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jobstream import metrics, sentry, sse
+from jobstream import keys, metrics, sentry, sse
+from jobstream.auth import Principal
 from jobstream.cursor import NEWEST, START, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
-from jobstream.hub import HubClosed, JobGone, SubscriberOverflow
 from jobstream.models import JobStatus, to_json
 from jobstream.ratelimit import ConnectionLeases
 from jobstream.routes._common import load_job
 from jobstream.sendwatch import EventStreamResponse
 from jobstream.services import Services, services
 from jobstream.store import JobRecord, JobStore, StoredEvent
+from jobstream.subscription import HubClosed, JobGone, SubscriberOverflow
 
 logger = logging.getLogger("jobstream.stream")
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
@@ -60,31 +62,48 @@ async def stream_events(request: Request) -> Response:
     if request.method == "HEAD":
         # Headers only: no stream starts, so no connection slot is taken.
         return Response(headers=SSE_HEADERS, media_type="text/event-stream")
-    lease = await svc.leases.acquire(principal.user)
+    leases, holder = stream_slots(svc, principal, job.id)
+    lease = await leases.acquire(holder)
     if lease is None:
         metrics.rate_limited.labels("sse").inc()
+        whose = "per job for readers with its read token" if principal.read_only else "per user"
         raise RateLimited(
-            f"At most {svc.settings.max_sse_per_user} open event streams per user.",
+            f"At most {leases.limit} open event streams {whose}.",
             headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
         )
     try:
         after, first_kept = await resolve_start(svc.store, job, cursor)
     except BaseException:
-        await svc.leases.release(principal.user, lease)
+        await leases.release(holder, lease)
         raise
     return EventStreamResponse(
-        _frames(svc, job.id, principal.user, lease, after, first_kept), headers=SSE_HEADERS, watch=svc.send_watch
+        _frames(svc, job.id, leases, holder, lease, after, first_kept), headers=SSE_HEADERS, watch=svc.send_watch
     )
 
 
+def stream_slots(svc: Services, principal: Principal, job_id: str) -> tuple[ConnectionLeases, str]:
+    """Whose connection slot an event stream takes: a reader with a job's read token takes one of
+    that job's (JOBSTREAM_MAX_SSE_PER_TOKEN_JOB), so that a token shared with many readers cannot
+    use up its owner's; a user's own credential takes one of the user's (JOBSTREAM_MAX_SSE_PER_USER)."""
+    if principal.read_only:
+        return svc.leases.counted_by(keys.token_sse_leases_key, svc.settings.max_sse_per_token_job), job_id
+    return svc.leases, principal.user
+
+
 async def _frames(
-    svc: Services, job_id: str, user: str, lease: str, after: str, first_kept: str | None
+    svc: Services,
+    job_id: str,
+    leases: ConnectionLeases,
+    holder: str,
+    lease: str,
+    after: str,
+    first_kept: str | None,
 ) -> AsyncGenerator[bytes]:
     """The body of one SSE response: retry, history and live events, until `done`, deletion,
     the maximum lifetime or shutdown. Each batch is one write; idle streams ping on the hub's tick."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + svc.settings.sse_max_lifetime_s
-    renew_every = svc.leases.lease_s / 3
+    renew_every = leases.lease_s / 3
     next_renew = loop.time() + renew_every
     metrics.sse_open.inc()
     try:
@@ -109,7 +128,7 @@ async def _frames(
                 if now >= deadline or svc.shutdown.is_set():
                     return
                 if now >= next_renew:
-                    await svc.leases.renew(user, lease)
+                    await leases.renew(holder, lease)
                     next_renew = now + renew_every
     except SubscriberOverflow:
         # Too far behind: close with a retry hint; the reader resumes from its last id, from Redis.
@@ -122,14 +141,14 @@ async def _frames(
         yield sse.retry(svc.settings.retry_ms)
     finally:
         metrics.sse_open.dec()
-        await _release(svc.leases, user, lease)
+        await _release(leases, holder, lease)
 
 
-async def _release(leases: ConnectionLeases, user: str, lease: str) -> None:
+async def _release(leases: ConnectionLeases, holder: str, lease: str) -> None:
     # Runs inside a cancelled scope when the client left: shield the release, bounded. If Redis is
     # down the lease lapses by itself.
     with anyio.move_on_after(RELEASE_TIMEOUT_S, shield=True), contextlib.suppress(RedisError, OSError):
-        await leases.release(user, lease)
+        await leases.release(holder, lease)
 
 
 def _encode_batch(batch: list[StoredEvent]) -> tuple[bytes, bool]:
@@ -172,7 +191,7 @@ async def poll_events(request: Request) -> Response:
         metrics.polls.labels("long").inc()
         # A span of its own: the wait is the client's choice, not the gateway's latency.
         with sentry_sdk.start_span(op="long_poll.wait", name="wait for events"):
-            events = (await _wait_for_events(svc, principal.user, job.id, after, query.wait))[: query.limit]
+            events = (await _wait_for_events(request, svc, principal.user, job.id, after, query.wait))[: query.limit]
         if events:
             metrics.lag.written(events[-1].id, "poll")
         refreshed = await svc.store.get(job.id)
@@ -186,8 +205,11 @@ async def poll_events(request: Request) -> Response:
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-async def _wait_for_events(svc: Services, user: str, job_id: str, after: str, wait_s: float) -> list[StoredEvent]:
-    """A long-poll's wait, holding one of the user's long-poll slots meanwhile."""
+async def _wait_for_events(
+    request: Request, svc: Services, user: str, job_id: str, after: str, wait_s: float
+) -> list[StoredEvent]:
+    """A long-poll's wait, holding one of the user's long-poll slots meanwhile: renewed while it
+    waits, and freed as soon as the wait ends or its client hangs up."""
     lease = await svc.long_polls.acquire(user)
     if lease is None:
         metrics.rate_limited.labels("long_poll").inc()
@@ -195,10 +217,35 @@ async def _wait_for_events(svc: Services, user: str, job_id: str, after: str, wa
             f"At most {svc.settings.max_long_polls_per_user} long-polls per user may wait at once.",
             headers={"Retry-After": "1"},
         )
+    waiting = asyncio.create_task(svc.feed.wait(job_id, after, wait_s))
+    gone = asyncio.create_task(_disconnect(request))
     try:
-        return await svc.feed.wait(job_id, after, wait_s)
+        while True:
+            done, _ = await asyncio.wait(
+                {waiting, gone}, timeout=svc.long_polls.lease_s / 3, return_when="FIRST_COMPLETED"
+            )
+            if waiting in done:
+                return waiting.result()
+            if gone in done:
+                return []  # nobody left to answer
+            await svc.long_polls.renew(user, lease)
     finally:
+        _abandon(gone)
+        _abandon(waiting)
         await _release(svc.long_polls, user, lease)
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client hangs up (a GET has no body: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _abandon(task: asyncio.Task[Any]) -> None:
+    """Cancel ``task`` without waiting for it (a wait ends by its own deadline at the latest), and
+    retrieve its outcome so that nothing is logged as never retrieved."""
+    task.cancel()
+    task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
 def _poll_body(
