@@ -125,6 +125,24 @@ def _sentinel_client(settings: Settings, *, blocking_reads: bool) -> aioredis.Re
     return client
 
 
+class QuickPool(aioredis.BlockingConnectionPool):
+    """redis-py's waiting pool, with a fast path: when a connected connection is free and nobody
+    waits for one, take it at once. The stock path takes a condition, a timeout, a lock and a
+    readiness probe of the socket for every command: 53 µs of CPU per HGETALL against 32 here
+    (bench/RESULTS.md). The probe is what the fast path skips, and it is not needed there: redis-py
+    closes a connection whose command was interrupted (send or read), so a free connection that is
+    still connected holds no stray reply; one the server closed fails its next command, which the
+    client's retry reconnects."""
+
+    async def get_connection(self, *args: Any, **options: Any) -> Any:
+        free = self._available_connections
+        if free and free[-1].is_connected and not getattr(self._condition, "_waiters", None):
+            connection = free.pop()
+            self._in_use_connections.add(connection)
+            return connection
+        return await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
+
+
 def create_redis(
     url: str,
     *,
@@ -137,7 +155,7 @@ def create_redis(
     ``blocking_reads`` raises the socket timeout above MAX_BLOCK_MS: redis-py's default would cut an
     ``XREAD BLOCK`` that waits longer than the socket timeout.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = QuickPool.from_url(
         url,
         max_connections=max_connections,
         timeout=COMMAND_TIMEOUT_S,
