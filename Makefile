@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint check clean test-deps
+.PHONY: install run test lint check clean test-deps bench-deps
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,10 @@ test-deps:
 
 test: lint test-deps
 	$(BIN)/pytest
+
+# What bench/ drives besides the venv: wrk for request costs, nginx with Nchan for comparisons.
+bench-deps: install
+	apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wrk nginx-light libnginx-mod-nchan
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

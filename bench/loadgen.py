@@ -8,6 +8,12 @@ Modes (one process each, started by ``bench/run.py``; prints one JSON line of re
   ones: per-connection sequence checks (gaps, duplicates) and append-to-receive latency.
 - ``idle``: open every path, print ``READY``, hold the connections until stdin closes.
 - ``poll``: each path is polled in a loop (``wait`` in the path makes it a long-poll).
+- ``interval``: each path is polled once every ``--interval`` s from the client's last position:
+  the hub's ``after=<next>`` (``--flavor hub``), or Nchan's ``If-None-Match``/``If-Modified-Since``
+  from its last answer (``--flavor nchan``). Prints ``READY`` once every client is connected, reads
+  the window's start (epoch seconds) from stdin and polls from then on; requests sent inside the
+  window ``[start, start + seconds)`` are counted, with their latency, the events they brought
+  (sequence checks per client) and each event's age on arrival.
 - ``create``: POST creates at a fixed rate and measure each latency.
 """
 
@@ -24,10 +30,15 @@ from dataclasses import dataclass, field
 
 import uvloop
 
-_EVENT = re.compile(rb'"seq":(\d+),"t":(\d+)')
+#: An event's sequence number and publishing time: ``"seq":N,"t":T`` in the event's JSON data, or
+#: ``seq=N t=T`` inside a delta's text (what run.py's HTTP publisher appends to jobstream).
+_EVENT = re.compile(rb'seq"?[:=](\d+)[, ]"?t"?[:=](\d+)')
 #: How long after the window events published inside it may still arrive and count.
 GRACE_S = 2.0
 _CONTENT_LENGTH = re.compile(rb"content-length: (\d+)", re.IGNORECASE)
+_NEXT = re.compile(rb'"next":"([^"]*)"')
+_ETAG = re.compile(rb"\r\netag: ([^\r]*)", re.IGNORECASE)
+_LAST_MODIFIED = re.compile(rb"\r\nlast-modified: ([^\r]*)", re.IGNORECASE)
 
 
 @dataclass
@@ -177,6 +188,124 @@ async def poll(host: str, port: int, paths: list[str], seconds: float, headers: 
     return stats.summary(elapsed)
 
 
+async def _read_with_head(reader: asyncio.StreamReader) -> tuple[int, bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = _CONTENT_LENGTH.search(head)
+    if length is None and not head.startswith((b"HTTP/1.1 304", b"HTTP/1.1 204")):
+        raise RuntimeError(f"an answer without Content-Length: {head[:200]!r}")
+    body = await reader.readexactly(int(length[1])) if length else b""
+    return int(head[9:12]), head, body
+
+
+@dataclass
+class _Poller:
+    """One interval-polling client: its connection, position and sequence check."""
+
+    path: str
+    flavor: str
+    cursor: str = "$"
+    validators: str = ""
+    last_seq: int = -1
+
+    def request(self, host: str) -> bytes:
+        if self.flavor == "hub":
+            return f"GET {self.path}&after={self.cursor} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+        return f"GET {self.path} HTTP/1.1\r\nHost: {host}\r\n{self.validators}\r\n".encode()
+
+    def answered(self, head: bytes, body: bytes) -> None:
+        if self.flavor == "hub":
+            if (match := _NEXT.search(body)) is not None:
+                self.cursor = match[1].decode()
+            return
+        etag, modified = _ETAG.search(head), _LAST_MODIFIED.search(head)
+        if etag is not None and modified is not None:
+            self.validators = f"If-None-Match: {etag[1].decode()}\r\nIf-Modified-Since: {modified[1].decode()}\r\n"
+
+
+async def _interval_poll(
+    poller: _Poller,
+    connection: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    first_at: float,
+    interval: float,
+    window: tuple[float, float],
+    stats: Stats,
+    ages_us: list[int],
+) -> None:
+    """Poll at ``first_at`` and every ``interval`` after it (at once when an answer came late),
+    while the next poll is due before the window's end (loop time)."""
+    reader, writer = connection
+    loop = asyncio.get_running_loop()
+    at = first_at
+    while at < window[1]:
+        await asyncio.sleep(max(0.0, at - loop.time()))
+        sent, sent_pc = loop.time(), time.perf_counter()  # uvloop's clock counts milliseconds
+        writer.write(poller.request("127.0.0.1"))
+        status, head, body = await _read_with_head(reader)
+        latency_us = int((time.perf_counter() - sent_pc) * 1e6)
+        received_ns = time.time_ns()
+        counted = window[0] <= sent < window[1]
+        if status not in (200, 304):
+            stats.errors += 1
+        else:
+            poller.answered(head, body)
+        if counted:
+            stats.requests += 1
+            stats.latencies_us.append(latency_us)
+        for match in _EVENT.finditer(body):
+            seq = int(match[1])
+            if seq <= poller.last_seq:
+                stats.duplicates += 1
+                continue
+            if poller.last_seq >= 0 and seq != poller.last_seq + 1:
+                stats.gaps += 1
+            poller.last_seq = seq
+            if counted:
+                stats.deliveries += 1
+                ages_us.append((received_ns - int(match[2])) // 1000)
+        at = max(at + interval, loop.time())
+    writer.close()
+
+
+async def interval(
+    host: str, port: int, paths: list[str], seconds: float, every: float, flavor: str
+) -> dict[str, object]:
+    stats = Stats()
+    ages_us: list[int] = []
+    connections = []
+    for start in range(0, len(paths), 200):
+        wave = paths[start : start + 200]
+        connections += await asyncio.gather(*(asyncio.open_connection(host, port) for _ in wave))
+    print("READY", flush=True)
+    loop = asyncio.get_running_loop()
+    start_at = float(await loop.run_in_executor(None, sys.stdin.readline))
+    now = loop.time()
+    window = (now + start_at - time.time(), now + start_at - time.time() + seconds)
+    tasks = [
+        asyncio.create_task(
+            _interval_poll(
+                _Poller(path, flavor), connection, now + every * i / len(paths), every, window, stats, ages_us
+            )
+        )
+        for i, (path, connection) in enumerate(zip(paths, connections, strict=True))
+    ]
+    done, pending = await asyncio.wait(tasks, timeout=window[1] - loop.time() + 30)
+    for task in pending:
+        task.cancel()
+    failed = [task.exception() for task in done if task.exception() is not None]
+    summary = stats.summary(seconds)
+    ages = sorted(ages_us)
+    summary |= {
+        "clients": len(paths),
+        "failed_clients": len(failed) + len(pending),
+        "first_failure": repr(failed[0])[:300] if failed else None,
+        "event_age_ms": {
+            "p50": round(ages[len(ages) // 2] / 1000, 2) if ages else None,
+            "p99": round(ages[min(len(ages) - 1, int(0.99 * len(ages)))] / 1000, 2) if ages else None,
+        },
+    }
+    return summary
+
+
 async def create(host: str, port: int, rate: float, seconds: float, headers: str, body: bytes) -> dict[str, object]:
     stats = Stats()
     connections = [await asyncio.open_connection(host, port) for _ in range(16)]
@@ -217,13 +346,15 @@ async def create(host: str, port: int, rate: float, seconds: float, headers: str
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=["sse", "idle", "poll", "create"])
+    parser.add_argument("mode", choices=["sse", "idle", "poll", "interval", "create"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--paths", help="file with one path per line")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--rate", type=float, default=200)
     parser.add_argument("--header", default="", help="extra header line, e.g. 'Authorization: Bearer k'")
     parser.add_argument("--body", default='{"type": "external"}')
+    parser.add_argument("--interval", type=float, default=1.0, help="interval: seconds between a client's polls")
+    parser.add_argument("--flavor", choices=["hub", "nchan"], default="hub", help="interval: how a client resumes")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -236,6 +367,8 @@ def main() -> None:
         result = uvloop.run(idle(host, args.port, paths, headers))
     elif args.mode == "poll":
         result = uvloop.run(poll(host, args.port, paths, args.seconds, headers))
+    elif args.mode == "interval":
+        result = uvloop.run(interval(host, args.port, paths, args.seconds, args.interval, args.flavor))
     else:
         result = uvloop.run(create(host, args.port, args.rate, args.seconds, headers, args.body.encode()))
     print(json.dumps(result), flush=True)

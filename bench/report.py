@@ -1,4 +1,4 @@
-"""Markdown tables from a results file of bench/matrix.sh (its median lines).
+"""Markdown tables from a results file of bench/matrix.sh, pairs.sh or polling.sh (their median lines).
 
 Usage: ``python -m bench.report bench/results/<run>.jsonl``
 """
@@ -12,19 +12,45 @@ from typing import Any
 
 def _fanout(rows: list[dict[str, Any]]) -> list[str]:
     out = [
-        "| jobs × readers | events/s in | target | delivered/s (expected) | p50 / p99 / max ms | gaps | dups "
-        "| server CPU ms per 1,000 | Redis CPU ms per 1,000 | deliveries per server CPU-s | Redis conns "
-        "| loadgen CPU-s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| jobs × readers | events/s in | target | appends | delivered/s (expected) | p50 / p99 / max ms | gaps "
+        "| dups | server CPU ms per 1,000 | Redis CPU ms per 1,000 | deliveries per server CPU-s | Redis conns "
+        "| loadgen CPU-s | other processes' cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         lat = r["latency_ms"]
         out.append(
-            f"| {r['jobs']} × {r['readers']} | {r['rate']:g} | {r['target']} "
+            f"| {r['jobs']} × {r['readers']} | {r['rate']:g} | {r['target']} | {_publish(r)} "
             f"| {r['deliveries_per_s']:,.0f} ({r['expected_deliveries_per_s']:,.0f}) "
             f"| {lat['p50']} / {lat['p99']} / {lat['max']} | {r['gaps']} | {r['duplicates']} "
             f"| {r['server_cpu_ms_per_1000']} | {r['redis_cpu_ms_per_1000']} | {r['deliveries_per_server_cpu_s']:,.0f} "
-            f"| {r['redis_connections']} | {r['loadgen_cpu_s']} |"
+            f"| {r['redis_connections']} | {r['loadgen_cpu_s']} | {r.get('other_cores_busy', '—')} |"
+        )
+    return out
+
+
+def _publish(r: dict[str, Any]) -> str:
+    """How events were appended: results from before ``--publish`` appended the hub's and the naive
+    reader's straight into Redis, and Nchan's over HTTP."""
+    publish = r.get("publish") or ("http" if r["target"] == "nchan" else "direct")
+    return "HTTP POST" if publish == "http" else "direct to Redis"
+
+
+def _poll_interval(rows: list[dict[str, Any]]) -> list[str]:
+    out = [
+        "| clients (jobs) | every | events/s in | target | appends | requests/s | request p50 / p99 / max ms "
+        "| events delivered/s | gaps / dups | non-2xx/304 | server CPU µs per poll | per HTTP request "
+        "| per 1,000 events (ms) | Redis CPU µs per poll | other processes' cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lat = r["latency_ms"]
+        out.append(
+            f"| {r['clients']:,} ({r['jobs']}) | {r['interval']:g} s | {r['rate']:g} | {r['target']} | {_publish(r)} "
+            f"| {r['requests_per_s']:,} | {lat['p50']} / {lat['p99']} / {lat['max']} | {r['deliveries_per_s']:,} "
+            f"| {r['gaps']} / {r['duplicates']} | {r['errors']} | {r['server_cpu_us_per_request']} "
+            f"| {r['server_cpu_us_per_http_request']} | {r['server_cpu_ms_per_1000_events']} "
+            f"| {r['redis_cpu_us_per_request']} | {r.get('other_cores_busy', '—')} |"
         )
     return out
 
@@ -77,6 +103,7 @@ def main() -> None:
         ("fanout", "fanout", _fanout),
         ("idle", "idle", _idle),
         ("poll", "poll", _poll),
+        ("poll-interval", "poll-interval", _poll_interval),
         ("create", "create", _create),
     ):
         selected = [r for r in rows if r["scenario"] == scenario]

