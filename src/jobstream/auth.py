@@ -20,7 +20,7 @@ from starlette.requests import Request
 
 from jobstream.errors import Forbidden, Unauthorized
 from jobstream.settings import Settings
-from jobstream.store import JobRecord
+from jobstream.store import NOT_YOURS, JobRecord
 
 #: The audience of read tokens. A user JWT has none, so neither kind is accepted as the other
 #: even if an operator gives both the same secret.
@@ -156,7 +156,14 @@ def _bearer(request: Request) -> str | None:
 
 def authorize_read(principal: Principal, job: JobRecord) -> None:
     if principal.user != job.owner or (principal.job_id is not None and principal.job_id != job.id):
-        raise Forbidden("This job belongs to another user or token.")
+        raise Forbidden(NOT_YOURS)
+
+
+def possible_owner(principal: Principal, job_id: str) -> str:
+    """The owner a job ``job_id`` must have for ``principal`` to read it, or '' when no job of that
+    id can be theirs to read (a read token for another job). For a store read that fetches events
+    in the same round trip as the job, only when this owner matches; authorize_read still decides."""
+    return principal.user if principal.job_id is None or principal.job_id == job_id else ""
 
 
 def authorize_write(principal: Principal, job: JobRecord) -> None:

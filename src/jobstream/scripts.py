@@ -12,12 +12,33 @@ if ARGV[8] ~= '' and redis.call('HGET', KEYS[1], 'batch') == ARGV[8] then
 end
 """
 
-#: The job must exist and not have ended. KEYS: meta. Leaves its status in ``status``.
-_UNENDED = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return {'gone'} end
+#: Refuses a job that has ended; after a fragment that leaves the job's status in ``status``.
+_NOT_ENDED = """
 if status == 'completed' or status == 'failed' or status == 'cancelled' then return {'ended', status} end
 """
+
+#: The job must exist and not have ended. KEYS: meta. Leaves its status in ``status``.
+_UNENDED = (
+    """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+"""
+    + _NOT_ENDED
+)
+
+#: The checks of a write on a caller's behalf, in the order the HTTP API answers them (404, 403,
+#: 409): the job must exist, belong to ARGV[9] ('' = anyone: a worker's own write) and, when
+#: ARGV[10] is '1' (an append over HTTP), be an `external` job, then not have ended. Nothing is
+#: written, and nothing of the job told, before they pass. KEYS: meta. Leaves ``status``.
+_CHECKED = (
+    """
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'gone'} end
+if ARGV[9] ~= '' and redis.call('HGET', KEYS[1], 'owner') ~= ARGV[9] then return {'forbidden'} end
+if ARGV[10] == '1' and redis.call('HGET', KEYS[1], 'type') ~= 'external' then return {'not_external'} end
+"""
+    + _NOT_ENDED
+)
 
 #: Append events and move the status in one step, so status and its event never disagree, then
 #: publish them for the gateways' hubs (id, type and data joined by \x1e, events by \x1f).
@@ -25,16 +46,18 @@ if status == 'completed' or status == 'failed' or status == 'cancelled' then ret
 #: failed is written as cancelled, without its result or failure event (nor their meta fields).
 #: KEYS: meta, events.
 #: ARGV: now_ms, maxlen, retention_s, failed_retention_s, new_status ('' = unchanged), channel,
-#:       nfields, batch ('' = none: a producer's id of this batch, one it may retry), nfields
-#:       field/value pairs for the meta hash, then type/data pairs of the events.
-#: Returns {'ok', status, id...} (status: the job's status after the append).
+#:       nfields, batch ('' = none: a producer's id of this batch, one it may retry), owner and
+#:       external-only (see _CHECKED), nfields field/value pairs for the meta hash, then type/data
+#:       pairs of the events.
+#: Leaves {'ok', status, started_ms, id...} in ``ids`` (status: the job's status after the append;
+#: started_ms: when it started running, '' if it has not) for the script to return.
 _WRITE = """
 local now = tonumber(ARGV[1])
 local maxlen = ARGV[2]
 local new_status = ARGV[5]
 local nfields = tonumber(ARGV[7])
 local batch = ARGV[8]
-local first = 9 + 2 * nfields
+local first = 11 + 2 * nfields
 -- Remembered so that a retry of this batch is known as one (see _REPEAT).
 if batch ~= '' then redis.call('HSET', KEYS[1], 'batch', batch) end
 local cancel_wins = (new_status == 'completed' or new_status == 'failed')
@@ -54,7 +77,7 @@ if status == 'pending' and ARGV[first] ~= 'status' and ARGV[first] ~= 'done' the
   published[1] = last .. FS .. 'status' .. FS .. running
   if new_status == '' then new_status = 'running' end
 end
-local ids = {'ok', ''}
+local ids = {'ok', '', ''}
 for i = first, #ARGV, 2 do
   local kind, data = ARGV[i], ARGV[i + 1]
   if not dropped_events[kind] then
@@ -68,7 +91,7 @@ end
 if redis.call('HINCRBY', KEYS[1], 'appended', #published) > redis.call('XLEN', KEYS[2]) then
   redis.call('HSET', KEYS[1], 'trimmed', '1')
 end
-for i = 9, first - 1, 2 do
+for i = 11, first - 1, 2 do
   if not dropped_fields[ARGV[i]] then redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
 end
 local effective = status
@@ -92,26 +115,31 @@ redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('PUBLISH', ARGV[6], table.concat(published, ES))
 ids[2] = effective
-return ids
+ids[3] = redis.call('HGET', KEYS[1], 'started_ms') or ''
 """
 
-#: A producer's append (see _WRITE). Returns {'ok', status, id...} | {'gone'} | {'ended', status} |
-#: {'repeat', status} (the batch was appended before: status is the job's now, which for the batch
-#: that ended the job is how it ended).
-APPEND = _REPEAT + _UNENDED + _WRITE
+#: A producer's append (see _WRITE). Returns {'ok', status, started_ms, id...} | {'gone'} |
+#: {'forbidden'} | {'not_external'} | {'ended', status} | {'repeat', status} (the batch was appended
+#: before: status is the job's now, which for the batch that ended the job is how it ended).
+APPEND = _REPEAT + _CHECKED + _WRITE + "return ids\n"
 
 #: Accept a cancel, or refuse it once the job has ended. The flag is set in the same step as the
 #: status is checked, so any ending written after an accepted cancel is cancelled (see APPEND). A
 #: job no worker holds (pending, or external) is ended here at once: the events to write are the
-#: `done` of a cancelled job. KEYS and ARGV: as APPEND.
-#: Returns {'cancelling'} (its worker stops it) | APPEND's replies ({'ok', 'cancelled', id}: ended here).
+#: `done` of a cancelled job. KEYS and ARGV: as APPEND (ARGV[9]: the caller, who must own the job).
+#: Returns {'cancelling'} (its worker stops it) | {'cancelled', type, started_ms} (ended here: the
+#: job's type, and when it started running, '' if it had not) | APPEND's refusals.
 REQUEST_CANCEL = (
-    _UNENDED
+    _CHECKED
     + """
 redis.call('HSET', KEYS[1], 'cancel', '1')
-if status == 'running' and redis.call('HGET', KEYS[1], 'type') ~= 'external' then return {'cancelling'} end
+local job_type = redis.call('HGET', KEYS[1], 'type')
+if status == 'running' and job_type ~= 'external' then return {'cancelling'} end
 """
     + _WRITE
+    + """
+return {'cancelled', job_type, ids[3]}
+"""
 )
 
 #: Start one run of a job by a worker. KEYS: meta.
@@ -123,3 +151,66 @@ if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {'cancelled'} end
 return {'ok', redis.call('HINCRBY', KEYS[1], 'attempt', 1)}
 """
 )
+
+#: A reader's one round trip: what a reader needs of the job's metadata (not its input, which may
+#: be large), where its reading starts and, for the job's owner, the events from there.
+#: KEYS: meta, events. ARGV: cursor ('' = from the start, '$' = after the newest event, else a
+#: stream id to read after), limit (0 = no events), reader (events are read only when the job is
+#: this user's: '' = none; the gateway still authorizes what it answers).
+#: Returns {} (no such job) | {{id, owner, status, last_event_id}, after, oldest, events} where
+#: ``after`` is the exclusive start, ``oldest`` the oldest kept event id when the stream was trimmed
+#: (the append script marks it) and a cursor was given, else '', and ``events`` is id, type, data
+#: of each.
+READ = """
+local meta = redis.call('HMGET', KEYS[1], 'id', 'owner', 'status', 'last_event_id', 'trimmed')
+if not meta[3] then return {} end
+local cursor, limit = ARGV[1], tonumber(ARGV[2])
+local after, oldest = '0-0', ''
+if cursor == '$' then
+  local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+  if newest[1] then after = newest[1][1] end
+  limit = 0  -- nothing follows the newest event within this step
+elseif cursor ~= '' then
+  after = cursor
+  if meta[5] == '1' then
+    local first = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)
+    if first[1] then oldest = first[1][1] end
+  end
+end
+local events = {}
+if limit > 0 and ARGV[3] ~= '' and meta[2] == ARGV[3] then
+  for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '(' .. after, '+', 'COUNT', limit)) do
+    local fields, kind, data = entry[2], '', ''
+    for j = 1, #fields, 2 do
+      if fields[j] == 't' then kind = fields[j + 1] elseif fields[j] == 'd' then data = fields[j + 1] end
+    end
+    events[#events + 1] = entry[1]
+    events[#events + 1] = kind
+    events[#events + 1] = data
+  end
+end
+return {{meta[1], meta[2], meta[3], meta[4] or ''}, after, oldest, events}
+"""
+
+#: Delete a job: its metadata and its stream, then tell the hubs (an empty message), so that open
+#: readers close at once. KEYS: meta, events. ARGV: owner ('' = anyone; else the job must exist and
+#: be theirs), channel. Returns {'gone'} | {'forbidden'} | {'deleted', number of keys removed}.
+DELETE = """
+if ARGV[1] ~= '' then
+  local owner = redis.call('HGET', KEYS[1], 'owner')
+  if not owner then return {'gone'} end
+  if owner ~= ARGV[1] then return {'forbidden'} end
+end
+local removed = redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('PUBLISH', ARGV[2], '')
+return {'deleted', removed}
+"""
+
+#: Store a new job's metadata with its TTL, in one step; with a second key (the queue, on a single
+#: Redis where both share the server) queue the job in the same step. KEYS: meta[, queue].
+#: ARGV: ttl_s, job id, then field/value pairs of the metadata.
+CREATE = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+if KEYS[2] then redis.call('XADD', KEYS[2], '*', 'job', ARGV[2]) end
+"""

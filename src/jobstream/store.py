@@ -7,14 +7,16 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from jobstream import keys, scripts, sse
 from jobstream.connection import RedisClient
-from jobstream.errors import JobEnded, JobNotFound
+from jobstream.cursor import is_before
+from jobstream.errors import Forbidden, JobEnded, JobNotFound
 from jobstream.models import TERMINAL_EVENT, JobStatus, iso, to_json
 from jobstream.settings import Settings
 
@@ -22,6 +24,10 @@ logger = logging.getLogger("jobstream.store")
 
 #: Stream entries as redis-py returns them with decode_responses=True.
 Entries = list[tuple[str, dict[str, str]]]
+#: What a caller is told when a job is not theirs (by authorization, or by a script that checks it).
+NOT_YOURS = "This job belongs to another user or token."
+#: What a producer is told when it appends over HTTP to a job that a worker writes.
+NOT_EXTERNAL = "Only jobs of type 'external' take events over HTTP; a worker writes this one."
 
 
 def now_ms() -> int:
@@ -71,10 +77,21 @@ class OutgoingEvent:
 
 @dataclass(frozen=True, slots=True)
 class Appended:
-    """What an append wrote: the new events' ids (none for a repeated batch) and the job's status after it."""
+    """What an append wrote: the new events' ids (none for a repeated batch) and the job's status
+    after it; and when the job started running (epoch ms; None if it has not, or not told)."""
 
     ids: list[str]
     status: JobStatus
+    started_ms: int | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    """A job that a cancel ended at once: its type, and when it started running (epoch ms; None if
+    it had not)."""
+
+    job_type: str
+    started_ms: int | None
 
 
 def done_event(status: JobStatus) -> OutgoingEvent:
@@ -155,6 +172,27 @@ class JobRecord:
             "last_event_id": self.last_event_id,
         }
 
+    def view_json(self) -> bytes:
+        """``view()`` encoded as ``to_json`` encodes it, byte for byte, without decoding and encoding
+        again what is stored as JSON already (progress, error, result): those are spliced in as is.
+        Strings Redis holds for the job's id and last event id need no escaping (a uuid, a stream
+        id); its status is a known one (else ValueError, as ``view()`` raises); its type goes
+        through the encoder."""
+        fields = self.fields
+        last_event_id = fields.get("last_event_id")
+        last = "null" if last_event_id is None else f'"{last_event_id}"'
+        return (
+            f'{{"id":"{fields["id"]}","type":{to_json(fields["type"])},"status":"{self.status.value}"'
+            f',"progress":{fields.get("progress") or "null"}'
+            f',"created_at":{_iso_json(fields.get("created_ms"))}'
+            f',"updated_at":{_iso_json(fields.get("updated_ms"))}'
+            f',"started_at":{_iso_json(fields.get("started_ms"))}'
+            f',"completed_at":{_iso_json(fields.get("completed_ms"))}'
+            f',"expires_at":{_iso_json(fields.get("expires_ms"))}'
+            f',"error":{fields.get("error") or "null"},"result":{fields.get("result") or "null"}'
+            f',"last_event_id":{last}}}'
+        ).encode()
+
     def created_view(self) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -163,6 +201,23 @@ class JobRecord:
             "created_at": iso(self._ms("created_ms")),
             "expires_at": iso(self._ms("expires_ms")),
         }
+
+
+def _iso_json(ms: str | None) -> str:
+    return f'"{iso(int(ms))}"' if ms else "null"
+
+
+@dataclass(frozen=True, slots=True)
+class JobRead:
+    """A job as one reader's round trip found it: its metadata (``id``, ``owner``, ``status`` and
+    ``last_event_id`` only: what authorization and the end check use), where reading starts (an
+    exclusive stream id), the oldest kept event id when the reader's cursor is older (events were
+    trimmed away), and the events from there (none unless asked for, and only for its owner)."""
+
+    job: JobRecord
+    after: str
+    first_kept: str | None
+    events: list[StoredEvent]
 
 
 #: Meta fields that follow the latest event of a type, so GET shows them without reading the stream.
@@ -176,26 +231,60 @@ class JobStore:
         self._append = client.register_script(scripts.APPEND)
         self._request_cancel = client.register_script(scripts.REQUEST_CANCEL)
         self._start_attempt = client.register_script(scripts.START_ATTEMPT)
+        self._read = client.register_script(scripts.READ)
+        self._create = client.register_script(scripts.CREATE)
+        self._delete = client.register_script(scripts.DELETE)
 
     async def create(self, job: JobRecord) -> None:
-        """Store the metadata with its TTL, then queue the job. Both are done before this returns."""
+        """Store the metadata with its TTL, then queue the job. Both are done before this returns:
+        in one step on a single Redis; on a cluster, where the queue lives on another slot than the
+        job, one after the other."""
         job_id, ttl_s = job.id, int(job.fields["ttl_s"])
         meta = keys.meta_key(job_id)
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.hset(meta, mapping=cast(Mapping[Any, Any], job.fields))
-            pipe.expire(meta, ttl_s)
-            await pipe.execute()
-        if job.type != "external":
+        queued = job.type != "external"
+        together = queued and not isinstance(self._redis, RedisCluster)
+        args: list[str | int] = [ttl_s, job_id]
+        for name, value in job.fields.items():
+            args += [name, value]
+        try:
+            await self._create(keys=[meta, keys.queue_key] if together else [meta], args=args)
+        except ResponseError:
+            if together:  # the script stopped after storing the job, before queueing it: undo
+                await self._redis.delete(meta)
+            raise
+        if queued and not together:
             try:
                 await self._redis.xadd(keys.queue_key, {"job": job_id})
             except BaseException:
-                # The queue is on another slot than the job: undo the half-made job rather than leave it pending.
+                # Undo the half-made job rather than leave it pending.
                 await self._redis.delete(meta)
                 raise
 
     async def get(self, job_id: str) -> JobRecord | None:
+        # HGETALL, input and all: an HMGET of the status document's fields costs the gateway more
+        # (its arguments), unless the input is tens of KiB.
         fields = cast(dict[str, str], await self._redis.hgetall(keys.meta_key(job_id)))
         return JobRecord(fields) if fields else None
+
+    async def read_job(self, job_id: str, cursor: str | None, limit: int = 0, *, reader: str = "") -> JobRead | None:
+        """A job (the fields a reader needs: id, owner, status, last event id) and where reading it
+        starts, in one round trip; None if there is no such job.
+
+        ``cursor``: None (from the start), ``$`` (after the newest event) or a validated stream id.
+        With ``limit`` > 0 the events after the start come along, but only for a job of
+        ``reader``: a caller who may read the job passes its user. Reading them is speculative:
+        the caller must still authorize the job before answering anything of it."""
+        reply = await self._read(keys=self._append_keys(job_id), args=[cursor or "", limit, reader])
+        if not reply:
+            return None
+        (record_id, owner, status, last_event_id), after, oldest, flat = reply
+        fields = {"id": record_id, "owner": owner, "status": status}
+        if last_event_id:
+            fields["last_event_id"] = last_event_id
+        job = JobRecord(fields)
+        first_kept = oldest if oldest and cursor and is_before(cursor, oldest) else None
+        events = [StoredEvent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+        return JobRead(job, after, first_kept, events)
 
     async def exist(self, job_ids: Sequence[str]) -> list[bool]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -213,7 +302,14 @@ class JobStore:
         return (await self.write(job_id, events, batch=batch, replicas=replicas)).ids
 
     async def write(
-        self, job_id: str, events: Sequence[OutgoingEvent], *, batch: str = "", replicas: int = 0
+        self,
+        job_id: str,
+        events: Sequence[OutgoingEvent],
+        *,
+        batch: str = "",
+        replicas: int = 0,
+        owner: str = "",
+        external_only: bool = False,
     ) -> Appended:
         """Append events and apply the status change they carry, atomically. Raises JobNotFound or JobEnded.
 
@@ -223,10 +319,13 @@ class JobStore:
         once (the second call returns no ids, and the job's status: how it ended, for a batch that
         ended it), so a producer may retry after a lost reply, its ending included.
         ``replicas`` > 0 then waits (Redis WAIT, on the same connection) until that many replicas
-        have the write, up to the configured timeout; fewer is logged, not raised."""
+        have the write, up to the configured timeout; fewer is logged, not raised.
+        ``owner`` (an append on a user's behalf) and ``external_only`` (an append over HTTP) are
+        checked in the same step, before anything is written, after the job's existence and before
+        its end, as the HTTP API orders its answers: Forbidden, then JobEnded (not `external`)."""
         if not events:
             raise ValueError("nothing to append")
-        args = self._append_args(job_id, events, batch)
+        args = self._append_args(job_id, events, batch, owner=owner, external_only=external_only)
         if not replicas:
             return _appended(await self._append(keys=self._append_keys(job_id), args=args))
         timeout_ms = self._settings.durable_end_timeout_ms
@@ -274,7 +373,15 @@ class JobStore:
     def _append_keys(job_id: str) -> list[str]:
         return [keys.meta_key(job_id), keys.events_key(job_id)]
 
-    def _append_args(self, job_id: str, events: Sequence[OutgoingEvent], batch: str = "") -> list[str | int]:
+    def _append_args(
+        self,
+        job_id: str,
+        events: Sequence[OutgoingEvent],
+        batch: str = "",
+        *,
+        owner: str = "",
+        external_only: bool = False,
+    ) -> list[str | int]:
         new_status = ""
         meta_fields: dict[str, str] = {}
         for event in events:
@@ -291,6 +398,8 @@ class JobStore:
             keys.live_channel(job_id),
             len(meta_fields),
             batch,
+            owner,
+            "1" if external_only else "",
         ]
         for name, value in meta_fields.items():
             args += [name, value]
@@ -298,18 +407,20 @@ class JobStore:
             args += [event.type, event.data]
         return args
 
-    async def request_cancel(self, job_id: str) -> bool:
-        """Accept a cancel (raises JobEnded once the job has ended, JobNotFound if it is gone).
+    async def request_cancel(self, job_id: str, *, owner: str = "") -> Cancelled | None:
+        """Accept a cancel (raises JobEnded once the job has ended, JobNotFound if it is gone, and
+        Forbidden if it is not ``owner``'s, when given: checked in the same step, in that order).
 
-        Returns True when the job ended `cancelled` here, in the same step (no worker holds it: it
-        is pending, or external), False when its worker will stop it; either way any ending
+        Returns what ended here when the job ended `cancelled` in the same step (no worker holds
+        it: it is pending, or external), None when its worker will stop it; either way any ending
         written from now on is `cancelled`."""
-        args = self._append_args(job_id, [done_event(JobStatus.cancelled)])
+        args = self._append_args(job_id, [done_event(JobStatus.cancelled)], owner=owner)
         reply = await self._request_cancel(keys=self._append_keys(job_id), args=args)
         if reply[0] == "cancelling":
-            return False
-        _appended(reply)  # raises for a job gone or ended
-        return True
+            return None
+        if reply[0] != "cancelled":
+            _appended(reply)  # raises for a job gone, not the owner's, or ended
+        return Cancelled(reply[1], int(reply[2]) if reply[2] else None)
 
     async def start_attempt(self, job_id: str) -> tuple[str, int]:
         """Count a worker's run of a job. Returns ('ok', attempt), ('gone'|'ended'|'cancelled', 0)."""
@@ -330,11 +441,14 @@ class JobStore:
             if status is None or cancel == "1" or JobStatus(status).terminal
         }
 
-    async def delete(self, job_id: str) -> bool:
-        removed = await self._redis.delete(keys.meta_key(job_id), keys.events_key(job_id))
-        # An empty message tells the hubs that the job is gone, so open readers close at once.
-        await self._redis.publish(keys.live_channel(job_id), "")
-        return bool(removed)
+    async def delete(self, job_id: str, *, owner: str = "") -> bool:
+        """Remove the job's keys and tell the hubs it is gone (an empty message), so that open
+        readers close at once; one step. With ``owner``, the job must exist (else JobNotFound) and
+        be theirs (else Forbidden), checked first in the same step."""
+        reply = await self._delete(keys=self._append_keys(job_id), args=[owner, keys.live_channel(job_id)])
+        if reply[0] != "deleted":
+            _appended(reply)  # raises for a job gone or not the owner's
+        return bool(reply[1])
 
     async def read(self, job_id: str, after: str, count: int) -> list[StoredEvent]:
         """Events strictly after ``after`` (a stream id), oldest first."""
@@ -342,14 +456,6 @@ class JobStore:
             Entries, await self._redis.xrange(keys.events_key(job_id), min=f"({after}", max="+", count=count)
         )
         return [decode_entry(entry_id, fields) for entry_id, fields in entries]
-
-    async def trimmed_first_id(self, job: JobRecord) -> str | None:
-        """The oldest kept event id if the stream has lost old events to its MAXLEN cap, else None.
-
-        Costs no round trip until the append script has marked the job as trimmed."""
-        if job.fields.get("trimmed") != "1":
-            return None
-        return await self.oldest_event_id(job.id)
 
     async def oldest_event_id(self, job_id: str) -> str | None:
         entries = cast(Entries, await self._redis.xrange(keys.events_key(job_id), count=1))
@@ -375,12 +481,20 @@ class JobStore:
 
 
 def _appended(reply: list[str]) -> Appended:
-    """The append script's reply: {'ok', status, id...} | {'repeat', status} | {'gone'} | {'ended', status}."""
-    if reply[0] == "gone":
+    """The append script's reply: {'ok', status, started_ms, id...} | {'repeat', status} | {'gone'} |
+    {'forbidden'} | {'not_external'} | {'ended', status}."""
+    kind = reply[0]
+    if kind == "ok":
+        return Appended(list(reply[3:]), JobStatus(reply[1]), int(reply[2]) if reply[2] else None)
+    if kind == "repeat":
+        return Appended([], JobStatus(reply[1]))
+    if kind == "gone":
         raise JobNotFound()
-    if reply[0] == "ended":
-        raise JobEnded(f"The job has already ended ({reply[1]}).")
-    return Appended(list(reply[2:]), JobStatus(reply[1]))
+    if kind == "forbidden":
+        raise Forbidden(NOT_YOURS)
+    if kind == "not_external":
+        raise JobEnded(NOT_EXTERNAL)
+    raise JobEnded(f"The job has already ended ({reply[1]}).")
 
 
 def decode_entry(entry_id: str, fields: Mapping[str, str]) -> StoredEvent:

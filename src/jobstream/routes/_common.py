@@ -31,16 +31,30 @@ def job_id_of(request: Request) -> str:
     return job_id
 
 
-async def load_job(request: Request, *, write: bool = False) -> tuple[Principal, JobRecord]:
-    """Authenticate, load and authorize: 404 for a bad id, 401, then 404 if gone, then 403."""
+def authenticate(request: Request, *, write: bool = False) -> tuple[str, Principal]:
+    """The checks that need no Redis, in order: 404 for a malformed job id, then 401."""
     job_id = job_id_of(request)
-    svc = services(request)
-    principal = svc.auth.authenticate(request, allow_query_token=not write)
-    job = await svc.store.get(job_id)
+    return job_id, services(request).auth.authenticate(request, allow_query_token=not write)
+
+
+def authorize(principal: Principal, job: JobRecord | None, *, write: bool = False) -> JobRecord:
+    """The checks of a loaded job, in order: 404 if it is gone, then 403."""
     if job is None:
         raise JobNotFound()
     (authorize_write if write else authorize_read)(principal, job)
-    return principal, job
+    return job
+
+
+async def load_job(request: Request, *, write: bool = False) -> tuple[Principal, JobRecord]:
+    """Authenticate, load and authorize: 404 for a bad id, 401, then 404 if gone, then 403."""
+    job_id, principal = authenticate(request, write=write)
+    return principal, authorize(principal, await services(request).store.get(job_id), write=write)
+
+
+async def check_job(request: Request, job_id: str, principal: Principal, *, write: bool = False) -> JobRecord:
+    """Load and authorize a job for an answer that must come after 404 and 403 (a bad query or
+    body found before the job's own round trip): raises for those, returns the job otherwise."""
+    return authorize(principal, await services(request).store.get(job_id), write=write)
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:

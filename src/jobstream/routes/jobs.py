@@ -13,13 +13,13 @@ from starlette.responses import JSONResponse, Response
 
 from jobstream import keys, metrics, sentry
 from jobstream.auth import require_user
-from jobstream.errors import BadRequest, JobEnded, RateLimited, ValidationFailed, pydantic_errors
+from jobstream.errors import BadRequest, JobEnded, ProblemError, RateLimited, ValidationFailed, pydantic_errors
 from jobstream.models import TERMINAL_EVENT, EventIn, JobCreate, JobStatus, to_json
 from jobstream.observability import job_transition
 from jobstream.registry import EXTERNAL
-from jobstream.routes._common import load_job, read_json
+from jobstream.routes._common import authenticate, check_job, load_job, read_json
 from jobstream.services import Services, services
-from jobstream.store import JobRecord, OutgoingEvent, done_event, now_ms
+from jobstream.store import NOT_EXTERNAL, JobRecord, OutgoingEvent, done_event, now_ms
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_EVENTS_PER_APPEND = 1000
@@ -37,7 +37,7 @@ async def create_job(request: Request) -> Response:
     require_user(principal)
     payload = _validate_create(svc, await read_json(request, svc.settings.max_body_bytes))
     idem_key = _idempotency_key(request, principal.user)
-    fingerprint = hashlib.sha256(to_json(payload.model_dump(mode="json")).encode()).hexdigest()
+    fingerprint = _fingerprint(payload) if idem_key is not None else ""
     if idem_key is not None and (earlier := await svc.store.recall_idempotent(idem_key)) is not None:
         if (await svc.store.exist([earlier["body"]["id"]]))[0]:
             return _replay(earlier, fingerprint)
@@ -71,6 +71,11 @@ async def create_job(request: Request) -> Response:
         job_transition("queued", job_id, job_type=payload.type)
     headers = {"Location": body["links"]["self"], **decision.headers()}
     return JSONResponse(body, status_code=201, headers=headers)
+
+
+def _fingerprint(payload: JobCreate) -> str:
+    """What a retried create with the same Idempotency-Key must repeat: its body, as validated."""
+    return hashlib.sha256(to_json(payload.model_dump(mode="json")).encode()).hexdigest()
 
 
 def _validate_create(svc: Services, raw: Any) -> JobCreate:
@@ -114,8 +119,8 @@ def _replay(earlier: dict[str, Any], fingerprint: str) -> Response:
     return JSONResponse(body, status_code=200, headers={"Location": body["links"]["self"]})
 
 
-def _etag(view: dict[str, Any]) -> str:
-    return '"' + hashlib.sha256(to_json(view).encode()).hexdigest()[:32] + '"'
+def _etag(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 def _matches(if_none_match: str, etag: str) -> bool:
@@ -124,43 +129,56 @@ def _matches(if_none_match: str, etag: str) -> bool:
 
 
 async def get_job(request: Request) -> Response:
+    """One round trip; the status document is encoded once, and its ETag is a hash of those bytes."""
     _, job = await load_job(request)
-    view = job.view()
-    etag = _etag(view)
+    body = job.view_json()
+    etag = _etag(body)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _matches(request.headers.get("if-none-match", ""), etag):
         return Response(status_code=304, headers=headers)
-    return JSONResponse(view, headers=headers)
+    return Response(body, headers=headers, media_type="application/json")
 
 
 async def cancel_job(request: Request) -> Response:
     """202 once the cancel is accepted, which is atomic in Redis: from then on the job can only end
     `cancelled`. A job no worker holds (pending, or external) ends at once; a running one when its
-    worker stops it. 409 once the job has ended."""
-    _, job = await load_job(request, write=True)
-    if await services(request).store.request_cancel(job.id):
+    worker stops it. 409 once the job has ended. One round trip: the cancel script checks that the
+    job exists (404) and is the caller's (403) before it changes anything."""
+    job_id, principal = authenticate(request, write=True)
+    if principal.read_only:
+        await check_job(request, job_id, principal, write=True)  # 404, else 403: a read token never cancels
+    ended = await services(request).store.request_cancel(job_id, owner=principal.user)
+    if ended is not None:
         # Ended here, not by a worker: accounted here, as a worker accounts for the endings it writes.
-        metrics.job_ended(job.type, job.id, JobStatus.cancelled.value, _run_time_s(job), ending="cancelled_by_gateway")
+        run_time_s = _run_time_s(ended.started_ms)
+        metrics.job_ended(ended.job_type, job_id, JobStatus.cancelled.value, run_time_s, ending="cancelled_by_gateway")
     return JSONResponse({"status": "cancelling"}, status_code=202)
 
 
-def _run_time_s(job: JobRecord) -> float:
+def _run_time_s(started_ms: int | None) -> float:
     """How long the job has run, as of now: from its start (an external job's first event) when it
     started, else 0 (it ends without having started)."""
-    started_ms = job.fields.get("started_ms")
-    return max(0, now_ms() - int(started_ms)) / 1000 if started_ms else 0.0
+    return max(0, now_ms() - started_ms) / 1000 if started_ms else 0.0
 
 
 async def append_events(request: Request) -> Response:
-    _, job = await load_job(request, write=True)
+    """One round trip: the append script checks, in the API's order, that the job exists (404), is
+    the caller's (403) and `external` (409), and has not ended (409), before it writes anything."""
     svc = services(request)
-    if job.type != EXTERNAL:
-        raise JobEnded("Only jobs of type 'external' take events over HTTP; a worker writes this one.")
-    events = _validate_events(await read_json(request, svc.settings.max_body_bytes))
+    job_id, principal = authenticate(request, write=True)
+    if principal.read_only:
+        await check_job(request, job_id, principal, write=True)  # 404, else 403: a read token never appends
+    try:
+        events = _validate_events(await read_json(request, svc.settings.max_body_bytes))
+    except ProblemError:
+        # A bad body (413, 415, 422) is answered after the job's own checks, as when it was read after them.
+        if (await check_job(request, job_id, principal, write=True)).type != EXTERNAL:
+            raise JobEnded(NOT_EXTERNAL) from None
+        raise
     outgoing = [OutgoingEvent(event.type, to_json(event.data)) for event in events]
-    appended = await svc.store.write(job.id, outgoing + _implied_done(events))
+    appended = await svc.store.write(job_id, outgoing + _implied_done(events), owner=principal.user, external_only=True)
     if appended.status.terminal:  # this append ended it (one to a job already ended answers 409)
-        metrics.job_ended(job.type, job.id, appended.status.value, _run_time_s(job), ending="external")
+        metrics.job_ended(EXTERNAL, job_id, appended.status.value, _run_time_s(appended.started_ms), ending="external")
     return JSONResponse({"ids": appended.ids[: len(outgoing)]}, status_code=201)
 
 
@@ -195,6 +213,9 @@ def _implied_done(events: list[EventIn]) -> list[OutgoingEvent]:
 
 
 async def delete_job(request: Request) -> Response:
-    _, job = await load_job(request, write=True)
-    await services(request).store.delete(job.id)
+    """One round trip: the delete script checks that the job exists (404) and is the caller's (403)."""
+    job_id, principal = authenticate(request, write=True)
+    if principal.read_only:
+        await check_job(request, job_id, principal, write=True)  # 404, else 403: a read token never deletes
+    await services(request).store.delete(job_id, owner=principal.user)
     return Response(status_code=204)

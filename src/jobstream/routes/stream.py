@@ -17,32 +17,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from jobstream import keys, metrics, sentry, sse
-from jobstream.auth import Principal
-from jobstream.cursor import NEWEST, START, is_before, resolve_cursor
+from jobstream.auth import Principal, possible_owner
+from jobstream.cursor import NEWEST, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
 from jobstream.models import JobStatus, to_json
 from jobstream.ratelimit import ConnectionLeases
-from jobstream.routes._common import load_job
+from jobstream.routes._common import authenticate, authorize, check_job
 from jobstream.sendwatch import EventStreamResponse
 from jobstream.services import Services, services
-from jobstream.store import JobRecord, JobStore, StoredEvent
+from jobstream.store import JobRead, JobRecord, StoredEvent
 from jobstream.subscription import HubClosed, JobGone, SubscriberOverflow
 
 logger = logging.getLogger("jobstream.stream")
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
 RELEASE_TIMEOUT_S = 2.0
-
-
-async def resolve_start(store: JobStore, job: JobRecord, cursor: str | None) -> tuple[str, str | None]:
-    """Where reading starts (an exclusive stream id), and the oldest kept id if events were trimmed away."""
-    if cursor is None:
-        return START, None
-    if cursor == NEWEST:
-        return (await store.newest_event_id(job.id)) or START, None
-    first_kept = await store.trimmed_first_id(job)
-    if first_kept is not None and is_before(cursor, first_kept):
-        return cursor, first_kept
-    return cursor, None
+#: Events that move a job's status (their data is ``{"status": ...}``).
+_STATUS_EVENTS = frozenset({"status", "done"})
 
 
 def has_seen_end(job: JobRecord, cursor: str | None) -> bool:
@@ -52,10 +42,26 @@ def has_seen_end(job: JobRecord, cursor: str | None) -> bool:
     return cursor == NEWEST or not is_before(cursor, job.last_event_id)
 
 
+async def read_job(svc: Services, principal: Principal, job_id: str, cursor: str | None, limit: int = 0) -> JobRead:
+    """A reader's job in one round trip: its metadata, where reading starts (``$`` resolved, the
+    trimmed check made) and, with ``limit``, the events from there; 404 if gone, then 403."""
+    read = await svc.store.read_job(job_id, cursor, limit, reader=possible_owner(principal, job_id))
+    if read is None:
+        raise JobNotFound()
+    authorize(principal, read.job)
+    return read
+
+
 async def stream_events(request: Request) -> Response:
-    principal, job = await load_job(request)
     svc = services(request)
-    cursor = resolve_cursor(request.headers.get("last-event-id"), request.query_params.get("last_event_id"))
+    job_id, principal = authenticate(request)
+    try:
+        cursor = resolve_cursor(request.headers.get("last-event-id"), request.query_params.get("last_event_id"))
+    except BadRequest:
+        await check_job(request, job_id, principal)  # 404 and 403 come before a bad id's 400
+        raise
+    read = await read_job(svc, principal, job_id, cursor)
+    job = read.job
     if has_seen_end(job, cursor):
         # 204 is the one answer that makes EventSource stop reconnecting.
         return Response(status_code=204)
@@ -71,13 +77,10 @@ async def stream_events(request: Request) -> Response:
             f"At most {leases.limit} open event streams {whose}.",
             headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
         )
-    try:
-        after, first_kept = await resolve_start(svc.store, job, cursor)
-    except BaseException:
-        await leases.release(holder, lease)
-        raise
     return EventStreamResponse(
-        _frames(svc, job.id, leases, holder, lease, after, first_kept), headers=SSE_HEADERS, watch=svc.send_watch
+        _frames(svc, job.id, leases, holder, lease, read.after, read.first_kept),
+        headers=SSE_HEADERS,
+        watch=svc.send_watch,
     )
 
 
@@ -181,28 +184,49 @@ def _poll_query(request: Request, max_wait_s: float) -> PollQuery:
 
 
 async def poll_events(request: Request) -> Response:
-    principal, job = await load_job(request)
+    """One round trip for a short poll, or a long-poll answered at once: the job, ``after=$``
+    resolved, the trimmed check and the events together. A long-poll that waits takes a slot,
+    waits, and (answered) tells the status its events leave the job in, without reading it again."""
     svc = services(request)
-    query = _poll_query(request, svc.settings.poll_max_wait_s)
-    cursor = resolve_cursor(None, query.after)
-    after, first_kept = await resolve_start(svc.store, job, cursor)
-    events = await svc.store.read(job.id, after, query.limit)
-    if not events and query.wait > 0 and not job.status.terminal:
+    job_id, principal = authenticate(request)
+    try:
+        query = _poll_query(request, svc.settings.poll_max_wait_s)
+        cursor = resolve_cursor(None, query.after)
+    except BadRequest:
+        await check_job(request, job_id, principal)  # 404 and 403 come before a bad query's 400
+        raise
+    read = await read_job(svc, principal, job_id, cursor, query.limit)
+    job, after, events = read.job, read.after, read.events
+    status = job.status
+    if not events and query.wait > 0 and not status.terminal:
         metrics.polls.labels("long").inc()
         # A span of its own: the wait is the client's choice, not the gateway's latency.
         with sentry_sdk.start_span(op="long_poll.wait", name="wait for events"):
-            events = (await _wait_for_events(request, svc, principal.user, job.id, after, query.wait))[: query.limit]
+            events = (await _wait_for_events(request, svc, principal.user, job_id, after, query.wait))[: query.limit]
         if events:
             metrics.lag.written(events[-1].id, "poll")
-        refreshed = await svc.store.get(job.id)
-        if refreshed is None:
-            raise JobNotFound()
-        job = refreshed
+            # Every change of status is written with its event (`status`, `done`) in the same step.
+            status = _status_after(status, events)
+        else:
+            # Nothing came: the job may have gone meanwhile (404), or ended.
+            refreshed = await svc.store.get(job_id)
+            if refreshed is None:
+                raise JobNotFound()
+            job, status = refreshed, refreshed.status
     else:
         metrics.polls.labels("short").inc()
     metrics.deliveries.poll += len(events)
-    body = _poll_body(job, events, after, cursor, first_kept)
+    done = events[-1].is_done if events else has_seen_end(job, cursor)
+    body = _poll_body(status, events, after, done, read.first_kept)
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
+
+
+def _status_after(status: JobStatus, events: list[StoredEvent]) -> JobStatus:
+    """The job's status once ``events`` are written, from ``status`` before them."""
+    for event in events:
+        if event.type in _STATUS_EVENTS:
+            status = JobStatus(json.loads(event.data)["status"])
+    return status
 
 
 async def _wait_for_events(
@@ -248,14 +272,11 @@ def _abandon(task: asyncio.Task[Any]) -> None:
     task.add_done_callback(lambda done: done.cancelled() or done.exception())
 
 
-def _poll_body(
-    job: JobRecord, events: list[StoredEvent], after: str, cursor: str | None, first_kept: str | None
-) -> bytes:
+def _poll_body(status: JobStatus, events: list[StoredEvent], after: str, done: bool, first_kept: str | None) -> bytes:
     """The poll answer, with each event's stored JSON spliced in as is rather than decoded and
     encoded again (ids are stream ids and types match a lowercase pattern: neither needs escaping)."""
-    done_event = events[-1] if events and events[-1].is_done else None
-    status = JobStatus(json.loads(done_event.data)["status"]) if done_event else job.status
-    done = done_event is not None or (not events and has_seen_end(job, cursor))
+    if done and events:
+        status = JobStatus(json.loads(events[-1].data)["status"])
     items = ",".join(f'{{"id":"{e.id}","type":"{e.type}","data":{e.data}}}' for e in events)
     tail: dict[str, object] = {"next": events[-1].id if events else after, "status": status.value, "done": done}
     if first_kept is not None:
