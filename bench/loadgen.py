@@ -143,13 +143,15 @@ async def sse(host: str, port: int, paths: list[str], seconds: float, headers: s
 
 async def idle(host: str, port: int, paths: list[str], headers: str) -> dict[str, object]:
     opened = []
+    started = time.monotonic()
     for start in range(0, len(paths), 200):
         opened += await asyncio.gather(*(_open(host, port, path, headers) for path in paths[start : start + 200]))
+    open_s = time.monotonic() - started
     print("READY", flush=True)
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
     for _, writer in opened:
         writer.close()
-    return {"connections": len(opened)}
+    return {"connections": len(opened), "open_s": round(open_s, 3)}
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:

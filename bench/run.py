@@ -505,13 +505,18 @@ def idle(args: argparse.Namespace) -> dict[str, Any]:
             pids = family(pid)
             clients0 = redis_clients(rut.nodes)
             rss0 = proc_rss_kib(pids)
-            gen = loadgen("idle", port, paths, [])
+            cpu0 = proc_cpu_s(pids)
+            gen = loadgen("idle", port, paths, [])  # returns once every stream is open
+            cpu1 = proc_cpu_s(pids)
             time.sleep(2)
             rss1 = proc_rss_kib(pids)
             clients1 = redis_clients(rut.nodes)
-            finish(gen)
+            opened = finish(gen)
         return {
             "connections": args.connections,
+            # Opening them, 200 at a time: how long, and the server's CPU per stream opened.
+            "open_s": opened["open_s"],
+            "server_cpu_us_per_open": round((cpu1 - cpu0) * 1e6 / args.connections, 1),
             "rss_kib_before": rss0,
             "rss_kib_after": rss1,
             "rss_kib_per_connection": round((rss1 - rss0) / args.connections, 2),

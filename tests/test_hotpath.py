@@ -1,4 +1,4 @@
-"""The events route served in front of the router answers exactly as the router would."""
+"""The hot paths served in front of the router answer exactly as the router would."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import asyncio
 
 import httpx
 import pytest
+from starlette.routing import Router
 
 from jobstream.app import create_app
 from jobstream.registry import Registry
 from jobstream.routes import hotpath
-from tests.conftest import make_settings
+from jobstream.store import JobStore
+from tests.conftest import ALICE, append, create_job, make_settings
 
 JOB_EVENTS = "/v1/jobs/6f1c1f4e-4b8f-4c39-9a2e-1c2d3e4f5a6b/events"
 
@@ -51,3 +53,88 @@ def test_otherPaths_whenNearlyTheEventsPath_thenRouterAnswers404(client: httpx.C
     response = client.get(path)
     assert response.status_code == 404
     assert response.json()["detail"] == "No route matches this path."
+
+
+def test_hotPaths_whenRouterUnusable_thenStillAnswered(client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    job = create_job(client)
+    append(client, job, [{"type": "delta", "data": {"text": "a"}}])
+
+    async def no_router(self: object, scope: object, receive: object, send: object) -> None:
+        raise AssertionError("the router was asked")
+
+    monkeypatch.setattr(Router, "app", no_router)
+    base = f"/v1/jobs/{job['id']}"
+    assert client.get("/healthz").status_code == 200
+    assert client.head("/healthz").status_code == 200
+    assert create_job(client)["status"] == "pending"
+    assert client.get(base, headers=ALICE).json()["id"] == job["id"]
+    assert client.head(base, headers=ALICE).status_code == 200
+    assert client.get(f"{base}/poll", headers=ALICE).json()["events"][-1]["data"] == {"text": "a"}
+    assert (
+        client.post(f"{base}/events", json={"type": "delta", "data": {"text": "b"}}, headers=ALICE).status_code == 201
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "suffix", "allow"),
+    [
+        ("PUT", "", {"GET", "HEAD", "DELETE"}),
+        ("PATCH", "/events", {"GET", "HEAD", "POST"}),
+        ("POST", "/poll", {"GET", "HEAD"}),
+        ("DELETE", "/poll", {"GET", "HEAD"}),
+    ],
+)
+def test_hotPaths_whenOtherMethod_then405ListingAllowed(
+    client: httpx.Client, method: str, suffix: str, allow: set[str]
+) -> None:
+    job = create_job(client)
+    response = client.request(method, f"/v1/jobs/{job['id']}{suffix}", headers=ALICE)
+    assert response.status_code == 405
+    assert set(response.headers["allow"].split(", ")) == allow
+    assert response.headers["content-type"] == "application/problem+json"
+
+
+def test_fixedHotPaths_whenOtherMethod_then405(client: httpx.Client) -> None:
+    assert client.put("/v1/jobs", headers=ALICE).status_code == 405
+    assert client.post("/healthz").status_code == 405
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs/", "/healthz/", "/v1/jobs/{id}/", "/v1/jobs/{id}/poll/", "/v1/jobs/{id}/x"])
+def test_hotPaths_whenTrailingSlashOrUnknownTail_then404WithoutRedirect(client: httpx.Client, path: str) -> None:
+    job = create_job(client)
+    response = client.get(path.replace("{id}", job["id"]), headers=ALICE)
+    assert response.status_code == 404
+    assert "location" not in response.headers
+
+
+@pytest.mark.parametrize("suffix", ["", "/poll", "/events"])
+def test_hotPaths_whenAnswered_thenRequestIdOnResponse(client: httpx.Client, suffix: str) -> None:
+    job = create_job(client)
+    append(client, job, [{"type": "result", "data": {}}])  # ended: its event stream ends too
+    path = f"/v1/jobs/{job['id']}{suffix}"
+    given = client.get(path, headers={**ALICE, "X-Request-ID": "given-1"}, params={"wait": 0} if suffix else {})
+    assert given.headers["x-request-id"] == "given-1"
+    refused = client.get(path)  # 401, from the same exception handlers
+    assert refused.status_code == 401
+    assert refused.headers["x-request-id"]
+    assert (
+        client.post("/v1/jobs", json={"type": "external"}, headers={**ALICE, "X-Request-ID": "c-2"}).headers[
+            "x-request-id"
+        ]
+        == "c-2"
+    )
+
+
+def test_statusPath_whenStoreFailsUnexpectedly_then500ProblemWithRequestId(
+    client: httpx.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = create_job(client)
+
+    async def explode(self: JobStore, job_id: str) -> None:
+        raise RuntimeError("password=hunter2")
+
+    monkeypatch.setattr(JobStore, "get", explode)
+    response = client.get(f"/v1/jobs/{job['id']}", headers={**ALICE, "X-Request-ID": "boom-1"})
+    assert response.status_code == 500
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "hunter2" not in response.text

@@ -22,7 +22,7 @@ from jobstream.ratelimit import RATE_LIMIT_HEADERS, ConnectionLeases, CreateLimi
 from jobstream.registry import Registry, load_modules, registry_for
 from jobstream.requestid import RequestId
 from jobstream.routes import build_routes
-from jobstream.routes.hotpath import EventStreamRoute
+from jobstream.routes.hotpath import HotRoutes
 from jobstream.sendwatch import SendWatch
 from jobstream.services import Services
 from jobstream.settings import Settings
@@ -50,7 +50,6 @@ def begin_shutdown(app: Starlette) -> None:
 
 
 def build_services(settings: Settings, registry: Registry) -> Services:
-    url = settings.effective_redis_url
     client = create_client(settings)
     store = JobStore(client, settings)
     # A lease outlives several heartbeat ticks, on which open streams renew it.
@@ -62,7 +61,7 @@ def build_services(settings: Settings, registry: Registry) -> Services:
         store=store,
         feed=Hub(client, store, tick_s=settings.heartbeat_s),
         auth=Authenticator(settings),
-        limiter=CreateLimiter(client, url, settings.create_rate),
+        limiter=CreateLimiter(client, settings.create_rate),
         leases=ConnectionLeases(client, settings.max_sse_per_user, lease_s),
         # A long-poll's lease only has to outlive its wait; a gateway that dies frees it soon after.
         long_polls=ConnectionLeases(
@@ -126,7 +125,7 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
         middleware=[
             Middleware(HeaderLimit),
             *cors_middleware(settings),
-            Middleware(EventStreamRoute),
+            Middleware(HotRoutes),
             Middleware(RequestId),
         ],
         lifespan=lifespan,

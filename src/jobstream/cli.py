@@ -102,7 +102,9 @@ async def _serve(
         app,
         host=host,
         port=port,
-        log_config=log_config(settings.log_level, settings.log_format),
+        # Logging is configured once, by main() (or _gateway_process): applied again here, every
+        # filter would be added twice.
+        log_config=None,
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
         proxy_headers=True,
         # Bounded request heads, a deadline per request, the keep-alive timeout (httplimits).

@@ -8,17 +8,20 @@ from typing import Any, TypeAlias
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import (
     ClusterError,
     ConnectionError,
+    ResponseError,
     SlotNotCoveredError,
     TimeoutError,
     TryAgainError,
 )
 
+from jobstream import sentry
 from jobstream.settings import Settings
 
 logger = logging.getLogger("jobstream.connection")
@@ -29,8 +32,10 @@ COMMAND_TIMEOUT_S = 5.0
 #: Blocking reads (XREAD/XREADGROUP BLOCK) never block longer than this; the socket timeout sits above it.
 MAX_BLOCK_MS = 5000
 #: Connections one process opens at most; callers beyond it wait for a free one. Redis runs commands
-#: one at a time, so more connections add no throughput.
-MAX_CONNECTIONS = 16
+#: one at a time, so more connections add no throughput; but a caller that waits for one takes
+#: redis-py's slow path (a condition and a timeout: about three times the CPU of a command on a free
+#: connection, bench/RESULTS.md), so there are enough for a busy process's requests in flight.
+MAX_CONNECTIONS = 32
 #: A pooled connection idle this long is PINGed before its next command (JOBSTREAM_REDIS_HEALTH_CHECK_S).
 DEFAULT_HEALTH_CHECK_S = 30.0
 
@@ -130,9 +135,14 @@ class QuickPool(aioredis.BlockingConnectionPool):
     waits for one, take it at once. The stock path takes a condition, a timeout, a lock and a
     readiness probe of the socket for every command: 53 µs of CPU per HGETALL against 32 here
     (bench/RESULTS.md). The probe is what the fast path skips, and it is not needed there: redis-py
-    closes a connection whose command was interrupted (send or read), so a free connection that is
-    still connected holds no stray reply; one the server closed fails its next command, which the
-    client's retry reconnects."""
+    closes a connection whose command was interrupted (send or read), and so does QuickRedis, so a
+    free connection that is still connected holds no stray reply; one the server closed fails its
+    next command, which the client's retry (or QuickRedis's one retry) reconnects.
+
+    ``take_ready`` and ``give_back`` are QuickRedis's synchronous halves of ``get_connection`` and
+    ``release``. They lean on redis-py internals (redis 8.1; tests/test_quickcommand.py checks
+    them): the pool's ``_available_connections`` list (LIFO) and ``_in_use_connections`` set, its
+    ``_in_maintenance`` flag, and its asyncio.Condition's ``_waiters`` deque."""
 
     async def get_connection(self, *args: Any, **options: Any) -> Any:
         free = self._available_connections
@@ -142,6 +152,145 @@ class QuickPool(aioredis.BlockingConnectionPool):
             return connection
         return await super().get_connection(*args, **options)  # type: ignore[no-untyped-call]
 
+    def take_ready(self) -> AbstractConnection | None:
+        """A free connection that can take a command now without any preliminaries, marked in use;
+        None when the stock path must run: none is free and connected, a task waits for one (not
+        to overtake it), the pool is in maintenance (MOVING handling rewrites it under its lock),
+        or the connection's health check is due (the stock path PINGs first)."""
+        free = self._available_connections
+        if not free or self._in_maintenance or self._condition._waiters:
+            return None
+        connection = free[-1]
+        if not connection.is_connected:
+            return None
+        # As AbstractConnection.check_health decides.
+        if connection.health_check_interval and asyncio.get_running_loop().time() > connection.next_health_check:
+            return None
+        free.pop()
+        self._in_use_connections.add(connection)
+        return connection
+
+    def give_back(self, connection: AbstractConnection) -> bool:
+        """Return a connection to the free list at once, as ``release`` would; False, leaving it in
+        use, when ``release`` must do it: a task waits (only release notifies it), the pool is in
+        maintenance, or the connection is marked for reconnection."""
+        reconnect = connection.should_reconnect()  # type: ignore[no-untyped-call]
+        if reconnect or self._condition._waiters or self._in_maintenance:
+            return False
+        self._in_use_connections.remove(connection)
+        self._available_connections.append(connection)
+        return True
+
+
+class QuickRedis(aioredis.Redis):
+    """A single-Redis client whose commands skip redis-py's per-command machinery when nothing
+    calls for it: a free connection is taken and given back synchronously (QuickPool), the packed
+    command is written straight to the socket (redis-py wraps every write in ``asyncio.wait_for``,
+    on Python 3.11 a Task per command), and the reply is read with the connection's own ``read_response`` (its
+    read timeout, and its disconnect when a read fails or is cancelled) and parsed by
+    ``parse_response``, the response callbacks included.
+
+    Anything else takes redis-py's own path: no free connected connection, a health check due,
+    waiters, maintenance, a single-connection client, a streaming credential provider (its
+    re-authentication runs on release), HIMPORT (its fieldsets are per connection). What wraps
+    redis-py's ``Redis.execute_command`` does not see fast-path commands: redis-py's OpenTelemetry
+    metrics (off unless configured; jobstream does not configure them). Sentry's Redis integration
+    patches that method for its spans and breadcrumbs, so with Sentry on (initialised before the
+    client is made, as every launch mode does) every command takes redis-py's path.
+
+    Errors: a server's error reply (ResponseError: a Lua error, NOSCRIPT) is raised as redis-py
+    raises it, the connection going back to the pool connected, as its reply was read whole. Any
+    other failure leaves the connection disconnected before it goes back, so no late reply can
+    reach its next user; a connection or timeout error (Redis closed the idle connection, or
+    restarted) is then retried once on redis-py's path, which reconnects under the configured
+    Retry, as redis-py retries today (it too sends again after a timeout).
+
+    Relies on redis-py internals (redis 8.1; tests/test_quickcommand.py checks them): QuickPool's;
+    a connection's ``_writer`` (the asyncio.StreamWriter of its socket), ``health_check_interval``
+    and ``next_health_check``; ``read_response`` disconnecting when a read fails or is cancelled."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        pool = self.connection_pool
+        self._quick_pool: QuickPool | None = None
+        if (
+            isinstance(pool, QuickPool)
+            and not self.single_connection_client
+            and pool.connection_kwargs.get("credential_provider") is None
+            # Sentry's Redis integration wraps redis-py's path: with Sentry on, commands keep
+            # their spans and breadcrumbs.
+            and not sentry.active()
+        ):
+            self._quick_pool = pool
+        #: Command names the fast path may run, decided once per name.
+        self._lean_commands: dict[str | bytes, bool] = {}
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        pool = self._quick_pool
+        command_name = args[0]
+        lean = self._lean_commands.get(command_name)
+        if lean is None:
+            lean = self._lean_commands[command_name] = _is_lean_command(command_name)
+        connection = pool.take_ready() if pool is not None and lean else None
+        if pool is None or connection is None:
+            return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        sent = False
+        try:
+            packed = connection.pack_command(*args)
+            sent = True
+            if _write(connection, packed):
+                await _drain(connection)
+            # redis-py annotates Connection, but its pools hand out any AbstractConnection.
+            return await self.parse_response(connection, command_name, **options)  # type: ignore[arg-type]
+        except ResponseError:
+            raise  # the server's error reply, read whole: the connection is clean
+        except BaseException as exc:
+            # Sent, and its reply maybe not read: never let a later command read it. (Unsent,
+            # a value redis-py cannot encode, the connection is clean.)
+            if sent and connection.is_connected:
+                await connection.disconnect(nowait=True)
+            if not (sent and isinstance(exc, _RETRIED)):
+                raise
+        finally:
+            if not pool.give_back(connection):
+                await pool.release(connection)
+        # Retried once the connection is back in the pool, out of the handler so that a second
+        # failure does not chain to the first.
+        return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+
+
+#: Errors of QuickRedis's fast path that it retries once on redis-py's path (as create_redis's
+#: retry_on_error; OSError covers a failed write and asyncio's timeout).
+_RETRIED: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, OSError)
+
+
+def _is_lean_command(command_name: str | bytes) -> bool:
+    """HIMPORT prepares fieldsets per connection, in redis-py's path only."""
+    name = command_name.decode(errors="replace") if isinstance(command_name, bytes) else str(command_name)
+    return not name.upper().startswith("HIMPORT")
+
+
+def _write(connection: AbstractConnection, packed: list[bytes]) -> bool:
+    """Write a packed command to the socket's buffer; True when the buffer is above its high-water
+    mark, where redis-py's ``drain`` would wait (and so must the caller)."""
+    writer = connection._writer
+    if writer is None:  # not connected: take_ready only hands out connected connections
+        raise ConnectionError("Connection closed by the client")
+    writer.writelines(packed)
+    transport = writer.transport
+    size = transport.get_write_buffer_size()
+    return bool(size) and size > transport.get_write_buffer_limits()[1]
+
+
+async def _drain(connection: AbstractConnection) -> None:
+    """Wait for the socket's buffer to drain, up to the socket timeout (whose TimeoutError is an
+    OSError: QuickRedis retries it on redis-py's path, as any failed write)."""
+    writer = connection._writer
+    if writer is None:
+        raise ConnectionError("Connection closed by the client")
+    async with asyncio.timeout(connection.socket_timeout):
+        await writer.drain()
+
 
 def create_redis(
     url: str,
@@ -150,7 +299,8 @@ def create_redis(
     blocking_reads: bool = False,
     health_check_s: float = DEFAULT_HEALTH_CHECK_S,
 ) -> aioredis.Redis:
-    """A client whose pool waits (up to a bound) for a free connection instead of failing.
+    """A client whose pool waits (up to a bound) for a free connection instead of failing, and
+    whose plain commands take QuickRedis's lean path.
 
     ``blocking_reads`` raises the socket timeout above MAX_BLOCK_MS: redis-py's default would cut an
     ``XREAD BLOCK`` that waits longer than the socket timeout.
@@ -166,7 +316,7 @@ def create_redis(
         retry_on_error=[ConnectionError, TimeoutError],
         decode_responses=True,
     )
-    return aioredis.Redis(connection_pool=pool)
+    return QuickRedis(connection_pool=pool)
 
 
 async def wait_for_redis(client: RedisClient, *, attempts: int = 5, delay_s: float = 1.0) -> None:

@@ -10,6 +10,7 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from jobstream import sentry
@@ -83,30 +84,70 @@ class JsonFormatter(logging.Formatter):
     uvicorn's access lines become method, path, status and client fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.name == "uvicorn.access" and isinstance(record.args, tuple) and len(record.args) == 5:
-            client, method, path, _, status = record.args
-            line |= {"event": "request", "method": method, "path": path, "status": status, "client": client}
+        line = json_fields(
+            record.created, record.msecs, record.levelname, record.name, record.getMessage(), record.args
+        )
         for name, value in record.__dict__.items():
             if name not in _RECORD_ATTRIBUTES and value is not None:
                 line[name] = value
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
-        return json.dumps(line, default=str)
+        return JSON_ENCODER.encode(line)
+
+
+#: ``json.dumps(line, default=str)``, without building an encoder for each line.
+JSON_ENCODER = json.JSONEncoder(default=str)
+
+
+def json_fields(created: float, msecs: float, level: str, name: str, message: str, args: object) -> dict[str, Any]:
+    line: dict[str, Any] = {
+        "time": utc_second(created) + f".{int(msecs):03d}Z",
+        "level": level.lower(),
+        "logger": name,
+        "message": message,
+    }
+    if name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5:
+        client, method, path, _, status = args
+        line |= {"event": "request", "method": method, "path": path, "status": status, "client": client}
+    return line
+
+
+#: The line format of PlainFormatter (the access fast path writes it only when it is this one).
+PLAIN_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class PlainFormatter(logging.Formatter):
     """The classic line, with the ids appended when there are any."""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        ids = [f"{name}={value}" for name in ("request_id", "job_id") if (value := getattr(record, name, None))]
-        return f"{text} [{' '.join(ids)}]" if ids else text
+        return with_ids(super().format(record), getattr(record, "request_id", None), getattr(record, "job_id", None))
+
+
+def with_ids(text: str, request: object, job: object) -> str:
+    if request:
+        return f"{text} [request_id={request} job_id={job}]" if job else f"{text} [request_id={request}]"
+    return f"{text} [job_id={job}]" if job else text
+
+
+class _SecondText:
+    """``time.strftime(fmt, convert(t))`` kept for the second it was made for: consecutive lines
+    nearly always share their second. One (second, text) pair, replaced whole (threads log too)."""
+
+    def __init__(self, fmt: str, convert: Callable[[float], time.struct_time]) -> None:
+        self._fmt, self._convert = fmt, convert
+        self._cached: tuple[int, str] = (-1, "")
+
+    def __call__(self, created: float) -> str:
+        second, text = self._cached
+        if int(created) != second:  # what localtime/gmtime truncate to
+            text = time.strftime(self._fmt, self._convert(created))
+            self._cached = (int(created), text)
+        return text
+
+
+#: logging's default formatTime without its milliseconds (local time), and the JSON lines' (UTC).
+local_second = _SecondText("%Y-%m-%d %H:%M:%S", time.localtime)
+utc_second = _SecondText("%Y-%m-%dT%H:%M:%S", time.gmtime)
 
 
 class BatchedStderr(logging.StreamHandler):  # type: ignore[type-arg]
@@ -132,9 +173,18 @@ class BatchedStderr(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self._add(line, record.levelno)
+
+    def write_line(self, line: str, levelno: int = logging.INFO) -> None:
+        """A line formatted elsewhere (the access log's fast path, AccessLog), batched as ``emit``
+        batches its own."""
+        with self.lock if self.lock is not None else contextlib.nullcontext():
+            self._add(line + self.terminator, levelno)
+
+    def _add(self, line: str, levelno: int) -> None:
         self._pending.append(line)
         self._size += len(line)
-        if record.levelno >= logging.WARNING or self._size >= self.BATCH_BYTES:
+        if levelno >= logging.WARNING or self._size >= self.BATCH_BYTES:
             self._write_out()
         elif not self._wake.is_set():
             self._wake.set()
@@ -163,11 +213,7 @@ class BatchedStderr(logging.StreamHandler):  # type: ignore[type-arg]
 
 def log_config(level: str, log_format: str = "plain") -> dict[str, Any]:
     """A logging dictConfig shared by `serve`, `worker` and `dev`, also handed to uvicorn."""
-    formatter = (
-        {"()": JsonFormatter}
-        if log_format == "json"
-        else {"()": PlainFormatter, "format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}
-    )
+    formatter = {"()": JsonFormatter} if log_format == "json" else {"()": PlainFormatter, "format": PLAIN_FORMAT}
     return {
         "version": 1,
         "disable_existing_loggers": False,

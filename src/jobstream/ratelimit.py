@@ -8,15 +8,11 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 from limits import parse
-from limits.aio.storage import RedisClusterStorage, RedisStorage
-from limits.aio.strategies import MovingWindowRateLimiter
-from redis.asyncio.cluster import RedisCluster
 
 from jobstream import keys
-from jobstream.connection import COMMAND_TIMEOUT_S, CONNECT_TIMEOUT_S, MAX_CONNECTIONS, RedisClient
+from jobstream.connection import RedisClient
 
 RATE_LIMIT_HEADERS = ("RateLimit-Limit", "RateLimit-Remaining", "RateLimit-Reset")
 
@@ -35,37 +31,46 @@ class RateDecision:
         return headers
 
 
-class CreateLimiter:
-    """The `limits` moving window on Redis: on the gateway's connection pool, or on a Redis
-    Cluster through the library's own cluster client (it takes no client from outside)."""
+#: The `limits` library's moving window (its list of hit times, newest first, at most `limit`
+#: long), with the hit and the window's stats in one step, where `limits` takes two round trips
+#: (its hit, then its window stats). KEYS: the user's window. ARGV: now (epoch seconds), limit,
+#: expiry (seconds). Returns {allowed (1|0), hits in the window, the oldest of them ('' if none)}.
+_HIT = """
+local now, limit, expiry = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local start = now - expiry
+local last = redis.call('LINDEX', KEYS[1], limit - 1)
+local allowed = 0
+if not last or tonumber(last) < start then
+  redis.call('LPUSH', KEYS[1], ARGV[1])
+  redis.call('LTRIM', KEYS[1], 0, limit - 1)
+  redis.call('EXPIRE', KEYS[1], expiry)
+  allowed = 1
+end
+local hits, oldest = 0, ''
+for _, at in ipairs(redis.call('LRANGE', KEYS[1], 0, limit - 1)) do
+  if tonumber(at) < start then break end
+  hits, oldest = hits + 1, at
+end
+return {allowed, hits, oldest}
+"""
 
-    def __init__(self, client: RedisClient, redis_url: str, rate: str) -> None:
+
+class CreateLimiter:
+    """Creates per user in a moving window (the rate parsed by `limits`, e.g. ``60/minute``), on
+    the gateway's own client, single Redis or cluster alike (one key per user)."""
+
+    def __init__(self, client: RedisClient, rate: str) -> None:
         self._item = parse(rate)
-        self._storage: RedisStorage | RedisClusterStorage
-        if isinstance(client, RedisCluster):
-            # The moving window is one key per user, so any node's slot serves.
-            self._storage = RedisClusterStorage(
-                "async+redis+cluster://" + urlsplit(redis_url).netloc,
-                implementation="redispy",
-                key_prefix=keys.rate_limit_prefix,
-                max_connections=MAX_CONNECTIONS,
-                socket_timeout=COMMAND_TIMEOUT_S,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
-            )
-        else:
-            self._storage = RedisStorage(
-                "async+" + redis_url,
-                implementation="redispy",
-                key_prefix=keys.rate_limit_prefix,
-                connection_pool=client.connection_pool,  # type: ignore[arg-type]
-            )
-        self._limiter = MovingWindowRateLimiter(self._storage)
+        self._expiry_s = self._item.get_expiry()
+        self._hit = client.register_script(_HIT)
 
     async def hit(self, user: str) -> RateDecision:
-        allowed = await self._limiter.hit(self._item, "create", user)
-        stats = await self._limiter.get_window_stats(self._item, "create", user)
-        reset_s = max(0, math.ceil(stats.reset_time - time.time()))
-        return RateDecision(allowed, self._item.amount, max(0, stats.remaining), reset_s)
+        now = time.time()
+        key = f"{keys.rate_limit_prefix}:create:{self._item.amount}/{self._expiry_s}:{user}"
+        allowed, hits, oldest = await self._hit(keys=[key], args=[repr(now), self._item.amount, self._expiry_s])
+        reset_at = float(oldest) + self._expiry_s if oldest else now
+        reset_s = max(0, math.ceil(reset_at - time.time()))
+        return RateDecision(bool(allowed), self._item.amount, max(0, self._item.amount - int(hits)), reset_s)
 
 
 #: Drop expired leases, then take one if the holder has fewer than the limit.

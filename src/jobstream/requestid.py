@@ -29,8 +29,8 @@ def assign(scope: Scope) -> str:
 
 
 class RequestId:
-    """For every request but event streams, whose route (routes.hotpath) sets the header on its
-    own response: wrapping ``send`` would add a call to every event written."""
+    """For every request but the hot paths (routes.hotpath), which set the header on their own
+    responses: wrapping ``send`` adds a call to every message sent (every event, for a stream)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
