@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 from limits import parse
 from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.aio.strategies import MovingWindowRateLimiter
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from jobstream.connection import create_client
 from jobstream.ratelimit import CreateLimiter
@@ -62,3 +65,36 @@ def _storage(redis_url: str) -> RedisStorage | RedisClusterStorage:
             "async+redis+cluster://" + redis_url.removeprefix("redis://"), implementation="redispy"
         )
     return RedisStorage("async+" + redis_url, implementation="redispy")
+
+
+def test_createLimiter_whenWindowIsLong_thenOneHitReadsLogarithmicallyMany(redis_url: str) -> None:
+    """A busy user's window holds thousands of hits; one create must not walk them all."""
+
+    async def main() -> None:
+        client = create_client(make_settings(redis_url))
+        limiter = CreateLimiter(client, "100000/minute")
+        for _ in range(2000):
+            await limiter.hit("frank")
+        nodes = client.get_primaries() if isinstance(client, RedisCluster) else [None]
+        for node in nodes:
+            await client.execute_command("CONFIG", "RESETSTAT", **({"target_nodes": node} if node else {}))
+        decision = await limiter.hit("frank")
+        assert decision.remaining == 100000 - 2001
+        stats = [await _commandstats(client, node) for node in nodes]
+
+        def calls(command: str) -> int:
+            return sum(s.get(f"cmdstat_{command}", {}).get("calls", 0) for s in stats)
+
+        assert calls("lrange") == 0  # never the whole window
+        assert 0 < calls("lindex") <= 2 * math.ceil(math.log2(2002)) + 4
+        await client.aclose()
+
+    asyncio.run(main())
+
+
+async def _commandstats(client: object, node: object) -> dict[str, dict[str, int]]:
+    if node is None:
+        assert isinstance(client, Redis)
+        return await client.info("commandstats")
+    assert isinstance(client, RedisCluster)
+    return await client.info("commandstats", target_nodes=node)

@@ -46,12 +46,20 @@ if not last or tonumber(last) < start then
   redis.call('EXPIRE', KEYS[1], expiry)
   allowed = 1
 end
-local hits, oldest = 0, ''
-for _, at in ipairs(redis.call('LRANGE', KEYS[1], 0, limit - 1)) do
-  if tonumber(at) < start then break end
-  hits, oldest = hits + 1, at
+-- The oldest hit still in the window, by binary search (the list is newest first), as `limits`
+-- finds it: a walk of the whole window would cost a busy user's creates their window's length.
+local low, high, found = 0, math.min(limit, redis.call('LLEN', KEYS[1])) - 1, nil
+while low <= high do
+  local mid = math.floor((low + high) / 2)
+  local at = tonumber(redis.call('LINDEX', KEYS[1], mid))
+  if at and at >= start then
+    found, low = mid, mid + 1
+  else
+    high = mid - 1
+  end
 end
-return {allowed, hits, oldest}
+if not found then return {allowed, 0, ''} end
+return {allowed, found + 1, redis.call('LINDEX', KEYS[1], found)}
 """
 
 
