@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 from starlette.requests import Request
 
+from jobstream import auth as auth_module
 from jobstream import keys, sse
 from jobstream.auth import Authenticator, authorize_read, authorize_write
 from jobstream.cursor import NEWEST, is_before, parse_id, resolve_cursor
@@ -106,6 +107,44 @@ def test_readToken_whenUsed_thenReadsOnlyItsJob(auth: Authenticator) -> None:
         authorize_read(principal, other)
     with pytest.raises(Forbidden):
         authorize_write(principal, mine)
+
+
+def test_readToken_whenPresentedAgain_thenVerifiedOnceAndNotKept(
+    auth: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decodes: list[str] = []
+    real_decode = jwt.decode
+
+    def counting(token: str, *args: Any, **kwargs: Any) -> Any:
+        decodes.append(token)
+        return real_decode(token, *args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    token = auth.issue_read_token("job-1", "alice")
+    for _ in range(3):
+        principal = auth.authenticate(_request(query=f"token={token}"), allow_query_token=True)
+        assert principal.user == "alice" and principal.job_id == "job-1"
+    assert auth.authenticate(_request("Bearer " + token)).job_id == "job-1"
+    assert decodes == [token]
+    assert token not in repr(auth.__dict__)  # remembered by digest only
+    forged = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with pytest.raises(Unauthorized):
+        auth.authenticate(_request(query=f"token={forged}"), allow_query_token=True)
+    user_jwt = _jwt({"sub": "carol"})
+    auth.authenticate(_request("Bearer " + user_jwt))
+    auth.authenticate(_request("Bearer " + user_jwt))
+    assert decodes.count(user_jwt) == 2  # user JWTs expire: verified every time
+
+
+def test_readTokens_whenMoreThanRemembered_thenOldestForgotten(
+    auth: Authenticator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(auth_module, "VERIFIED_READ_TOKENS", 3)
+    tokens = [auth.issue_read_token(f"job-{n}", "alice") for n in range(5)]
+    for token in tokens:
+        auth.authenticate(_request(query=f"token={token}"), allow_query_token=True)
+    assert len(auth._verified) == 3
+    assert auth.authenticate(_request(query=f"token={tokens[0]}"), allow_query_token=True).job_id == "job-0"
 
 
 def test_readToken_whenSecretsEqual_thenStillNotAUserCredential() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import hmac
 import json
 from dataclasses import dataclass
@@ -29,6 +30,10 @@ _ALGORITHMS = ["HS256"]
 #: The longest credential (the whole ``Authorization`` value, or ``?token=``) looked at: longer
 #: is 401 before any decoding. Read tokens are ~150 bytes; 8 KiB leaves user JWTs plenty of claims.
 MAX_CREDENTIAL_BYTES = 8192
+#: Read tokens verified once and remembered (by digest: the tokens themselves are not kept), the
+#: oldest forgotten first. A read token has no expiry (it is good while its job exists, which every
+#: request checks), and EventSource and polling clients present the same one again and again.
+VERIFIED_READ_TOKENS = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +52,7 @@ class Authenticator:
         self._api_keys = [(key.encode(), user) for key, user in settings.api_keys.items()]
         self._jwt_secret = settings.jwt_secret
         self._token_secret = settings.token_secret
+        self._verified: dict[bytes, Principal] = {}
 
     def issue_read_token(self, job_id: str, user: str) -> str:
         # No expiry claim: the token is good while its job exists, and job ids are never reused.
@@ -84,12 +90,21 @@ class Authenticator:
     def _token(self, credential: str, *, read_only: bool) -> Principal | None:
         """A read token or (unless ``read_only``) a user JWT, verified with the one secret its
         unverified audience points to: one decode at most, none for what is not a JWT."""
+        digest = hashlib.blake2b(credential.encode(errors="surrogatepass"), digest_size=16).digest()
+        known = self._verified.get(digest)
+        if known is not None:
+            return known
         claims = _unverified_claims(credential)
         if claims is None:
             return None
         audience = claims.get("aud")
         if audience == READ_AUDIENCE or (isinstance(audience, list) and READ_AUDIENCE in audience):
-            return self._read_token(credential)
+            principal = self._read_token(credential)
+            if principal is not None:
+                if len(self._verified) >= VERIFIED_READ_TOKENS:
+                    del self._verified[next(iter(self._verified))]
+                self._verified[digest] = principal
+            return principal
         return None if read_only else self._user_jwt(credential)
 
     def _read_token(self, credential: str) -> Principal | None:

@@ -4,6 +4,7 @@ to Sentry."""
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from urllib.parse import unquote_plus
@@ -21,10 +22,13 @@ _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*\.[A-Za-z0-9_-]*")
 REDACTED = "REDACTED"
 
 
+@functools.lru_cache(maxsize=1024)
 def credential_name(name: str) -> bool:
     """Whether a query parameter's raw name names a credential, however it is encoded: decoded
     until it no longer changes (``tok%65n``, ``tok%2565n``, ``to+ken``), then compared with case,
-    width and punctuation dropped (``Access-Token``, ``API_KEY``, ``ａｐｉｋｅｙ``)."""
+    width and punctuation dropped (``Access-Token``, ``API_KEY``, ``ａｐｉｋｅｙ``). Remembered per
+    name (names, not values: no credential is kept): every access line asks again for the same
+    few (``token``, ``after``, ``wait``)."""
     for _ in range(8):
         decoded = unquote_plus(name, errors="replace")
         if decoded == name:
@@ -38,12 +42,13 @@ def redact(text: str, marker: str = REDACTED) -> str:
     """``text`` with the values of credential-looking ``name=value`` parameters, and any JWT,
     replaced by ``marker``."""
 
-    def parameter(match: re.Match[str]) -> str:
-        separator, name, value = match.groups()
-        return f"{separator}{name}={marker}" if value and credential_name(name) else match.group(0)
-
     if "=" in text:
-        text = _PARAMETER.sub(parameter, text)
+        text = _PARAMETER.sub(lambda match: _parameter(match, marker), text)
     if "eyJ" in text:
         text = _JWT.sub(marker, text)
     return text
+
+
+def _parameter(match: re.Match[str], marker: str) -> str:
+    separator, name, value = match.groups()
+    return f"{separator}{name}={marker}" if value and credential_name(name) else match.group(0)
