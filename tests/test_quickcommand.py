@@ -341,13 +341,67 @@ def test_command_whenCancelledWhileAnotherWaits_thenTheWaiterGetsTheConnection(r
         sleeping = asyncio.create_task(client.execute_command("DEBUG", "SLEEP", "0.3"))
         await asyncio.sleep(0.05)
         waiting = asyncio.create_task(client.get("k"))
-        await wait_until_async(lambda: quick_pool(client)._condition._waiters)
+        await wait_until_async(lambda: quick_pool(client)._queue)
         sleeping.cancel()
         assert await waiting == "v"
         with pytest.raises(asyncio.CancelledError):
             await sleeping
         assert in_use(client) == 0
         assert await client.hgetall("h") == HASH
+        await client.connection_pool.aclose()
+
+    run(main)
+
+
+def test_callers_whenEveryConnectionIsInUse_thenWaitInLineAndStayOnTheLeanPath(redis_url: str, counts: Counts) -> None:
+    async def main() -> None:
+        client = create_redis(redis_url, max_connections=2)
+        await client.set("k", "v")
+        await asyncio.gather(*(client.get("k") for _ in range(10)))  # both connections made
+        assert len(free(client)) == 2
+        counts.stock = 0
+        answers = await asyncio.gather(*(client.get("k") for _ in range(60)))
+        assert answers == ["v"] * 60
+        assert counts.stock == 0  # handed a connection given back, not through redis-py's wait
+        assert in_use(client) == 0 and not quick_pool(client)._queue
+        await client.connection_pool.aclose()
+
+    run(main)
+
+
+def test_caller_whenNoConnectionComesBackInTime_thenConnectionErrorAndNoLeak(redis_url: str) -> None:
+    async def main() -> None:
+        pool = QuickPool.from_url(redis_url, max_connections=1, timeout=0.2, decode_responses=True)
+        client = QuickRedis(connection_pool=pool)
+        await warm(client)
+        sleeping = asyncio.create_task(client.execute_command("DEBUG", "SLEEP", "0.6"))
+        await wait_until_async(lambda: in_use(client) == 1)
+        with pytest.raises(ConnectionError, match="No connection available"):
+            await client.get("k")
+        await sleeping
+        assert in_use(client) == 0 and not pool._queue
+        assert await client.hgetall("h") == HASH
+        await pool.aclose()
+
+    run(main)
+
+
+def test_caller_whenCancelledWhileWaitingInLine_thenLeavesIt(redis_url: str, counts: Counts) -> None:
+    async def main() -> None:
+        client = create_redis(redis_url, max_connections=1)
+        await warm(client)
+        await client.set("k", "v")
+        sleeping = asyncio.create_task(client.execute_command("DEBUG", "SLEEP", "0.3"))
+        await wait_until_async(lambda: in_use(client) == 1)
+        gone = asyncio.create_task(client.get("k"))
+        staying = asyncio.create_task(client.get("k"))
+        await wait_until_async(lambda: len(quick_pool(client)._queue) == 2)
+        gone.cancel()
+        await sleeping
+        assert await staying == "v"
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert in_use(client) == 0 and not quick_pool(client)._queue
         await client.connection_pool.aclose()
 
     run(main)

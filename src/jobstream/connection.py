@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from typing import Any, TypeAlias
 
@@ -140,9 +141,18 @@ class QuickPool(aioredis.BlockingConnectionPool):
     next command, which the client's retry (or QuickRedis's one retry) reconnects.
 
     ``take_ready`` and ``give_back`` are QuickRedis's synchronous halves of ``get_connection`` and
-    ``release``. They lean on redis-py internals (redis 8.1; tests/test_quickcommand.py checks
-    them): the pool's ``_available_connections`` list (LIFO) and ``_in_use_connections`` set, its
+    ``release``; when every connection is in use, QuickRedis's callers queue in ``wait_ready`` and
+    each connection given back is handed to the first of them, still in use: redis-py's own wait
+    (a condition, a timeout, a lock) costs a busy process about as much as the command itself.
+    They lean on redis-py internals (redis 8.1; tests/test_quickcommand.py checks them): the
+    pool's ``_available_connections`` list (LIFO) and ``_in_use_connections`` set, its
     ``_in_maintenance`` flag, and its asyncio.Condition's ``_waiters`` deque."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: QuickRedis's callers waiting for a connection, first come first served: each is handed
+        #: one (or None: take redis-py's path, where a connection is free to be connected).
+        self._queue: collections.deque[asyncio.Future[AbstractConnection | None]] = collections.deque()
 
     async def get_connection(self, *args: Any, **options: Any) -> Any:
         free = self._available_connections
@@ -158,7 +168,7 @@ class QuickPool(aioredis.BlockingConnectionPool):
         to overtake it), the pool is in maintenance (MOVING handling rewrites it under its lock),
         or the connection's health check is due (the stock path PINGs first)."""
         free = self._available_connections
-        if not free or self._in_maintenance or self._condition._waiters:
+        if not free or self._in_maintenance or self._condition._waiters or self._queue:
             return None
         connection = free[-1]
         if not connection.is_connected:
@@ -177,9 +187,76 @@ class QuickPool(aioredis.BlockingConnectionPool):
         reconnect = connection.should_reconnect()  # type: ignore[no-untyped-call]
         if reconnect or self._condition._waiters or self._in_maintenance:
             return False
-        self._in_use_connections.remove(connection)
-        self._available_connections.append(connection)
+        if not self._hand_over(connection):
+            self._in_use_connections.remove(connection)
+            self._available_connections.append(connection)
         return True
+
+    def full(self) -> bool:
+        """Every connection made and in use: a caller must wait for one."""
+        return not self._available_connections and len(self._in_use_connections) >= self.max_connections
+
+    async def wait_ready(self) -> AbstractConnection | None:
+        """Wait in line for a connection given back (in use, now the caller's), or None when the
+        caller should take redis-py's path; ConnectionError after the pool's timeout, as redis-py."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[AbstractConnection | None] = loop.create_future()
+        self._queue.append(waiter)
+        # A timer on the future, not a timeout around the task: nothing to cancel, nothing to uncancel.
+        timer = loop.call_later(self.timeout, _expire, waiter) if self.timeout is not None else None
+        try:
+            return await waiter
+        except BaseException:
+            # Cancelled in the same moment as it was handed a connection: pass the connection on.
+            if waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                connection = waiter.result()
+                if connection is not None and not self.give_back(connection):
+                    await self.release(connection)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    async def release(self, connection: AbstractConnection) -> None:
+        """redis-py's release, handing the connection to QuickRedis's first waiting caller instead
+        when it can (redis-py's own waiters come first: only release notifies them)."""
+        reconnect = connection.should_reconnect()  # type: ignore[no-untyped-call]
+        if not (reconnect or self._condition._waiters or self._in_maintenance) and self._hand_over(connection):
+            return
+        await super().release(connection)
+        self._wake_one()
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        while self._queue:  # nothing more will be given back: let them take redis-py's path
+            self._wake_one()
+
+    def _hand_over(self, connection: AbstractConnection) -> bool:
+        """Give a connection to the first caller still waiting; False if none took it (none waits,
+        or it is not connected: the first is woken to take redis-py's path, which connects it)."""
+        while self._queue:
+            waiter = self._queue.popleft()
+            if waiter.done():
+                continue
+            if connection.is_connected:
+                waiter.set_result(connection)
+                return True
+            waiter.set_result(None)
+            return False
+        return False
+
+    def _wake_one(self) -> None:
+        """Send the first caller still waiting to redis-py's path (a connection is free there)."""
+        while self._queue:
+            waiter = self._queue.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+def _expire(waiter: asyncio.Future[AbstractConnection | None]) -> None:
+    if not waiter.done():
+        waiter.set_exception(ConnectionError("No connection available."))
 
 
 class QuickRedis(aioredis.Redis):
@@ -232,6 +309,8 @@ class QuickRedis(aioredis.Redis):
         if lean is None:
             lean = self._lean_commands[command_name] = _is_lean_command(command_name)
         connection = pool.take_ready() if pool is not None and lean else None
+        if connection is None and pool is not None and lean and pool.full():
+            connection = await pool.wait_ready()
         if pool is None or connection is None:
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
         sent = False
