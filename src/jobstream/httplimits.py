@@ -67,6 +67,53 @@ def _problem_bytes(status: int, slug: str, detail: str, default_headers: list[tu
     return b"".join(head) + body
 
 
+class OneSendPerAnswer:
+    """The connection's transport as uvicorn's protocol sees it, with one change: a response's
+    head is held until its body's first write, or the end of this turn of the event loop, and
+    both go out in one send. uvicorn writes them apart, two system calls and two segments (two
+    wake-ups of the client) for every plain answer, where one does: a sizeable share of a small
+    answer's CPU on a VM. Order is kept whatever comes (held bytes always go first), and only
+    writes that begin with a status line are held, so an event stream's frames go out as written."""
+
+    __slots__ = ("_transport", "_held", "_loop")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._held: bytes | None = None
+        self._loop = loop
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held + data)
+        elif data.startswith(_STATUS_LINE_START):
+            self._held = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
+        return getattr(self._transport, name)
+
+
+_STATUS_LINE_START = b"HTTP/1.1 "
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with a bounded request head and a deadline for each request,
     and a cheaper access line (accesslog.AccessLog)."""
@@ -99,7 +146,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     # ---- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(OneSendPerAnswer(transport, self.loop))  # type: ignore[arg-type]
         self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
