@@ -58,10 +58,11 @@ class Logs:
         return fast
 
 
-@pytest.fixture(params=["plain", "json"])
+@pytest.fixture(params=["plain", "json", "plain-twice"])
 def logs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Logs]:
-    """Logging configured as `serve` configures it (log_config applied twice: by the CLI, then by
-    uvicorn), stderr replaced by a buffer, the clock fixed, LogRecords counted.
+    """Logging configured as `serve` configures it (log_config applied once; "twice" as a
+    configuration applied again leaves it: each filter on the logger twice), stderr replaced by a
+    buffer, the clock fixed, LogRecords counted.
 
     pytest adds its capture handlers to the root logger for each test's call: with them the
     configuration is not jobstream's, and the fast path rightly steps aside. They are kept out
@@ -79,8 +80,9 @@ def logs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
     try:
         for name in LOGGERS:  # as a new process has them (a LiveStack leaves uvicorn's own config behind)
             _restore(logging.getLogger(name), (logging.NOTSET, [], [], True, False))
-        for _ in range(2):
-            logging.config.dictConfig(log_config("info", request.param))
+        log_format, _, twice = request.param.partition("-")
+        for _ in range(2 if twice else 1):
+            logging.config.dictConfig(log_config("info", log_format))
         [handler] = root.handlers
         assert isinstance(handler, BatchedStderr)
         stream = io.StringIO()
@@ -96,7 +98,7 @@ def logs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Ite
 
         monkeypatch.setattr(logging.Logger, "makeRecord", counting)
         stock = logging.getLogger("uvicorn.access")
-        yield Logs(request.param, handler, stream, stock, AccessLog(stock), records)
+        yield Logs(log_format, handler, stream, stock, AccessLog(stock), records)
         handler.flush()
     finally:
         del root.addHandler

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import logging.config
+import logging
 import os
 import secrets
 import shutil
@@ -22,7 +22,7 @@ from jobstream import __version__, httplimits, metrics, sentry, supervisor
 from jobstream.app import create_app, tune_gc
 from jobstream.connection import create_client, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
-from jobstream.observability import log_config
+from jobstream.observability import configure_logging
 from jobstream.registry import load_modules, registry_for
 from jobstream.server import GatewayServer
 from jobstream.settings import Settings, SettingsError, load_settings
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         settings = load_settings()
         if args.app:
             settings = settings.model_copy(update={"app": [*settings.app, *args.app]})
-        logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
+        configure_logging(settings.log_level, settings.log_format)
         load_modules(settings.app)
     except (SettingsError, ImportError) as exc:
         sys.exit(f"jobstream: {exc}")
@@ -153,7 +153,7 @@ def _serve_processes(settings: Settings, host: str, port: int, workers: int) -> 
 def _gateway_process(settings: Settings, host: str, port: int, listener: socket.socket, supervisor_pid: int) -> None:
     """One process of `serve --workers N` (in a fresh interpreter): `serve` on the shared socket."""
     supervisor.become_child(supervisor_pid)
-    logging.config.dictConfig(log_config(settings.log_level, settings.log_format))
+    configure_logging(settings.log_level, settings.log_format)
     load_modules(settings.app)
     _run(_serve(settings, host, port, with_worker=False, sockets=[listener]))
 

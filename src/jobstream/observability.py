@@ -7,6 +7,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import logging.config
 import sys
 import threading
 import time
@@ -211,8 +212,21 @@ class BatchedStderr(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
 
 
+def configure_logging(level: str, log_format: str = "plain") -> None:
+    """A process's logging, once, before anything logs: ``log_config``, and records without what
+    no line of jobstream's shows (the caller's file and line, thread, process and task names):
+    logging's own documented switches, which take a fifth off every line."""
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
+        logging.logAsyncioTasks = False
+    logging.config.dictConfig(log_config(level, log_format))
+
+
 def log_config(level: str, log_format: str = "plain") -> dict[str, Any]:
-    """A logging dictConfig shared by `serve`, `worker` and `dev`, also handed to uvicorn."""
+    """The logging dictConfig of `serve`, `worker` and `dev` (configure_logging applies it)."""
     formatter = {"()": JsonFormatter} if log_format == "json" else {"()": PlainFormatter, "format": PLAIN_FORMAT}
     return {
         "version": 1,
