@@ -15,6 +15,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -147,3 +148,25 @@ def scrape(port: int, name: str, **labels: str) -> float:
     """One series of /metrics, over a new connection (so that any process may answer)."""
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as fresh:
         return value(fresh.get("/metrics").text, name, **labels)
+
+
+#: Commands a connection sends for itself rather than for a request (set-up, health, pub/sub).
+CONNECTION_COMMANDS = ("ping", "hello", "client", "select", "subscribe", "unsubscribe")
+
+
+def redis_commands_of(rdb: Any, request: Callable[[], Any], *, warm_up: bool = True) -> list[str]:
+    """The commands one request sends to Redis (MONITOR), one per round trip unless pipelined,
+    without those its scripts run inside Redis and a connection's own. ``warm_up`` makes the
+    request once before (scripts are loaded by then)."""
+    if warm_up:
+        request()
+    marker = uuid.uuid4().hex
+    sent: list[str] = []
+    with rdb.monitor() as monitor:
+        request()
+        rdb.echo(marker)
+        while (command := monitor.next_command())["command"] != f"ECHO {marker}":
+            name = command["command"].split(" ", 1)[0].lower()
+            if command["client_type"] != "lua" and not name.startswith(CONNECTION_COMMANDS):
+                sent.append(name)
+    return sent

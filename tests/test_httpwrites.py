@@ -10,6 +10,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from jobstream.httplimits import GatewayHttpProtocol
+from tests.helpers import wait_until_async
 
 App = Callable[[Any, Any, Any], Awaitable[None]]
 
@@ -47,10 +48,7 @@ def _serve(app: App, request: bytes = b"GET / HTTP/1.1\r\nhost: gw\r\n\r\n", *, 
         transport = _Transport()
         protocol.connection_made(transport)  # type: ignore[arg-type]
         protocol.data_received(request)
-        for _ in range(400):
-            if b"".join(transport.writes).endswith(until):
-                break
-            await asyncio.sleep(0.005)
+        await wait_until_async(lambda: b"".join(transport.writes).endswith(until), timeout_s=30)
         protocol.connection_lost(None)
         return transport.writes
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, cast
@@ -22,28 +21,9 @@ from jobstream import keys
 from jobstream.models import iso, to_json
 from jobstream.store import JobRecord
 from tests.conftest import ALICE, BOB, LiveStack, append, create_job
-from tests.helpers import assert_problem, wait_until
+from tests.helpers import assert_problem, redis_commands_of, wait_until
 
 #: Commands that are not a request's own: connection set-up, health checks.
-_NOT_A_REQUEST = ("ping", "hello", "client", "select")
-
-
-def _sent(rdb: redis.Redis, request: Callable[[], Any], *, warm_up: bool = True) -> list[str]:
-    """The commands one request sends to Redis, one per round trip unless pipelined (a second
-    request unless ``warm_up`` is off: scripts are loaded by then), without the commands its
-    scripts run inside Redis."""
-    if warm_up:
-        request()
-    marker = uuid.uuid4().hex
-    sent: list[str] = []
-    with rdb.monitor() as monitor:  # type: ignore[no-untyped-call]
-        request()
-        rdb.echo(marker)
-        while (command := monitor.next_command())["command"] != f"ECHO {marker}":
-            name = command["command"].split(" ", 1)[0].lower()
-            if command["client_type"] != "lua" and not name.startswith(_NOT_A_REQUEST):
-                sent.append(name)
-    return sent
 
 
 def _calls(rdb: redis.Redis, name: str) -> int:
@@ -65,7 +45,7 @@ def gateway(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
 
 def test_status_whenRead_thenOneCommand(gateway: httpx.Client, rdb: redis.Redis) -> None:
     job = create_job(gateway)
-    assert _sent(rdb, lambda: gateway.get(f"/v1/jobs/{job['id']}", headers=ALICE)) == ["hgetall"]
+    assert redis_commands_of(rdb, lambda: gateway.get(f"/v1/jobs/{job['id']}", headers=ALICE)) == ["hgetall"]
 
 
 def test_status_whenRead_thenTheViewOfTheRecordEncodedOnce(gateway: httpx.Client, rdb: redis.Redis) -> None:
@@ -90,7 +70,7 @@ def test_poll_whenShort_thenOneScript(
         cursor = {None: None, "$": "$", "first": ids[-5], "trimmed": ids[0]}[after]
         params = {"token": job["token"], **({"after": cursor} if cursor else {})}
         url = f"/v1/jobs/{job['id']}/poll"
-        assert _sent(rdb, lambda: http.get(url, params=params)) == ["evalsha"]
+        assert redis_commands_of(rdb, lambda: http.get(url, params=params)) == ["evalsha"]
         body = http.get(url, params=params).json()
         if after == "trimmed":
             oldest = _oldest(rdb, job)
@@ -103,13 +83,15 @@ def test_append_whenOneEvent_thenOneScript(gateway: httpx.Client, rdb: redis.Red
     job = create_job(gateway)
     url = f"/v1/jobs/{job['id']}/events"
     event = {"type": "delta", "data": {"text": "x"}}
-    assert _sent(rdb, lambda: gateway.post(url, json=event, headers=ALICE)) == ["evalsha"]
+    assert redis_commands_of(rdb, lambda: gateway.post(url, json=event, headers=ALICE)) == ["evalsha"]
 
 
 def test_cancelAndDelete_whenOwner_thenOneScriptEach(gateway: httpx.Client, rdb: redis.Redis) -> None:
     jobs = iter([create_job(gateway, "test.echo") for _ in range(4)])
-    assert _sent(rdb, lambda: gateway.post(f"/v1/jobs/{next(jobs)['id']}/cancel", headers=ALICE)) == ["evalsha"]
-    assert _sent(rdb, lambda: gateway.delete(f"/v1/jobs/{next(jobs)['id']}", headers=ALICE)) == ["evalsha"]
+    assert redis_commands_of(rdb, lambda: gateway.post(f"/v1/jobs/{next(jobs)['id']}/cancel", headers=ALICE)) == [
+        "evalsha"
+    ]
+    assert redis_commands_of(rdb, lambda: gateway.delete(f"/v1/jobs/{next(jobs)['id']}", headers=ALICE)) == ["evalsha"]
 
 
 @pytest.mark.parametrize("action", ["cancel", "delete"])
@@ -141,7 +123,7 @@ def test_cancelAndDelete_whenRefused_thenSameAnswersInOrder(
 def test_create_whenStored_thenOneScriptBesidesTheRateLimit(
     gateway: httpx.Client, rdb: redis.Redis, job_type: str
 ) -> None:
-    sent = _sent(rdb, lambda: gateway.post("/v1/jobs", json={"type": job_type}, headers=ALICE))
+    sent = redis_commands_of(rdb, lambda: gateway.post("/v1/jobs", json={"type": job_type}, headers=ALICE))
     # The job's metadata, TTL and (for a worker's job) its place in the queue: one script, after
     # the rate limit's (the `limits` library's own scripts).
     assert sent[-1] == "evalsha" and not {"multi", "hset", "expire", "xadd", "get", "exists"} & set(sent), sent
@@ -233,7 +215,9 @@ def test_longPoll_whenAnswered_thenStatusTheEventsLeave(gateway: httpx.Client, r
     assert first["status"] == "running" and first["done"] is False
     assert [e["type"] for e in first["events"]] == ["status", "delta"]
     middle: dict[str, Any] = {}
-    sent = _sent(rdb, lambda: middle.update(answered(first["next"], {"type": "log", "data": {}})), warm_up=False)
+    sent = redis_commands_of(
+        rdb, lambda: middle.update(answered(first["next"], {"type": "log", "data": {}})), warm_up=False
+    )
     # One read script for the job, the cursor and the (no) events; then the slot, the hub's wait
     # and the append that answers it; no second read of the job.
     assert sent.count("hgetall") + sent.count("hmget") + sent.count("xrevrange") == 0, sent

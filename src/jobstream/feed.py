@@ -5,13 +5,43 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable
 from typing import Protocol
 
 from jobstream.store import StoredEvent
 
 
+class Follower(Protocol):
+    """One reader following one job (``Feed.follower``): its history, then its live events."""
+
+    @property
+    def joined(self) -> bool: ...
+
+    async def join(self) -> None:
+        """Register for the job's live events now, so that history read from here on misses
+        nothing (then pass it to ``start``)."""
+        ...
+
+    def start(self, after: str, page: list[StoredEvent] | None) -> None:
+        """Read from ``after``; ``page`` is the first history page after it if read since ``join``."""
+        ...
+
+    async def next(self) -> list[StoredEvent]:
+        """The next batch: history pages, then live events; [] is a heartbeat tick."""
+        ...
+
+    def idle(self) -> Awaitable[None] | None:
+        """Something to await until ``next`` may have more (None: call ``next`` now)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class Feed(Protocol):
+    def follower(self, job_id: str, after: str) -> Follower:
+        """A reader of ``job_id`` from ``after`` (the caller closes it)."""
+        ...
+
     def follow(self, job_id: str, after: str) -> AsyncGenerator[list[StoredEvent]]:
         """Batches of events after ``after``, forever; an empty batch is a heartbeat tick."""
         ...

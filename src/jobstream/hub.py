@@ -43,7 +43,7 @@ from jobstream.subscription import (
     decode_batch,
 )
 
-__all__ = ["Hub", "HubClosed", "JobGone", "SubscriberOverflow", "Subscription", "decode_batch"]
+__all__ = ["Follower", "Hub", "HubClosed", "JobGone", "SubscriberOverflow", "Subscription", "decode_batch"]
 
 logger = logging.getLogger("jobstream.hub")
 
@@ -62,6 +62,102 @@ class _Channel:
     job_id: str
     subscribers: set[Subscription] = field(default_factory=set)
     ready: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+_NEW, _JOINED, _LIVE = 0, 1, 2
+
+
+class Follower(Subscription):
+    """One reader following one job: its history, then its live events, gap-free; [] is a tick.
+
+    A plain object whose ``next`` waits on the subscription's future itself, rather than a chain of
+    async generators: thousands are open at once, and each generator costs its frame, a ``weakref``
+    in the loop's registry and an ``aclosing`` wrapper. ``join`` may come first, so that the first
+    history page can be read in the caller's own round trip (``start``); otherwise ``next`` joins
+    and reads it. On a reset (the hub's link lost) it re-joins and re-reads from its last id.
+    """
+
+    __slots__ = ("_hub", "_page", "_phase", "cursor", "job_id")
+
+    def __init__(self, hub: Hub, job_id: str, after: str) -> None:
+        super().__init__(hub._max_events, hub._max_bytes)
+        self._hub = hub
+        self.job_id = job_id
+        #: The id of the last event handed out (exclusive start of what comes next).
+        self.cursor = after
+        self._phase = _NEW
+        self._page: list[StoredEvent] | None = None
+
+    @property
+    def joined(self) -> bool:
+        return self._phase != _NEW
+
+    async def join(self) -> None:
+        """Register with the hub and wait until the job's channel is live: history read after this
+        misses nothing. Raises HubClosed, a Redis error if the hub has no link, TimeoutError."""
+        if self._hub._closed:
+            raise HubClosed()
+        try:
+            await self._hub._join(self.job_id, self, JOIN_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+        self._phase = _JOINED
+
+    def start(self, after: str, page: list[StoredEvent] | None) -> None:
+        """Read from ``after``; ``page``: the first history page after it, read since ``join``
+        (None: ``next`` reads it)."""
+        self.cursor = after
+        self._page = page
+
+    async def next(self) -> list[StoredEvent]:
+        while True:
+            if self._phase == _LIVE:
+                try:
+                    events = self.ready()
+                except Reset:
+                    self.close()
+                    self._phase = _NEW
+                    continue
+                if events is None:
+                    self._waiter = asyncio.get_running_loop().create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+                    continue
+                if events:
+                    self.cursor = events[-1].id
+                return events
+            if self._phase == _NEW:
+                await self.join()
+            page, self._page = self._page, None
+            if page is None:
+                page = await self._hub._store.read(self.job_id, self.cursor, HISTORY_PAGE)
+            if page:
+                self.cursor = page[-1].id
+            if len(page) < HISTORY_PAGE:
+                self.floor = parse_id(self.cursor)
+                self._phase = _LIVE
+            if page:
+                return page
+
+    def idle(self) -> asyncio.Future[None] | None:
+        """While live with nothing to hand out: a future the reader can await itself (one frame
+        fewer per idle stream than a suspended ``next``), done when there may be; else None (call
+        ``next``)."""
+        if self._phase != _LIVE or self.queue or self.ticked or self.reset or self.closed or self.gone:
+            return None
+        if self.overflowed:
+            return None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+        return waiter
+
+    def close(self) -> None:
+        """Leave the hub (idempotent)."""
+        self._hub._leave(self.job_id, self)
 
 
 class Hub:
@@ -144,26 +240,17 @@ class Hub:
 
     # ---- the Feed protocol
 
+    def follower(self, job_id: str, after: str) -> Follower:
+        """A reader of ``job_id`` from ``after``: see ``Follower``. Its owner closes it."""
+        return Follower(self, job_id, after)
+
     async def follow(self, job_id: str, after: str) -> AsyncGenerator[list[StoredEvent]]:
-        sub = self._subscription()
-        cursor = after
+        follower = self.follower(job_id, after)
         try:
             while True:
-                await self._join(job_id, sub, JOIN_TIMEOUT_S)
-                async for page in self._history(job_id, cursor):
-                    cursor = page[-1].id
-                    yield page
-                sub.floor = parse_id(cursor)
-                try:
-                    while True:
-                        batch = await sub.next()
-                        if batch:
-                            cursor = batch[-1].id
-                        yield batch
-                except Reset:
-                    self._leave(job_id, sub)
+                yield await follower.next()
         finally:
-            self._leave(job_id, sub)
+            follower.close()
 
     async def wait(self, job_id: str, after: str, timeout_s: float) -> list[StoredEvent]:
         """Events after ``after`` as soon as there is one, or [] by the deadline. The deadline is
@@ -200,15 +287,6 @@ class Hub:
             raise HubClosed()
         return Subscription(self._max_events, self._max_bytes)
 
-    async def _history(self, job_id: str, cursor: str) -> AsyncGenerator[list[StoredEvent]]:
-        while True:
-            page = await self._store.read(job_id, cursor, HISTORY_PAGE)
-            if page:
-                cursor = page[-1].id
-                yield page
-            if len(page) < HISTORY_PAGE:
-                return
-
     async def _join(self, job_id: str, sub: Subscription, timeout_s: float) -> None:
         """Register ``sub`` and wait until the job's channel subscription is live (callers `_leave`)."""
         if not self._link.live and self._link_error is not None:
@@ -221,6 +299,8 @@ class Hub:
             self._by_name[name] = channel
             self._queue("SUBSCRIBE", name)
         channel.subscribers.add(sub)
+        if channel.ready.done():
+            return  # most joins: the job already has readers here
         # History is read only once the subscription is live, so nothing falls between the two.
         async with asyncio.timeout(timeout_s):
             await asyncio.shield(channel.ready)

@@ -105,21 +105,32 @@ class Subscription:
                 self.floor = None  # ids only grow from here on
         return events
 
+    def ready(self) -> list[StoredEvent] | None:
+        """What a reader gets now without waiting: live events, [] for a tick (write a ping if
+        idle), None for nothing yet; raises how reading ends (Reset, HubClosed, JobGone,
+        SubscriberOverflow)."""
+        self._raise_if_ended()
+        events = self.take()
+        if events:
+            return events
+        if self.ticked:
+            self.ticked = False
+            return []
+        return None
+
+    async def wait(self) -> None:
+        """Until the hub pushes, ticks or ends this subscription."""
+        self._waiter = asyncio.get_running_loop().create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
     async def next(self) -> list[StoredEvent]:
         """Wait for live events or a tick; [] means a tick (write a ping if idle)."""
-        while True:
-            self._raise_if_ended()
-            events = self.take()
-            if events:
-                return events
-            if self.ticked:
-                self.ticked = False
-                return []
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        while (events := self.ready()) is None:
+            await self.wait()
+        return events
 
     def _raise_if_ended(self) -> None:
         if self.reset:

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator
 from typing import Any
 
 import anyio
@@ -20,6 +19,8 @@ from jobstream import keys, metrics, sentry, sse
 from jobstream.auth import Principal, possible_owner
 from jobstream.cursor import NEWEST, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
+from jobstream.feed import Follower
+from jobstream.hub import HISTORY_PAGE
 from jobstream.models import JobStatus, to_json
 from jobstream.ratelimit import ConnectionLeases
 from jobstream.routes._common import authenticate, authorize, check_job
@@ -60,28 +61,54 @@ async def stream_events(request: Request) -> Response:
     except BadRequest:
         await check_job(request, job_id, principal)  # 404 and 403 come before a bad id's 400
         raise
-    read = await read_job(svc, principal, job_id, cursor)
-    job = read.job
-    if has_seen_end(job, cursor):
-        # 204 is the one answer that makes EventSource stop reconnecting.
-        return Response(status_code=204)
-    if request.method == "HEAD":
-        # Headers only: no stream starts, so no connection slot is taken.
-        return Response(headers=SSE_HEADERS, media_type="text/event-stream")
-    leases, holder = stream_slots(svc, principal, job.id)
-    lease = await leases.acquire(holder)
-    if lease is None:
-        metrics.rate_limited.labels("sse").inc()
-        whose = "per job for readers with its read token" if principal.read_only else "per user"
-        raise RateLimited(
-            f"At most {leases.limit} open event streams {whose}.",
-            headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
-        )
-    return EventStreamResponse(
-        _frames(svc, job.id, leases, holder, lease, read.after, read.first_kept),
-        headers=SSE_HEADERS,
-        watch=svc.send_watch,
-    )
+    # The reader joins the hub before the job is read, so that the read's round trip brings the
+    # first page of history too (gap-free: events published from here on reach the follower).
+    follower = None if request.method == "HEAD" else await _joined(svc, job_id, cursor)
+    try:
+        read = await read_job(svc, principal, job_id, cursor, HISTORY_PAGE if follower and follower.joined else 0)
+        job = read.job
+        if has_seen_end(job, cursor):
+            # 204 is the one answer that makes EventSource stop reconnecting.
+            return Response(status_code=204)
+        if follower is None:
+            # Headers only: no stream starts, so no connection slot is taken.
+            return Response(headers=SSE_HEADERS, media_type="text/event-stream")
+        leases, holder = stream_slots(svc, principal, job.id)
+        lease = await leases.acquire(holder)
+        if lease is None:
+            metrics.rate_limited.labels("sse").inc()
+            whose = "per job for readers with its read token" if principal.read_only else "per user"
+            raise RateLimited(
+                f"At most {leases.limit} open event streams {whose}.",
+                headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
+            )
+        # An authorized reader owns the job, so the read brought its events (see possible_owner).
+        follower.start(read.after, read.events if follower.joined else None)
+        stream = EventStream(svc, job.id, follower, leases, holder, lease, read.first_kept)
+        follower = None  # the stream's now
+    finally:
+        if follower is not None:
+            follower.close()
+    _forget_parsed(request)
+    return EventStreamResponse(stream, headers=SSE_HEADERS, watch=svc.send_watch)
+
+
+async def _joined(svc: Services, job_id: str, cursor: str | None) -> Follower:
+    """A follower of the job, joined to the hub if the hub can say so now; if not (no link to
+    Redis, shutting down, a join that timed out), the stream joins once its headers are out and
+    ends there as it always has (a retry hint, or nothing on shutdown)."""
+    follower = svc.feed.follower(job_id, cursor or "0-0")
+    with contextlib.suppress(RedisError, TimeoutError, OSError, HubClosed):
+        await follower.join()
+    return follower
+
+
+def _forget_parsed(request: Request) -> None:
+    """Drop what the request parsed and cached (query parameters with the token, headers): the
+    request object stays referenced for as long as the stream is open, and needs neither again."""
+    parsed = request.__dict__
+    parsed.pop("_query_params", None)
+    parsed.pop("_headers", None)
 
 
 def stream_slots(svc: Services, principal: Principal, job_id: str) -> tuple[ConnectionLeases, str]:
@@ -93,58 +120,139 @@ def stream_slots(svc: Services, principal: Principal, job_id: str) -> tuple[Conn
     return svc.leases, principal.user
 
 
-async def _frames(
-    svc: Services,
-    job_id: str,
-    leases: ConnectionLeases,
-    holder: str,
-    lease: str,
-    after: str,
-    first_kept: str | None,
-) -> AsyncGenerator[bytes]:
-    """The body of one SSE response: retry, history and live events, until `done`, deletion,
-    the maximum lifetime or shutdown. Each batch is one write; idle streams ping on the hub's tick."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + svc.settings.sse_max_lifetime_s
-    renew_every = leases.lease_s / 3
-    next_renew = loop.time() + renew_every
-    metrics.sse_open.inc()
-    try:
-        yield sse.retry(svc.settings.retry_ms)
+_HEAD, _SET_UP, _OPEN, _ENDED = 0, 1, 2, 3
+
+
+class EventStream:
+    """The body of one SSE response, as an async iterator of chunks: retry (and a truncation
+    notice), history and live events, until `done`, deletion, the maximum lifetime or shutdown.
+    Each batch is one write; idle streams ping on the hub's tick; the lease is renewed meanwhile
+    and released by ``aclose``.
+
+    A slotted object rather than an async generator: thousands are open at once, and a generator
+    keeps its frame (every local), a ``weakref`` in the loop's registry and an ``aclosing``
+    wrapper; while idle this one is suspended in its follower's wait alone.
+    """
+
+    __slots__ = (
+        "_deadline",
+        "_follower",
+        "_head",
+        "_holder",
+        "_job_id",
+        "_lease",
+        "_leases",
+        "_next_renew",
+        "_state",
+        "_svc",
+        "_written",
+    )
+
+    def __init__(
+        self,
+        svc: Services,
+        job_id: str,
+        follower: Follower,
+        leases: ConnectionLeases,
+        holder: str,
+        lease: str,
+        first_kept: str | None,
+    ) -> None:
+        self._svc = svc
+        self._follower = follower
+        self._job_id = job_id
+        self._leases = leases
+        self._holder = holder
+        self._lease = lease
+        head = sse.retry(svc.settings.retry_ms)
         if first_kept is not None:
-            yield sse.unnamed_frame("truncated", to_json({"first_id": first_kept}))
-        # Set up (headers and retry written): the request's transaction ends here, however long
-        # the job then stays silent.
-        sentry.end_stream_transaction()
-        async with contextlib.aclosing(svc.feed.follow(job_id, after)) as batches:
-            async for batch in batches:
-                if not batch:
-                    yield sse.PING
-                else:
-                    chunk, finished = _encode_batch(batch)
-                    metrics.deliveries.sse += len(batch)
-                    yield chunk
-                    metrics.lag.written(batch[-1].id, "sse")
-                    if finished:
-                        return
-                now = loop.time()
-                if now >= deadline or svc.shutdown.is_set():
-                    return
-                if now >= next_renew:
-                    await leases.renew(holder, lease)
-                    next_renew = now + renew_every
-    except SubscriberOverflow:
-        # Too far behind: close with a retry hint; the reader resumes from its last id, from Redis.
-        yield sse.retry(svc.settings.retry_ms)
-    except (JobGone, HubClosed):
-        return
-    except (RedisError, TimeoutError, OSError) as exc:
-        # Redis is unreachable: the reader retries after the hint and resumes from its last id.
-        logger.warning("event stream of job %s ended by a redis error: %s", job_id, type(exc).__name__)
-        yield sse.retry(svc.settings.retry_ms)
-    finally:
-        metrics.sse_open.dec()
-        await _release(leases, holder, lease)
+            head += sse.unnamed_frame("truncated", to_json({"first_id": first_kept}))
+        self._head: bytes | None = head
+        self._state = _HEAD
+        self._deadline = 0.0
+        self._next_renew = 0.0
+        #: The last event id of the chunk last handed out, for the lag metric once it is written.
+        self._written: str | None = None
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        state = self._state
+        if state == _HEAD:
+            return self._start()
+        if self._written is not None:  # the last chunk is written
+            metrics.lag.written(self._written, "sse")
+            self._written = None
+        if state == _ENDED:
+            raise StopAsyncIteration
+        if state == _SET_UP:
+            # Set up (headers and retry written): the request's transaction ends here, however
+            # long the job then stays silent.
+            sentry.end_stream_transaction()
+            self._state = _OPEN
+        try:
+            await self._between_chunks()
+            if self._state == _ENDED:
+                raise StopAsyncIteration
+            follower = self._follower
+            while (idle := follower.idle()) is not None:
+                await idle
+            batch = await follower.next()
+        except SubscriberOverflow:
+            # Too far behind: close with a retry hint; the reader resumes from its last id, from Redis.
+            return self._last(sse.retry(self._svc.settings.retry_ms))
+        except (JobGone, HubClosed):
+            self._state = _ENDED
+            raise StopAsyncIteration from None
+        except (RedisError, TimeoutError, OSError) as exc:
+            # Redis is unreachable: the reader retries after the hint and resumes from its last id.
+            logger.warning("event stream of job %s ended by a redis error: %s", self._job_id, type(exc).__name__)
+            return self._last(sse.retry(self._svc.settings.retry_ms))
+        if not batch:
+            return sse.PING
+        chunk, finished = _encode_batch(batch)
+        metrics.deliveries.sse += len(batch)
+        self._written = batch[-1].id
+        if finished:
+            self._state = _ENDED
+        return chunk
+
+    def _start(self) -> bytes:
+        now = asyncio.get_running_loop().time()
+        self._deadline = now + self._svc.settings.sse_max_lifetime_s
+        self._next_renew = now + self._leases.lease_s / 3
+        metrics.sse_open.inc()
+        self._state = _SET_UP
+        head, self._head = self._head, None
+        assert head is not None
+        return head
+
+    def _last(self, chunk: bytes) -> bytes:
+        self._state = _ENDED
+        return chunk
+
+    async def _between_chunks(self) -> None:
+        """After a chunk was written: the lifetime, shutdown and the lease's renewal."""
+        now = asyncio.get_running_loop().time()
+        if now >= self._deadline or self._svc.shutdown.is_set():
+            self._state = _ENDED
+            return
+        if now >= self._next_renew:
+            await self._leases.renew(self._holder, self._lease)
+            self._next_renew = now + self._leases.lease_s / 3
+
+    async def aclose(self) -> None:
+        """Leave the hub and release the connection slot (once)."""
+        self._state = _ENDED
+        lease = self._lease
+        if not lease:
+            return
+        self._lease = ""
+        if self._head is None:  # started
+            metrics.sse_open.dec()
+        self._follower.close()
+        await _release(self._leases, self._holder, lease)
 
 
 async def _release(leases: ConnectionLeases, holder: str, lease: str) -> None:

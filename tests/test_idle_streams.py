@@ -1,0 +1,198 @@
+"""What an open event stream holds and what opening one costs: the reader joins the hub before
+the job's read, so that one round trip brings the job and its first page of history (no XRANGE
+of its own); the stream's body is a plain object; the client's disconnect is watched without a
+task of its own. Each with what it must keep: every event once and in order, disconnects seen,
+cancellations that are not the stream's own passed on."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from jobstream.hub import HISTORY_PAGE
+from jobstream.sendwatch import EventStreamResponse, SendWatch, _DisconnectWatch
+from tests.conftest import LiveStack, append, create_job, read_sse
+from tests.helpers import redis_commands_of
+
+#: Commands that are not a request's own: connection set-up, health checks, the hub's link.
+
+
+@pytest.fixture
+def gateway(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
+    with make_stack(with_worker=False).client() as http:
+        yield http
+
+
+def test_open_whenHistoryExists_thenTheReadBringsItWithoutARangeOfItsOwn(
+    gateway: httpx.Client, rdb: redis.Redis
+) -> None:
+    job = create_job(gateway)
+    append(gateway, job, [{"type": "delta", "data": {"text": "a"}}, {"type": "result", "data": {}}])
+    read_sse(gateway, job)  # scripts loaded
+
+    def read() -> None:
+        response, events = read_sse(gateway, job)
+        assert response.status_code == 200
+        assert [event.event for event in events] == ["status", "delta", "result", "done"]
+
+    # The job's read (with its history), the lease, its release: nothing else.
+    assert sorted(redis_commands_of(rdb, read, warm_up=False)) == ["evalsha", "evalsha", "zrem"]
+
+
+def test_history_whenLongerThanAPage_thenEveryEventOnceInOrderThenLive(gateway: httpx.Client) -> None:
+    job = create_job(gateway)
+    total = HISTORY_PAGE + 120
+    for start in range(0, total, 40):
+        count = min(40, total - start)
+        append(gateway, job, [{"type": "delta", "data": {"text": str(start + i)}} for i in range(count)])
+    ids = append(gateway, job, {"type": "result", "data": {}})
+    response, events = read_sse(gateway, job)
+    assert response.status_code == 200
+    deltas = [event.data for event in events if event.event == "delta"]
+    assert deltas == [f'{{"text":"{i}"}}' for i in range(total)]
+    assert events[-1].event == "done" and events[-2].id == ids[0]
+    assert [event.id for event in events] == sorted({event.id for event in events}, key=_id_key)
+
+
+def _id_key(event_id: str) -> tuple[int, int]:
+    ms, _, seq = event_id.partition("-")
+    return int(ms), int(seq)
+
+
+# ---- the disconnect watch, stepped without a task
+
+
+def test_disconnectWatch_whenReceiveYieldsAndWaits_thenDisconnectSeenOnce() -> None:
+    async def scenario() -> int:
+        loop = asyncio.get_running_loop()
+        gone = loop.create_future()
+        calls: list[str] = []
+        messages = iter([{"type": "http.request", "body": b"", "more_body": False}])
+
+        async def receive() -> dict[str, Any]:
+            calls.append("receive")
+            message = next(messages, None)
+            if message is not None:
+                return message
+            await asyncio.sleep(0)  # a bare yield, resumed on the next loop iteration
+            await gone  # a future, resumed from its callback
+            return {"type": "http.disconnect"}
+
+        seen: list[int] = []
+        watch = _DisconnectWatch(receive, lambda: seen.append(1))
+        await asyncio.sleep(0.01)
+        assert not seen
+        gone.set_result(None)
+        await asyncio.sleep(0.01)
+        watch.stop()
+        assert calls == ["receive", "receive"]
+        return len(seen)
+
+    assert asyncio.run(scenario()) == 1
+
+
+def test_disconnectWatch_whenReceiveFails_thenCountedAsGone() -> None:
+    async def scenario() -> int:
+        async def receive() -> dict[str, Any]:
+            await asyncio.sleep(0)
+            raise OSError("connection reset")
+
+        seen: list[int] = []
+        _DisconnectWatch(receive, lambda: seen.append(1))
+        await asyncio.sleep(0.01)
+        return len(seen)
+
+    assert asyncio.run(scenario()) == 1
+
+
+def test_disconnectWatch_whenStopped_thenReceiveClosedAndNothingCalled() -> None:
+    async def scenario() -> tuple[bool, int]:
+        closed = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                closed.set()
+            raise AssertionError("unreachable")
+
+        seen: list[int] = []
+        watch = _DisconnectWatch(receive, lambda: seen.append(1))
+        await asyncio.sleep(0.01)
+        watch.stop()
+        await asyncio.sleep(0.01)
+        return closed.is_set(), len(seen)
+
+    assert asyncio.run(scenario()) == (True, 0)
+
+
+# ---- the response: its own cancellations end it, others go on
+
+
+def test_response_whenCancelledFromOutside_thenCancellationPropagatesAndBodyClosed() -> None:
+    closed = asyncio.Event()
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield b"retry: 1000\n\n"
+            await asyncio.Event().wait()
+            yield b"unreachable"
+        finally:
+            closed.set()
+
+    async def scenario() -> bool:
+        sent: list[Any] = []
+
+        async def send(message: Any) -> None:
+            sent.append(message)
+
+        async def receive() -> dict[str, Any]:
+            await asyncio.Event().wait()
+            raise AssertionError("unreachable")
+
+        response = EventStreamResponse(body(), watch=SendWatch(timeout_s=30))
+        task = asyncio.create_task(response({"type": "http", "method": "GET"}, receive, send))
+        await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+        return closed.is_set()
+
+    assert asyncio.run(scenario())
+
+
+def test_response_whenClientGone_thenEndsQuietlyWithTheTaskUncancelled() -> None:
+    async def body() -> AsyncIterator[bytes]:
+        yield b"retry: 1000\n\n"
+        await asyncio.Event().wait()
+        yield b"unreachable"
+
+    async def scenario() -> int:
+        left = asyncio.Event()
+
+        async def send(message: Any) -> None:
+            if message.get("body"):
+                left.set()
+
+        async def receive() -> dict[str, Any]:
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def request() -> int:
+            await EventStreamResponse(body(), watch=SendWatch(timeout_s=30))(
+                {"type": "http", "method": "GET"}, receive, send
+            )
+            await asyncio.sleep(0)  # still runs: the stream's own cancellation was taken back
+            task = asyncio.current_task()
+            assert task is not None
+            return task.cancelling()
+
+        return await asyncio.wait_for(request(), 5)
+
+    assert asyncio.run(scenario()) == 0
