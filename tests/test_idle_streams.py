@@ -7,6 +7,8 @@ cancellations that are not the stream's own passed on."""
 from __future__ import annotations
 
 import asyncio
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -17,7 +19,7 @@ import redis
 from jobstream.hub import HISTORY_PAGE
 from jobstream.sendwatch import EventStreamResponse, SendWatch, _DisconnectWatch
 from tests.conftest import LiveStack, append, create_job, read_sse
-from tests.helpers import redis_commands_of
+from tests.helpers import redis_commands_of, wait_until_async
 
 #: Commands that are not a request's own: connection set-up, health checks, the hub's link.
 
@@ -196,3 +198,101 @@ def test_response_whenClientGone_thenEndsQuietlyWithTheTaskUncancelled() -> None
         return await asyncio.wait_for(request(), 5)
 
     assert asyncio.run(scenario()) == 0
+
+
+class _FinishedJobBody:
+    """An event stream over a finished job: every chunk ready at once (no wait), and closing it
+    takes a round trip (the slot's release)."""
+
+    def __init__(self) -> None:
+        self.chunks = [b"retry: 1000\n\n", b"event: done\ndata: {}\n\n"]
+        self.released = False
+
+    def __aiter__(self) -> _FinishedJobBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if not self.chunks:
+            raise StopAsyncIteration
+        return self.chunks.pop(0)
+
+    async def aclose(self) -> None:
+        await asyncio.sleep(0.01)
+        self.released = True
+
+
+def test_response_whenClientGoneBeforeItStartsAndBodyNeverWaits_thenEndsQuietlyAndReleases() -> None:
+    async def scenario() -> tuple[int, bool]:
+        body = _FinishedJobBody()
+
+        async def send(message: Any) -> None:
+            pass  # uvicorn's send once the client has gone: returns at once
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}  # gone already
+
+        async def request() -> int:
+            await EventStreamResponse(body, watch=SendWatch(timeout_s=30))(
+                {"type": "http", "method": "GET"}, receive, send
+            )
+            await asyncio.sleep(0)
+            task = asyncio.current_task()
+            assert task is not None
+            return task.cancelling()
+
+        return await asyncio.create_task(request()), body.released
+
+    assert asyncio.run(scenario()) == (0, True)
+
+
+def test_response_whenStartFails_thenBodyClosedAnyway() -> None:
+    async def scenario() -> bool:
+        body = _FinishedJobBody()
+
+        async def send(message: Any) -> None:
+            raise OSError("connection reset")
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        with pytest.raises(OSError):
+            await EventStreamResponse(body, watch=SendWatch(timeout_s=30))(
+                {"type": "http", "method": "GET"}, receive, send
+            )
+        return body.released
+
+    assert asyncio.run(scenario())
+
+
+def test_disconnectWatches_whenLoopsInTwoThreads_thenEachSeesItsDisconnects() -> None:
+    seen: list[int] = []
+    errors: list[object] = []
+
+    def run() -> None:
+        async def main() -> int:
+            asyncio.get_running_loop().set_exception_handler(lambda loop, context: errors.append(context))
+            count: list[int] = []
+
+            async def receive() -> dict[str, Any]:
+                for _ in range(50):
+                    await asyncio.sleep(0)
+                sum(range(20_000))  # work inside the step, while the other thread steps its own
+                return {"type": "http.disconnect"}
+
+            watches = [_DisconnectWatch(receive, lambda: count.append(1)) for _ in range(30)]
+            await wait_until_async(lambda: len(count) == len(watches), timeout_s=20)
+            return len(count)
+
+        seen.append(asyncio.run(main()))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        sys.setswitchinterval(interval)
+    assert seen == [30, 30] and errors == []

@@ -20,6 +20,7 @@ from jobstream.redaction import redact
 from jobstream.settings import SettingsError, load_settings
 from jobstream.store import JobRecord
 from tests.conftest import JWT_SECRET, TOKEN_SECRET, make_settings
+from tests.helpers import wait_until
 
 
 def test_parseId_whenValid_thenOrderedNumerically() -> None:
@@ -208,3 +209,18 @@ def test_unexpectedError_whenRaised_then500ProblemWithoutInternals() -> None:
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/problem+json"
     assert "hunter2" not in response.text and "Traceback" not in response.text
+
+
+def test_readToken_whenTimeBound_thenVerifiedEveryTimeSoItsExpiryHolds(auth: Authenticator) -> None:
+    claims = {"sub": "alice", "job": "job-1", "aud": "jobstream:read", "exp": int(time.time()) + 2}
+    token = _jwt(claims, secret=TOKEN_SECRET)
+    assert auth.authenticate(_request(query=f"token={token}"), allow_query_token=True).job_id == "job-1"
+
+    def refused() -> bool:
+        try:
+            auth.authenticate(_request(query=f"token={token}"), allow_query_token=True)
+        except Unauthorized:
+            return True
+        return False
+
+    wait_until(refused, timeout_s=10, message="an expired read token was still accepted")

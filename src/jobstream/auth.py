@@ -100,7 +100,8 @@ class Authenticator:
         audience = claims.get("aud")
         if audience == READ_AUDIENCE or (isinstance(audience, list) and READ_AUDIENCE in audience):
             principal = self._read_token(credential)
-            if principal is not None:
+            # Only one that never expires: a time-bound one (exp, nbf) is verified every time.
+            if principal is not None and "exp" not in claims and "nbf" not in claims:
                 if len(self._verified) >= VERIFIED_READ_TOKENS:
                     del self._verified[next(iter(self._verified))]
                 self._verified[digest] = principal

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 
 from starlette.background import BackgroundTask
@@ -116,16 +117,24 @@ class EventStreamResponse(Response):
         self._watch = watch
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        # Sent: the header list (and the view a caller made of it) is not needed again, and the
-        # response itself stays referenced for as long as the stream is open.
-        self.raw_headers = []
-        self.__dict__.pop("_headers", None)
         chunks = self._chunks
-        if scope["method"] == "HEAD":
-            await _aclose(chunks)  # never started: headers only
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            # Sent: the header list (and the view a caller made of it) is not needed again, and the
+            # response itself stays referenced for as long as the stream is open.
+            self.raw_headers = []
+            self.__dict__.pop("_headers", None)
+            if scope["method"] == "HEAD":
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return  # never started: headers only
+            await self._stream(chunks, receive, send)
+        finally:
+            # Always, however the response ends: the body joined the hub and took a slot at set-up.
+            await _aclose(chunks)
+        if self.background is not None:
+            await self.background()
+
+    async def _stream(self, chunks: AsyncIterator[bytes], receive: Receive, send: Send) -> None:
         # Cancelled by the watch or a disconnect through the task itself (and uncancelled here),
         # not an anyio cancel scope: a scope holds two sets and a task state per connection.
         task: asyncio.Task[object] = asyncio.current_task()  # type: ignore[assignment]
@@ -134,26 +143,22 @@ class EventStreamResponse(Response):
         disconnect = _DisconnectWatch(receive, tracked.cancel)
         loop = asyncio.get_running_loop()
         try:
-            try:
-                async for chunk in chunks:
-                    tracked.send_started = loop.time()
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    tracked.send_started = None
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            except OSError:
-                pass  # the client went away mid-write
-            except asyncio.CancelledError:
-                # Ours (a stalled send, or the client gone) ends the response here; any other
-                # cancellation (as well) goes on.
-                if not tracked.cancelled or task.uncancel() > 0:
-                    raise
+            async for chunk in chunks:
+                tracked.send_started = loop.time()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                tracked.send_started = None
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except OSError:
+            pass  # the client went away mid-write
+        except asyncio.CancelledError:
+            # Ours (a stalled send, or the client gone) ends the response here; any other
+            # cancellation (as well) goes on.
+            if not tracked.cancelled or task.uncancel() > 0:
+                raise
         finally:
             tracked.cancelled = True  # nothing cancels the cleanup
             self._watch.untrack(tracked)
             disconnect.stop()
-            await _aclose(chunks)
-        if self.background is not None:
-            await self.background()
 
 
 async def _aclose(chunks: AsyncIterator[bytes]) -> None:
@@ -180,7 +185,9 @@ class _DisconnectWatch:
         self._on_disconnect = on_disconnect
         self._future: asyncio.Future[object] | None = None
         self._coro: Coroutine[object, None, Message] | None = receive()  # type: ignore[assignment]
-        self._step()
+        # The first step from the loop too, never now: a client already gone cancels the request
+        # task only while it waits, where the response takes the cancellation as its own.
+        asyncio.get_running_loop().call_soon(self._step, context=_context())
 
     def stop(self) -> None:
         future, self._future = self._future, None
@@ -217,16 +224,24 @@ class _DisconnectWatch:
                 self._on_disconnect()
                 return
             if yielded is None:
-                asyncio.get_running_loop().call_soon(self._step, context=_CONTEXT)
+                asyncio.get_running_loop().call_soon(self._step, context=_context())
             elif asyncio.isfuture(yielded):
                 yielded._asyncio_future_blocking = False  # as a task does with what it awaits
                 self._future = yielded
-                yielded.add_done_callback(self._resume, context=_CONTEXT)
+                yielded.add_done_callback(self._resume, context=_context())
             else:
                 error = RuntimeError(f"receive() awaited {yielded!r}, not a future")
                 continue
             return
 
 
-#: The context the disconnect steps run in: receive() needs none of the request's.
-_CONTEXT = contextvars.Context()
+#: The context the disconnect steps run in (receive() needs none of the request's): one per thread,
+#: since a context cannot be entered by two threads at once (event loops in several threads).
+_contexts = threading.local()
+
+
+def _context() -> contextvars.Context:
+    context: contextvars.Context | None = getattr(_contexts, "context", None)
+    if context is None:
+        context = _contexts.context = contextvars.Context()
+    return context
