@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from jobstream import keys
-from jobstream.models import iso, to_json
+from jobstream.models import TAG_PATTERN, iso, to_json
 from jobstream.store import JobRecord
 from tests.conftest import ALICE, BOB, LiveStack, append, create_job
 from tests.helpers import assert_problem, redis_commands_of, wait_until
@@ -237,7 +237,8 @@ _json_values = st.recursive(
 @given(
     job_type=st.text(min_size=1, max_size=20),
     status=st.sampled_from(["pending", "running", "completed", "failed", "cancelled"]),
-    stored=st.dictionaries(st.sampled_from(["progress", "error", "result"]), _json_values),
+    stored=st.dictionaries(st.sampled_from(["progress", "error", "result", "metadata"]), _json_values),
+    tags=st.lists(st.from_regex(TAG_PATTERN, fullmatch=True), max_size=3),
     times=st.dictionaries(st.sampled_from(["started_ms", "completed_ms"]), st.integers(0, 4_102_444_800_000).map(str)),
     last_event_id=st.none() | st.just("1732200000000-7"),
 )
@@ -247,6 +248,7 @@ def test_viewJson_whenAnyRecord_thenTheBytesViewEncodedTo(
     stored: dict[str, Any],
     times: dict[str, str],
     last_event_id: str | None,
+    tags: list[str],
 ) -> None:
     fields = {
         "id": "3b0c1c2e-9f5e-4d7a-8b1c-0123456789ab",
@@ -259,6 +261,7 @@ def test_viewJson_whenAnyRecord_thenTheBytesViewEncodedTo(
         **{name: to_json(value) for name, value in stored.items()},
         **times,
         **({"last_event_id": last_event_id} if last_event_id else {}),
+        **({"tags": to_json(tags)} if tags else {}),
     }
     record = JobRecord(fields)
     assert record.view_json() == to_json(record.view()).encode()

@@ -44,6 +44,14 @@ NonNegativeNumber = Annotated[StrictInt, Field(ge=0)] | Annotated[StrictFloat, F
 PositiveNumber = Annotated[StrictInt, Field(gt=0)] | Annotated[StrictFloat, Field(gt=0)]
 
 
+#: A job's tag: what an app finds its jobs by (``chat:42``, ``report``).
+TAG_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+MAX_TAGS = 16
+#: The largest metadata object, as the UTF-8 bytes of its compact JSON.
+MAX_METADATA_BYTES = 4096
+Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -52,6 +60,24 @@ class JobCreate(BaseModel):
     ttl: StrictInt | None = Field(
         default=None, ge=1, description="Idle timeout in seconds, bounded by the server's maximum."
     )
+    tags: list[Tag] = Field(default_factory=list, max_length=MAX_TAGS, description="Duplicates are dropped.")
+    metadata: dict[str, JsonValue] = Field(
+        default_factory=dict, description=f"Stored and returned as given; at most {MAX_METADATA_BYTES} bytes of JSON."
+    )
+
+    @field_validator("tags")
+    @classmethod
+    def _drop_duplicate_tags(cls, tags: list[str]) -> list[str]:
+        return list(dict.fromkeys(tags))  # first-seen order
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded_metadata(cls, metadata: dict[str, JsonValue]) -> dict[str, JsonValue]:
+        if len(to_json(metadata).encode()) > MAX_METADATA_BYTES:
+            raise PydanticCustomError(
+                "metadata_too_large", "must be at most {limit} bytes of compact JSON", {"limit": MAX_METADATA_BYTES}
+            )
+        return metadata
 
 
 class Progress(BaseModel):

@@ -65,7 +65,7 @@ _SCHEMAS: dict[str, Any] = {
     },
     "JobCreated": {
         "type": "object",
-        "required": ["id", "type", "status", "created_at", "expires_at", "token", "links"],
+        "required": ["id", "type", "status", "created_at", "expires_at", "token", "links", "tags", "metadata"],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
             "type": {"type": "string"},
@@ -74,6 +74,8 @@ _SCHEMAS: dict[str, Any] = {
             "expires_at": {"type": "string", "format": "date-time"},
             "token": {"type": "string"},
             "links": {"type": "object", "additionalProperties": {"type": "string"}},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "metadata": {"type": "object"},
         },
     },
     "Job": {
@@ -91,6 +93,8 @@ _SCHEMAS: dict[str, Any] = {
             "error",
             "result",
             "last_event_id",
+            "tags",
+            "metadata",
         ],
         "properties": {
             "id": {"type": "string", "format": "uuid"},
@@ -105,6 +109,8 @@ _SCHEMAS: dict[str, Any] = {
             "error": {"anyOf": [{"type": "object", "properties": {"message": {"type": "string"}}}, {"type": "null"}]},
             "result": {"anyOf": [{"type": "object"}, {"type": "null"}]},
             "last_event_id": {"type": ["string", "null"]},
+            "tags": {"type": "array", "items": {"type": "string"}},
+            "metadata": {"type": "object"},
         },
     },
     "EventOut": {

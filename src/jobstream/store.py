@@ -105,26 +105,50 @@ class JobRecord:
     fields: Mapping[str, str]
 
     @classmethod
-    def new(cls, *, job_id: str, owner: str, job_type: str, input: Mapping[str, Any], ttl_s: int) -> JobRecord:
+    def new(
+        cls,
+        *,
+        job_id: str,
+        owner: str,
+        job_type: str,
+        input: Mapping[str, Any],
+        ttl_s: int,
+        tags: Sequence[str] = (),
+        metadata: Mapping[str, Any] | None = None,
+    ) -> JobRecord:
         created = now_ms()
-        return cls(
-            {
-                "id": job_id,
-                "type": job_type,
-                "owner": owner,
-                "status": JobStatus.pending.value,
-                "created_ms": str(created),
-                "updated_ms": str(created),
-                "expires_ms": str(created + ttl_s * 1000),
-                "ttl_s": str(ttl_s),
-                "input": to_json(input),
-                "attempt": "0",
-            }
-        )
+        fields = {
+            "id": job_id,
+            "type": job_type,
+            "owner": owner,
+            "status": JobStatus.pending.value,
+            "created_ms": str(created),
+            "updated_ms": str(created),
+            "expires_ms": str(created + ttl_s * 1000),
+            "ttl_s": str(ttl_s),
+            "input": to_json(input),
+            "attempt": "0",
+        }
+        # Kept as JSON, as given (absent: none), and returned as stored.
+        if tags:
+            fields["tags"] = to_json(list(tags))
+        if metadata:
+            fields["metadata"] = to_json(metadata)
+        return cls(fields)
 
     @property
     def id(self) -> str:
         return self.fields["id"]
+
+    @property
+    def tags(self) -> list[str]:
+        stored = self.fields.get("tags")
+        return cast(list[str], json.loads(stored)) if stored else []
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        stored = self.fields.get("metadata")
+        return cast(dict[str, Any], json.loads(stored)) if stored else {}
 
     @property
     def type(self) -> str:
@@ -170,6 +194,8 @@ class JobRecord:
             "error": self._json("error"),
             "result": self._json("result"),
             "last_event_id": self.last_event_id,
+            "tags": self.tags,
+            "metadata": self.metadata,
         }
 
     def view_json(self) -> bytes:
@@ -190,7 +216,8 @@ class JobRecord:
             f',"completed_at":{_iso_json(fields.get("completed_ms"))}'
             f',"expires_at":{_iso_json(fields.get("expires_ms"))}'
             f',"error":{fields.get("error") or "null"},"result":{fields.get("result") or "null"}'
-            f',"last_event_id":{last}}}'
+            f',"last_event_id":{last}'
+            f',"tags":{fields.get("tags") or "[]"},"metadata":{fields.get("metadata") or "{}"}}}'
         ).encode()
 
     def created_view(self) -> dict[str, Any]:
@@ -200,6 +227,8 @@ class JobRecord:
             "status": self.status.value,
             "created_at": iso(self._ms("created_ms")),
             "expires_at": iso(self._ms("expires_ms")),
+            "tags": self.tags,
+            "metadata": self.metadata,
         }
 
 

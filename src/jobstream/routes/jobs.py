@@ -51,7 +51,15 @@ async def create_job(request: Request) -> Response:
 
     job_id = str(uuid.uuid4())
     ttl_s = payload.ttl or svc.settings.job_ttl_s
-    record = JobRecord.new(job_id=job_id, owner=principal.user, job_type=payload.type, input=payload.input, ttl_s=ttl_s)
+    record = JobRecord.new(
+        job_id=job_id,
+        owner=principal.user,
+        job_type=payload.type,
+        input=payload.input,
+        ttl_s=ttl_s,
+        tags=payload.tags,
+        metadata=payload.metadata,
+    )
     # The worker that runs the job continues this request's trace.
     record = JobRecord({**record.fields, **sentry.trace_fields()})
     body = {**record.created_view(), "token": svc.auth.issue_read_token(job_id, principal.user), "links": links(job_id)}
