@@ -21,6 +21,10 @@ from pathlib import Path
 from typing import Any, TypeVar, overload
 
 import httpx
+import uvicorn
+from uvicorn.server import ServerState
+
+from jobstream.httplimits import GatewayHttpProtocol
 
 T = TypeVar("T")
 
@@ -170,3 +174,63 @@ def redis_commands_of(rdb: Any, request: Callable[[], Any], *, warm_up: bool = T
             if command["client_type"] != "lua" and not name.startswith(CONNECTION_COMMANDS):
                 sent.append(name)
     return sent
+
+
+# ---- one request through the gateway's HTTP protocol, without a socket
+
+
+class RecordingTransport:
+    """The part of an asyncio transport that uvicorn's protocol uses, recording each write."""
+
+    def __init__(self, peer: tuple[Any, ...] = ("127.0.0.1", 50000)) -> None:
+        self.peer = peer
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": self.peer, "sockname": ("127.0.0.1", 8000)}.get(name, default)
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def set_protocol(self, protocol: Any) -> None:
+        pass
+
+
+def serve_one(
+    app: Any,
+    request: bytes,
+    *,
+    until: bytes,
+    peer: tuple[Any, ...] = ("127.0.0.1", 50000),
+    access_logger: Any = None,
+    **config: Any,
+) -> list[bytes]:
+    """``request`` through GatewayHttpProtocol as uvicorn runs it, until the bytes written end with
+    ``until``; the writes, each as made. ``access_logger`` replaces the protocol's own."""
+
+    async def scenario() -> list[bytes]:
+        settings = uvicorn.Config(app, log_config=None, lifespan="off", proxy_headers=False, **config)
+        protocol = GatewayHttpProtocol(settings, ServerState(), {}, asyncio.get_running_loop())
+        if access_logger is not None:
+            protocol.access_logger = access_logger
+        transport = RecordingTransport(peer)
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        protocol.data_received(request)
+        await wait_until_async(lambda: b"".join(transport.writes).endswith(until), timeout_s=30)
+        protocol.connection_lost(None)
+        return transport.writes
+
+    return asyncio.run(scenario())

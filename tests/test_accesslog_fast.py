@@ -3,7 +3,6 @@ writes, taken with jobstream's own logging configuration and only then."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import logging
@@ -14,13 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import uvicorn
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
-from uvicorn.server import ServerState
 
 from jobstream.accesslog import AccessLog, access_logger
-from jobstream.httplimits import GatewayHttpProtocol
 from jobstream.observability import BatchedStderr, job_id, log_config, request_id
+from tests.helpers import serve_one
 
 #: uvicorn's access line (RequestResponseCycle.send).
 ACCESS = '%s - "%s %s HTTP/%s" %d'
@@ -336,34 +333,6 @@ def test_fastPath_whenWarningLoggedAfter_thenTheAccessLineIsWrittenFirst(logs: L
 # ---- through uvicorn's protocol
 
 
-class _Transport:
-    """The part of an asyncio transport that uvicorn's protocol uses."""
-
-    def __init__(self, peer: tuple[Any, ...]) -> None:
-        self.peer, self.buffer, self.closed = peer, b"", False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": self.peer, "sockname": ("127.0.0.1", 8000)}.get(name, default)
-
-    def write(self, data: bytes) -> None:
-        self.buffer += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-    def set_protocol(self, protocol: Any) -> None:
-        pass
-
-
 async def _app(scope: Any, receive: Any, send: Any) -> None:
     request_id.set("req-through-uvicorn")  # as the app's RequestId middleware sets it
     await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
@@ -372,23 +341,9 @@ async def _app(scope: Any, receive: Any, send: Any) -> None:
 
 def _serve_one(request: bytes, *, stock: bool = False, **config: Any) -> bytes:
     """One request through GatewayHttpProtocol, as uvicorn runs it (with the stock logger if ``stock``)."""
-
-    async def scenario() -> bytes:
-        settings = uvicorn.Config(_app, log_config=None, lifespan="off", proxy_headers=False, **config)
-        protocol = GatewayHttpProtocol(settings, ServerState(), {}, asyncio.get_running_loop())
-        if stock:
-            protocol.access_logger = logging.getLogger("uvicorn.access")
-        transport = _Transport(("::1", 59000))
-        protocol.connection_made(transport)  # type: ignore[arg-type]
-        protocol.data_received(request)
-        for _ in range(200):
-            if transport.buffer.endswith(b"ok"):
-                break
-            await asyncio.sleep(0.005)
-        protocol.connection_lost(None)
-        return transport.buffer
-
-    return asyncio.run(scenario())
+    stock_logger = logging.getLogger("uvicorn.access") if stock else None
+    writes = serve_one(_app, request, until=b"ok", peer=("::1", 59000), access_logger=stock_logger, **config)
+    return b"".join(writes)
 
 
 REQUEST = b"GET /v1/jobs/abc/events?token=s3cr3t&after=0-0 HTTP/1.1\r\nhost: gw\r\n\r\n"

@@ -6,53 +6,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import uvicorn
-from uvicorn.server import ServerState
-
-from jobstream.httplimits import GatewayHttpProtocol
-from tests.helpers import wait_until_async
+from tests.helpers import serve_one
 
 App = Callable[[Any, Any, Any], Awaitable[None]]
 
 
-class _Transport:
-    """What uvicorn's protocol uses of a transport, recording each write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}.get(name, default)
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def close(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
 def _serve(app: App, request: bytes = b"GET / HTTP/1.1\r\nhost: gw\r\n\r\n", *, until: bytes) -> list[bytes]:
-    async def scenario() -> list[bytes]:
-        config = uvicorn.Config(app, log_config=None, lifespan="off", proxy_headers=False, access_log=False)
-        protocol = GatewayHttpProtocol(config, ServerState(), {}, asyncio.get_running_loop())
-        transport = _Transport()
-        protocol.connection_made(transport)  # type: ignore[arg-type]
-        protocol.data_received(request)
-        await wait_until_async(lambda: b"".join(transport.writes).endswith(until), timeout_s=30)
-        protocol.connection_lost(None)
-        return transport.writes
-
-    return asyncio.run(scenario())
+    return serve_one(app, request, until=until, access_log=False)
 
 
 async def _plain(scope: Any, receive: Any, send: Any) -> None:
