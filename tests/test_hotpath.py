@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 import httpx
 import pytest
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Router
+from starlette.types import Receive, Scope, Send
 
 from jobstream.app import create_app
 from jobstream.registry import Registry
@@ -138,3 +143,25 @@ def test_statusPath_whenStoreFailsUnexpectedly_then500ProblemWithRequestId(
     assert response.status_code == 500
     assert response.headers["content-type"] == "application/problem+json"
     assert "hunter2" not in response.text
+
+
+def test_eventsPath_whileTheResponseRuns_thenTheRequestIsNotKeptAlive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event stream's response runs for hours: the request (its parsed query, a read token
+    among it) must not stay referenced meanwhile."""
+    refs: list[weakref.ref[Request]] = []
+    alive_during_response: list[bool] = []
+
+    class Probe(Response):
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            gc.collect()
+            alive_during_response.append(refs[0]() is not None)
+            await super().__call__(scope, receive, send)
+
+    async def endpoint(request: Request) -> Response:
+        assert request.query_params["token"] == "t"  # parsed, and cached on the request
+        refs.append(weakref.ref(request))
+        return Probe(status_code=204)
+
+    monkeypatch.setattr(hotpath, "stream_events", endpoint)
+    assert _get(JOB_EVENTS + "?token=t").status_code == 204
+    assert alive_during_response == [False]

@@ -113,4 +113,7 @@ class HotRoutes:
                 raise
             response = await handler(request, exc)
         response.headers[requestid.HEADER] = request_id
+        # Answered: nothing of the request is needed while the response runs, which for an event
+        # stream is hours (the request holds its parsed query, token included, and headers).
+        del request, endpoint
         await response(scope, receive, send)

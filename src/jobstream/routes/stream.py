@@ -89,7 +89,6 @@ async def stream_events(request: Request) -> Response:
     finally:
         if follower is not None:
             follower.close()
-    _forget_parsed(request)
     return EventStreamResponse(stream, headers=SSE_HEADERS, watch=svc.send_watch)
 
 
@@ -101,14 +100,6 @@ async def _joined(svc: Services, job_id: str, cursor: str | None) -> Follower:
     with contextlib.suppress(RedisError, TimeoutError, OSError, HubClosed):
         await follower.join()
     return follower
-
-
-def _forget_parsed(request: Request) -> None:
-    """Drop what the request parsed and cached (query parameters with the token, headers): the
-    request object stays referenced for as long as the stream is open, and needs neither again."""
-    parsed = request.__dict__
-    parsed.pop("_query_params", None)
-    parsed.pop("_headers", None)
 
 
 def stream_slots(svc: Services, principal: Principal, job_id: str) -> tuple[ConnectionLeases, str]:
