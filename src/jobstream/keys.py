@@ -48,6 +48,18 @@ def long_poll_leases_key(user: str) -> str:
     return f"{prefix}:longpoll:{_user_digest(user)}"
 
 
+def user_key(user: str, name: str) -> str:
+    """A key of one user's own data (job index, tag indexes, running jobs): every one carries the
+    user's digest as a hash tag, so that on a Redis Cluster they share one slot and a Lua script
+    may touch them together (never a job's keys, which live in the job's slot)."""
+    return f"{user_key_prefix(user)}{name}"
+
+
+def user_key_prefix(user: str) -> str:
+    """What every key of ``user`` starts with (for scripts that name a user's tag keys)."""
+    return f"{prefix}:{{u:{_user_digest(user)}}}:"
+
+
 def _user_digest(user: str) -> str:
     """User ids come from operators' keys and JWTs: hashed, they never shape a key."""
     return hashlib.sha256(user.encode()).hexdigest()[:32]
