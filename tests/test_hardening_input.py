@@ -266,7 +266,7 @@ def test_trailingSlash_whenAnyPath_then404WithoutLocation(http: httpx.Client) ->
         assert "location" not in response.headers, (method, url)
     # The routes themselves, and their 405s, are unchanged.
     assert http.get(f"/v1/jobs/{job['id']}/cancel", headers=ALICE).status_code == 405
-    assert http.get("/v1/jobs", headers=ALICE).status_code == 405
+    assert http.put("/v1/jobs", headers=ALICE).status_code == 405
     assert http.get("/healthz").status_code == 200
 
 

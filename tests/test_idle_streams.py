@@ -16,10 +16,11 @@ import httpx
 import pytest
 import redis
 
+from jobstream import keys
 from jobstream.hub import HISTORY_PAGE
 from jobstream.sendwatch import EventStreamResponse, SendWatch, _DisconnectWatch
 from tests.conftest import LiveStack, append, create_job, read_sse
-from tests.helpers import redis_commands_of, wait_until_async
+from tests.helpers import redis_commands_of, wait_until, wait_until_async
 
 #: Commands that are not a request's own: connection set-up, health checks, the hub's link.
 
@@ -36,6 +37,8 @@ def test_open_whenHistoryExists_thenTheReadBringsItWithoutARangeOfItsOwn(
     job = create_job(gateway)
     append(gateway, job, [{"type": "delta", "data": {"text": "a"}}, {"type": "result", "data": {}}])
     read_sse(gateway, job)  # scripts loaded
+    # That stream's lease is released once its reader has its end: not while this one is watched.
+    wait_until(lambda: rdb.zcard(keys.sse_leases_key("alice")) == 0)
 
     def read() -> None:
         response, events = read_sse(gateway, job)

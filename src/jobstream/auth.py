@@ -13,6 +13,8 @@ import binascii
 import hashlib
 import hmac
 import json
+import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,12 +41,31 @@ VERIFIED_READ_TOKENS = 10_000
 @dataclass(frozen=True, slots=True)
 class Principal:
     user: str
-    #: Set for a read token: the one job it may read.
+    #: Set for a job's read token: the one job it may read.
     job_id: str | None = None
+    #: Set for a read token of several jobs (POST /v1/read-tokens): the jobs it may read.
+    job_ids: frozenset[str] | None = None
+    #: Set for a read token of a tag: it reads the user's jobs that carry the tag.
+    tag: str | None = None
 
     @property
     def read_only(self) -> bool:
-        return self.job_id is not None
+        return self.job_id is not None or self.job_ids is not None or self.tag is not None
+
+    def may_read(self, job: JobRecord) -> bool:
+        if job.owner != self.user:
+            return False
+        if self.job_id is not None:
+            return job.id == self.job_id
+        if self.job_ids is not None:
+            return job.id in self.job_ids
+        return self.tag is None or self.tag in job.tags
+
+    def may_read_id(self, job_id: str) -> bool:
+        """False only when no job of that id can be this principal's to read, whatever its tags."""
+        if self.job_id is not None:
+            return job_id == self.job_id
+        return self.job_ids is None or job_id in self.job_ids
 
 
 class Authenticator:
@@ -57,6 +78,18 @@ class Authenticator:
     def issue_read_token(self, job_id: str, user: str) -> str:
         # No expiry claim: the token is good while its job exists, and job ids are never reused.
         return jwt.encode({"sub": user, "job": job_id, "aud": READ_AUDIENCE}, self._token_secret, algorithm="HS256")
+
+    def issue_scoped_read_token(
+        self, user: str, *, job_ids: Sequence[str] = (), tag: str | None = None, expires_at: int
+    ) -> str:
+        """A read token of several jobs (their ids packed: 100 fit a URL) or of a tag, until
+        ``expires_at`` (epoch seconds)."""
+        claims: dict[str, Any] = {"sub": user, "aud": READ_AUDIENCE, "exp": expires_at}
+        if tag is not None:
+            claims["tag"] = tag
+        else:
+            claims["jobs"] = pack_job_ids(job_ids)
+        return jwt.encode(claims, self._token_secret, algorithm="HS256")
 
     def authenticate(self, request: Request, *, allow_query_token: bool = False) -> Principal:
         credential = _bearer(request)
@@ -115,13 +148,22 @@ class Authenticator:
                 self._token_secret,
                 algorithms=_ALGORITHMS,
                 audience=READ_AUDIENCE,
-                options={"require": ["sub", "job", "aud"]},
+                options={"require": ["sub", "aud"]},
             )
         except jwt.PyJWTError:
             return None
-        if not isinstance(claims.get("sub"), str) or not isinstance(claims.get("job"), str):
+        user = claims.get("sub")
+        if not isinstance(user, str):
             return None
-        return Principal(claims["sub"], job_id=claims["job"])
+        job, jobs, tag = claims.get("job"), claims.get("jobs"), claims.get("tag")
+        if isinstance(job, str):
+            return Principal(user, job_id=job)
+        if isinstance(jobs, str) and "exp" in claims:
+            job_ids = unpack_job_ids(jobs)
+            return Principal(user, job_ids=job_ids) if job_ids else None
+        if isinstance(tag, str) and "exp" in claims:
+            return Principal(user, tag=tag)
+        return None
 
     def _user_jwt(self, credential: str) -> Principal | None:
         if not self._jwt_secret:
@@ -171,15 +213,30 @@ def _bearer(request: Request) -> str | None:
 
 
 def authorize_read(principal: Principal, job: JobRecord) -> None:
-    if principal.user != job.owner or (principal.job_id is not None and principal.job_id != job.id):
+    if not principal.may_read(job):
         raise Forbidden(NOT_YOURS)
 
 
 def possible_owner(principal: Principal, job_id: str) -> str:
     """The owner a job ``job_id`` must have for ``principal`` to read it, or '' when no job of that
-    id can be theirs to read (a read token for another job). For a store read that fetches events
+    id can be theirs to read (a read token for other jobs). For a store read that fetches events
     in the same round trip as the job, only when this owner matches; authorize_read still decides."""
-    return principal.user if principal.job_id is None or principal.job_id == job_id else ""
+    return principal.user if principal.may_read_id(job_id) else ""
+
+
+def pack_job_ids(job_ids: Sequence[str]) -> str:
+    """Job ids (uuids) as one base64url string of their 16 bytes each: a third of their text."""
+    return base64.urlsafe_b64encode(b"".join(uuid.UUID(job_id).bytes for job_id in job_ids)).decode().rstrip("=")
+
+
+def unpack_job_ids(packed: str) -> frozenset[str] | None:
+    try:
+        raw = base64.urlsafe_b64decode(packed + "=" * (-len(packed) % 4))
+    except (ValueError, binascii.Error):
+        return None
+    if not raw or len(raw) % 16:
+        return None
+    return frozenset(str(uuid.UUID(bytes=raw[i : i + 16])) for i in range(0, len(raw), 16))
 
 
 def authorize_write(principal: Principal, job: JobRecord) -> None:

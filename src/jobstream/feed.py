@@ -5,10 +5,11 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable
+from collections.abc import AsyncGenerator, Awaitable, Mapping
 from typing import Protocol
 
-from jobstream.store import StoredEvent
+from jobstream.store import JobStore, StoredEvent
+from jobstream.subscription import Subscription
 
 
 class Follower(Protocol):
@@ -49,6 +50,15 @@ class Feed(Protocol):
     async def wait(self, job_id: str, after: str, timeout_s: float) -> list[StoredEvent]:
         """Events after ``after`` as soon as there is at least one, or [] when ``timeout_s`` ends."""
         ...
+
+    @property
+    def store(self) -> JobStore: ...
+
+    async def join_all(self, subs: Mapping[str, Subscription], timeout_s: float = ...) -> None:
+        """Register each subscription for its job (or a user feed) and wait until all are live."""
+        ...
+
+    def leave(self, job_id: str, sub: Subscription) -> None: ...
 
     async def start(self) -> None: ...
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,8 +287,36 @@ class Hub:
             raise HubClosed()
         return Subscription(self._max_events, self._max_bytes)
 
+    @property
+    def store(self) -> JobStore:
+        return self._store
+
+    async def join_all(self, subs: Mapping[str, Subscription], timeout_s: float = JOIN_TIMEOUT_S) -> None:
+        """Register each subscription for its job (or user feed, keys.user_feed) and wait until
+        every one's channel is live, their SUBSCRIBEs sent together; callers ``leave`` each.
+        Raises HubClosed, a Redis error if the hub has no link, TimeoutError."""
+        if self._closed:
+            raise HubClosed()
+        waits = [ready for job_id, sub in subs.items() if (ready := self._register(job_id, sub)) is not None]
+        if waits:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(asyncio.gather(*waits))
+
+    def leave(self, job_id: str, sub: Subscription) -> None:
+        self._leave(job_id, sub)
+
     async def _join(self, job_id: str, sub: Subscription, timeout_s: float) -> None:
         """Register ``sub`` and wait until the job's channel subscription is live (callers `_leave`)."""
+        ready = self._register(job_id, sub)
+        if ready is None:
+            return  # most joins: the job already has readers here
+        # History is read only once the subscription is live, so nothing falls between the two.
+        async with asyncio.timeout(timeout_s):
+            await asyncio.shield(ready)
+
+    def _register(self, job_id: str, sub: Subscription) -> asyncio.Future[None] | None:
+        """Add ``sub`` to the job's channel (subscribing it if new); the channel's readiness to wait
+        for, or None if it is live already."""
         if not self._link.live and self._link_error is not None:
             raise RedisConnectionError(f"no redis subscription: {self._link_error}")
         channel = self._channels.get(job_id)
@@ -299,11 +327,7 @@ class Hub:
             self._by_name[name] = channel
             self._queue("SUBSCRIBE", name)
         channel.subscribers.add(sub)
-        if channel.ready.done():
-            return  # most joins: the job already has readers here
-        # History is read only once the subscription is live, so nothing falls between the two.
-        async with asyncio.timeout(timeout_s):
-            await asyncio.shield(channel.ready)
+        return None if channel.ready.done() else channel.ready
 
     def _leave(self, job_id: str, sub: Subscription) -> None:
         channel = self._channels.get(job_id)
@@ -504,7 +528,7 @@ class Hub:
 
     async def _drop_expired(self) -> None:
         """Jobs whose TTL ran out publish nothing: look for them once per tick, for all readers at once."""
-        job_ids = list(self._channels)
+        job_ids = [job_id for job_id in self._channels if not keys.is_user_feed(job_id)]
         if not job_ids:
             return
         for job_id, exists in zip(job_ids, await self._store.exist(job_ids), strict=True):

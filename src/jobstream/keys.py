@@ -29,6 +29,17 @@ def live_channel(job_id: str) -> str:
     return f"{prefix}:{{{job_id}}}:live"
 
 
+def user_feed(user: str, tag: str) -> str:
+    """The hub's name for a user's tag feed (as a job id names a job's): its live channel carries
+    the id of each new job of ``user`` with ``tag``, for readers that follow the tag."""
+    return f"u:{_user_digest(user)}:tag:{tag}"
+
+
+def is_user_feed(name: str) -> bool:
+    """Whether a hub channel's name is a user feed's rather than a job's id (a uuid)."""
+    return name.startswith("u:")
+
+
 def idempotency_key(user: str, key: str) -> str:
     # Hashing keeps arbitrary client text out of key names.
     digest = hashlib.sha256(f"{user}\0{key}".encode()).hexdigest()

@@ -80,6 +80,27 @@ class JobCreate(BaseModel):
         return metadata
 
 
+#: A scoped read token (POST /v1/read-tokens) covers at most this many listed jobs.
+MAX_TOKEN_JOBS = 100
+MAX_TOKEN_TTL_S = 3600
+
+
+class ReadTokenCreate(BaseModel):
+    """A read token of several of the caller's jobs, or of every job of theirs with a tag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[str] | None = Field(default=None, min_length=1, max_length=MAX_TOKEN_JOBS)
+    tag: Tag | None = None
+    ttl: StrictInt = Field(default=MAX_TOKEN_TTL_S, ge=1, le=MAX_TOKEN_TTL_S, description="Seconds.")
+
+    @model_validator(mode="after")
+    def _jobs_or_tag(self) -> ReadTokenCreate:
+        if (self.jobs is None) == (self.tag is None):
+            raise PydanticCustomError("jobs_or_tag", "give either 'jobs' or 'tag'")
+        return self
+
+
 class Progress(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 

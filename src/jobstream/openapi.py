@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import TypeAdapter
 
 from jobstream import __version__
-from jobstream.models import EventIn, JobCreate, Progress
+from jobstream.models import TAG_PATTERN, EventIn, JobCreate, Progress, ReadTokenCreate
 from jobstream.ratelimit import RATE_LIMIT_HEADERS
 
 _REF = "#/components/schemas/"
@@ -39,6 +39,55 @@ _AUTH_ERRORS = {
     "404": _problem("No such job"),
     "503": _problem("Redis unavailable"),
 }
+
+_LIST_PARAMETERS = [
+    {
+        "name": "status",
+        "in": "query",
+        "schema": {"type": "string"},
+        "description": "One or several statuses, comma-separated (pending, running, completed, failed, cancelled).",
+    },
+    {"name": "type", "in": "query", "schema": {"type": "string"}, "description": "An unknown type matches nothing."},
+    {"name": "tag", "in": "query", "schema": {"type": "string", "pattern": TAG_PATTERN}},
+    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+    {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "The previous page's next_cursor."},
+]
+
+_RESUME = [
+    {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
+    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+]
+
+
+def _event_stream(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+
+
+def _poll_limits(max_wait_s: float) -> list[dict[str, Any]]:
+    return [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+        {
+            "name": "wait",
+            "in": "query",
+            "schema": {"type": "number", "minimum": 0, "maximum": max_wait_s, "default": 0},
+        },
+    ]
+
+
+_MANY_PARAMETERS = [
+    {
+        "name": "jobs",
+        "in": "query",
+        "schema": {"type": "string"},
+        "description": "1 to 100 job ids, comma-separated (or tag).",
+    },
+    {
+        "name": "tag",
+        "in": "query",
+        "schema": {"type": "string", "pattern": TAG_PATTERN},
+        "description": "The caller's jobs with this tag, and on an event stream those created while it is open.",
+    },
+]
 
 _NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
 
@@ -113,6 +162,40 @@ _SCHEMAS: dict[str, Any] = {
             "metadata": {"type": "object"},
         },
     },
+    "JobPage": {
+        "type": "object",
+        "required": ["jobs", "next_cursor"],
+        "properties": {
+            "jobs": {"type": "array", "items": _ref("Job")},
+            "next_cursor": {"type": ["string", "null"], "description": "Opaque; null on the last page."},
+        },
+    },
+    "ReadToken": {
+        "type": "object",
+        "required": ["token", "expires_at"],
+        "properties": {"token": {"type": "string"}, "expires_at": {"type": "string", "format": "date-time"}},
+    },
+    "ManyPollResult": {
+        "type": "object",
+        "required": ["events", "cursor", "done"],
+        "properties": {
+            "events": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["job_id", "id", "type", "data"],
+                    "properties": {
+                        "job_id": {"type": "string", "format": "uuid"},
+                        "id": {"type": "string"},
+                        "type": {"type": "string"},
+                        "data": {},
+                    },
+                },
+            },
+            "cursor": {"type": "string", "description": "Opaque; send it back as cursor."},
+            "done": {"type": "boolean", "description": "Every listed job has ended (always false with tag)."},
+        },
+    },
     "EventOut": {
         "type": "object",
         "required": ["id", "type", "data"],
@@ -134,7 +217,13 @@ _SCHEMAS: dict[str, Any] = {
 
 def _model_schemas() -> dict[str, Any]:
     schemas: dict[str, Any] = {}
-    for name, model in (("JobCreate", JobCreate), ("EventIn", EventIn), ("Progress", Progress)):
+    models = (
+        ("JobCreate", JobCreate),
+        ("EventIn", EventIn),
+        ("Progress", Progress),
+        ("ReadTokenCreate", ReadTokenCreate),
+    )
+    for name, model in models:
         schema = TypeAdapter(model).json_schema(ref_template=_REF + "{model}")
         schemas.update(schema.pop("$defs", {}))
         schemas[name] = schema
@@ -146,6 +235,17 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
     rate_headers = {name: {"schema": {"type": "integer"}} for name in RATE_LIMIT_HEADERS}
     return {
         "/v1/jobs": {
+            "get": {
+                "summary": "The caller's jobs, newest first",
+                "parameters": _LIST_PARAMETERS,
+                "responses": {
+                    "200": _json("A page of jobs", _ref("JobPage")),
+                    "400": _problem("Unknown status, bad tag, limit or cursor"),
+                    "401": _problem("Missing or invalid credentials"),
+                    "403": _problem("A read token cannot list jobs"),
+                    "503": _problem("Redis unavailable"),
+                },
+            },
             "post": {
                 "summary": "Create a job",
                 "parameters": [
@@ -169,7 +269,7 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
                     "429": _problem("Rate limited"),
                     "503": _problem("Redis unavailable"),
                 },
-            }
+            },
         },
         job: {
             "get": {
@@ -193,14 +293,10 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
                 "parameters": [
                     _JOB_ID,
                     _TOKEN,
-                    {"name": "last_event_id", "in": "query", "schema": {"type": "string"}},
-                    {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
+                    *_RESUME,
                 ],
                 "responses": {
-                    "200": {
-                        "description": "Event stream",
-                        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-                    },
+                    "200": _event_stream("Event stream"),
                     "204": {"description": "The reader has already seen `done`"},
                     "400": _problem("Malformed event id, or one nothing can follow"),
                     "429": _problem("Too many streams: per user, or per job for readers with its read token"),
@@ -238,16 +334,7 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
                     _JOB_ID,
                     _TOKEN,
                     {"name": "after", "in": "query", "schema": {"type": "string"}},
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
-                    },
-                    {
-                        "name": "wait",
-                        "in": "query",
-                        "schema": {"type": "number", "minimum": 0, "maximum": max_wait_s, "default": 0},
-                    },
+                    *_poll_limits(max_wait_s),
                 ],
                 "responses": {
                     "200": _json("Events", _ref("PollResult")),
@@ -264,6 +351,58 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
                 "responses": {
                     "202": _json("Cancelling", {"type": "object", "properties": {"status": {"type": "string"}}}),
                     "409": _problem("Job already ended"),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/v1/read-tokens": {
+            "post": {
+                "summary": "A read token for several of the caller's jobs, or for a tag",
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("ReadTokenCreate")}}},
+                "responses": {
+                    "201": _json("Issued", _ref("ReadToken")),
+                    "401": _problem("Missing or invalid credentials"),
+                    "403": _problem("A read token cannot issue tokens, or a listed job is another user's"),
+                    "404": _problem("A listed job does not exist"),
+                    "413": _problem("Body too large"),
+                    "415": _problem("Not JSON"),
+                    "422": _problem("Invalid request: neither or both of jobs and tag, a bad ttl"),
+                    "503": _problem("Redis unavailable"),
+                },
+            }
+        },
+        "/v1/events": {
+            "get": {
+                "summary": "Follow many jobs on one event stream (by ids or by tag)",
+                "parameters": [
+                    *_MANY_PARAMETERS,
+                    _TOKEN,
+                    *_RESUME,
+                ],
+                "responses": {
+                    "200": _event_stream(
+                        "Event stream: each event's data is {job_id, id, data}; its id an opaque cursor"
+                    ),
+                    "204": {"description": "The reader has seen every listed job's `done`"},
+                    "400": _problem("Neither or both of jobs and tag, too many jobs, a bad tag or cursor"),
+                    "429": _problem("Too many streams (one counts once, however many jobs it follows)"),
+                    **_AUTH_ERRORS,
+                },
+            }
+        },
+        "/v1/poll": {
+            "get": {
+                "summary": "Poll many jobs (by ids or by tag)",
+                "parameters": [
+                    *_MANY_PARAMETERS,
+                    _TOKEN,
+                    {"name": "cursor", "in": "query", "schema": {"type": "string"}, "description": "Opaque."},
+                    *_poll_limits(max_wait_s),
+                ],
+                "responses": {
+                    "200": _json("Events of the jobs", _ref("ManyPollResult")),
+                    "400": _problem("Neither or both of jobs and tag, too many jobs, a bad tag, query or cursor"),
+                    "429": _problem("Too many long-polls of this user waiting at once"),
                     **_AUTH_ERRORS,
                 },
             }

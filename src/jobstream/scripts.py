@@ -49,8 +49,9 @@ if ARGV[10] == '1' and redis.call('HGET', KEYS[1], 'type') ~= 'external' then re
 #:       nfields, batch ('' = none: a producer's id of this batch, one it may retry), owner and
 #:       external-only (see _CHECKED), nfields field/value pairs for the meta hash, then type/data
 #:       pairs of the events.
-#: Leaves {'ok', status, started_ms, id...} in ``ids`` (status: the job's status after the append;
-#: started_ms: when it started running, '' if it has not) for the script to return.
+#: Leaves {'ok', status, started_ms, owner, expires_ms, id...} in ``ids`` (status: the job's status
+#: after the append; started_ms: when it started running, '' if it has not; owner and expires_ms:
+#: when the append moved the job's status, its owner and new expiry, else '') for the script to return.
 _WRITE = """
 local now = tonumber(ARGV[1])
 local maxlen = ARGV[2]
@@ -77,7 +78,7 @@ if status == 'pending' and ARGV[first] ~= 'status' and ARGV[first] ~= 'done' the
   published[1] = last .. FS .. 'status' .. FS .. running
   if new_status == '' then new_status = 'running' end
 end
-local ids = {'ok', '', ''}
+local ids = {'ok', '', '', '', ''}
 for i = first, #ARGV, 2 do
   local kind, data = ARGV[i], ARGV[i + 1]
   if not dropped_events[kind] then
@@ -116,9 +117,13 @@ redis.call('EXPIRE', KEYS[2], ttl)
 redis.call('PUBLISH', ARGV[6], table.concat(published, ES))
 ids[2] = effective
 ids[3] = redis.call('HGET', KEYS[1], 'started_ms') or ''
+if effective ~= status then  -- for the owner's job index (jobindex.py), kept in the owner's slot
+  ids[4] = redis.call('HGET', KEYS[1], 'owner')
+  ids[5] = tostring(now + ttl * 1000)
+end
 """
 
-#: A producer's append (see _WRITE). Returns {'ok', status, started_ms, id...} | {'gone'} |
+#: A producer's append (see _WRITE). Returns {'ok', status, started_ms, owner, expires_ms, id...} | {'gone'} |
 #: {'forbidden'} | {'not_external'} | {'ended', status} | {'repeat', status} (the batch was appended
 #: before: status is the job's now, which for the batch that ended the job is how it ended).
 APPEND = _REPEAT + _CHECKED + _WRITE + "return ids\n"
@@ -127,8 +132,9 @@ APPEND = _REPEAT + _CHECKED + _WRITE + "return ids\n"
 #: status is checked, so any ending written after an accepted cancel is cancelled (see APPEND). A
 #: job no worker holds (pending, or external) is ended here at once: the events to write are the
 #: `done` of a cancelled job. KEYS and ARGV: as APPEND (ARGV[9]: the caller, who must own the job).
-#: Returns {'cancelling'} (its worker stops it) | {'cancelled', type, started_ms} (ended here: the
-#: job's type, and when it started running, '' if it had not) | APPEND's refusals.
+#: Returns {'cancelling'} (its worker stops it) | {'cancelled', type, started_ms, owner, expires_ms}
+#: (ended here: the job's type, when it started running, '' if it had not, and as APPEND's) |
+#: APPEND's refusals.
 REQUEST_CANCEL = (
     _CHECKED
     + """
@@ -138,7 +144,7 @@ if status == 'running' and job_type ~= 'external' then return {'cancelling'} end
 """
     + _WRITE
     + """
-return {'cancelled', job_type, ids[3]}
+return {'cancelled', job_type, ids[3], ids[4], ids[5]}
 """
 )
 
@@ -157,12 +163,12 @@ return {'ok', redis.call('HINCRBY', KEYS[1], 'attempt', 1)}
 #: KEYS: meta, events. ARGV: cursor ('' = from the start, '$' = after the newest event, else a
 #: stream id to read after), limit (0 = no events), reader (events are read only when the job is
 #: this user's: '' = none; the gateway still authorizes what it answers).
-#: Returns {} (no such job) | {{id, owner, status, last_event_id}, after, oldest, events} where
+#: Returns {} (no such job) | {{id, owner, status, last_event_id, tags}, after, oldest, events} where
 #: ``after`` is the exclusive start, ``oldest`` the oldest kept event id when the stream was trimmed
 #: (the append script marks it) and a cursor was given, else '', and ``events`` is id, type, data
 #: of each.
 READ = """
-local meta = redis.call('HMGET', KEYS[1], 'id', 'owner', 'status', 'last_event_id', 'trimmed')
+local meta = redis.call('HMGET', KEYS[1], 'id', 'owner', 'status', 'last_event_id', 'trimmed', 'tags')
 if not meta[3] then return {} end
 local cursor, limit = ARGV[1], tonumber(ARGV[2])
 local after, oldest = '0-0', ''
@@ -189,21 +195,22 @@ if limit > 0 and ARGV[3] ~= '' and meta[2] == ARGV[3] then
     events[#events + 1] = data
   end
 end
-return {{meta[1], meta[2], meta[3], meta[4] or ''}, after, oldest, events}
+return {{meta[1], meta[2], meta[3], meta[4] or '', meta[6] or ''}, after, oldest, events}
 """
 
 #: Delete a job: its metadata and its stream, then tell the hubs (an empty message), so that open
 #: readers close at once. KEYS: meta, events. ARGV: owner ('' = anyone; else the job must exist and
-#: be theirs), channel. Returns {'gone'} | {'forbidden'} | {'deleted', number of keys removed}.
+#: be theirs), channel. Returns {'gone'} | {'forbidden'} | {'deleted', number of keys removed, owner
+#: ('' if there was no job)}.
 DELETE = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
 if ARGV[1] ~= '' then
-  local owner = redis.call('HGET', KEYS[1], 'owner')
   if not owner then return {'gone'} end
   if owner ~= ARGV[1] then return {'forbidden'} end
 end
 local removed = redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('PUBLISH', ARGV[2], '')
-return {'deleted', removed}
+return {'deleted', removed, owner or ''}
 """
 
 #: Store a new job's metadata with its TTL, in one step; with a second key (the queue, on a single

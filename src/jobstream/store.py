@@ -17,11 +17,18 @@ from jobstream import keys, scripts, sse
 from jobstream.connection import RedisClient
 from jobstream.cursor import is_before
 from jobstream.errors import Forbidden, JobEnded, JobNotFound
+from jobstream.jobindex import JobIndex
 from jobstream.models import TERMINAL_EVENT, JobStatus, iso, to_json
+from jobstream.pipelines import ScriptCall, run_scripts
 from jobstream.settings import Settings
 
 logger = logging.getLogger("jobstream.store")
 
+#: Separators of a published batch (set in scripts.APPEND): events by US (0x1f), an event's id,
+#: type and data by RS (0x1e). Neither can occur in compact JSON (control characters are
+#: escaped), in an event type, or in a stream id.
+EVENT_SEP = "\x1f"
+FIELD_SEP = "\x1e"
 #: Stream entries as redis-py returns them with decode_responses=True.
 Entries = list[tuple[str, dict[str, str]]]
 #: What a caller is told when a job is not theirs (by authorization, or by a script that checks it).
@@ -83,6 +90,8 @@ class Appended:
     ids: list[str]
     status: JobStatus
     started_ms: int | None = field(default=None, compare=False)
+    #: When the append moved the job's status: its owner and new expiry (epoch ms), for the index.
+    moved: tuple[str, int] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +177,10 @@ class JobRecord:
         return value
 
     @property
+    def expires_ms(self) -> int:
+        return int(self.fields["expires_ms"])
+
+    @property
     def last_event_id(self) -> str | None:
         return self.fields.get("last_event_id")
 
@@ -238,8 +251,8 @@ def _iso_json(ms: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class JobRead:
-    """A job as one reader's round trip found it: its metadata (``id``, ``owner``, ``status`` and
-    ``last_event_id`` only: what authorization and the end check use), where reading starts (an
+    """A job as one reader's round trip found it: its metadata (``id``, ``owner``, ``status``,
+    ``last_event_id`` and ``tags`` only: what authorization and the end check use), where reading starts (an
     exclusive stream id), the oldest kept event id when the reader's cursor is older (events were
     trimmed away), and the events from there (none unless asked for, and only for its owner)."""
 
@@ -247,6 +260,47 @@ class JobRead:
     after: str
     first_kept: str | None
     events: list[StoredEvent]
+
+
+#: What a status document shows of a job's metadata hash (``id`` first: absent means no job).
+_VIEW_FIELDS = (
+    "id",
+    "type",
+    "owner",
+    "status",
+    "progress",
+    "created_ms",
+    "updated_ms",
+    "started_ms",
+    "completed_ms",
+    "expires_ms",
+    "error",
+    "result",
+    "last_event_id",
+    "tags",
+    "metadata",
+)
+#: Index pages one listing reads at most, when entries that fell behind left a page short.
+_LIST_ROUNDS = 4
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """Which of a user's jobs a listing shows: statuses (none: any), type and tag (None: any), how
+    many, and after which index sequence (None: from the newest)."""
+
+    limit: int
+    statuses: tuple[str, ...] = ()
+    job_type: str | None = None
+    tag: str | None = None
+    after_seq: int | None = None
+
+    def matches(self, job: JobRecord) -> bool:
+        return (
+            (not self.statuses or job.status.value in self.statuses)
+            and (self.job_type is None or job.type == self.job_type)
+            and (self.tag is None or self.tag in job.tags)
+        )
 
 
 #: Meta fields that follow the latest event of a type, so GET shows them without reading the stream.
@@ -263,6 +317,7 @@ class JobStore:
         self._read = client.register_script(scripts.READ)
         self._create = client.register_script(scripts.CREATE)
         self._delete = client.register_script(scripts.DELETE)
+        self.index = JobIndex(client)
 
     async def create(self, job: JobRecord) -> None:
         """Store the metadata with its TTL, then queue the job. Both are done before this returns:
@@ -275,8 +330,24 @@ class JobStore:
         args: list[str | int] = [ttl_s, job_id]
         for name, value in job.fields.items():
             args += [name, value]
+        # The owner's index entry first: one whose job never came to be is dropped when listed.
+        index_call = self.index.add_call(
+            user=job.owner,
+            job_id=job_id,
+            job_type=job.type,
+            tags=job.tags,
+            now_ms=int(job.fields["created_ms"]),
+            expires_ms=int(job.fields["expires_ms"]),
+            retention_ms=max(self._settings.retention_s, self._settings.failed_retention_s) * 1000,
+        )
+        create_keys = [meta, keys.queue_key] if together else [meta]
         try:
-            await self._create(keys=[meta, keys.queue_key] if together else [meta], args=args)
+            if isinstance(self._redis, RedisCluster):
+                await self.index.run(index_call)
+                await self._create(keys=create_keys, args=args)
+            else:  # one round trip
+                announce = [("PUBLISH", channel, message) for channel, message in _announcements(job)]
+                await run_scripts(self._redis, [index_call, (self._create, create_keys, args)], announce)
         except ResponseError:
             if together:  # the script stopped after storing the job, before queueing it: undo
                 await self._redis.delete(meta)
@@ -288,6 +359,9 @@ class JobStore:
                 # Undo the half-made job rather than leave it pending.
                 await self._redis.delete(meta)
                 raise
+        if isinstance(self._redis, RedisCluster) and job.tags:
+            # A cluster pipeline routes by key; a channel has none (PUBLISH reaches every node).
+            await asyncio.gather(*(self._redis.publish(channel, message) for channel, message in _announcements(job)))
 
     async def get(self, job_id: str) -> JobRecord | None:
         # HGETALL, input and all: an HMGET of the status document's fields costs the gateway more
@@ -304,16 +378,87 @@ class JobStore:
         ``reader``: a caller who may read the job passes its user. Reading them is speculative:
         the caller must still authorize the job before answering anything of it."""
         reply = await self._read(keys=self._append_keys(job_id), args=[cursor or "", limit, reader])
-        if not reply:
-            return None
-        (record_id, owner, status, last_event_id), after, oldest, flat = reply
-        fields = {"id": record_id, "owner": owner, "status": status}
-        if last_event_id:
-            fields["last_event_id"] = last_event_id
-        job = JobRecord(fields)
-        first_kept = oldest if oldest and cursor and is_before(cursor, oldest) else None
-        events = [StoredEvent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
-        return JobRead(job, after, first_kept, events)
+        return _job_read(reply, cursor)
+
+    async def list_jobs(self, user: str, query: ListQuery) -> tuple[list[JobRecord], int | None]:
+        """A page of ``user``'s jobs that pass ``query``, newest first, and the index sequence the
+        next page starts after (None: no more). Two round trips (the index, then the jobs), unless
+        the index had entries that fell behind their jobs (gone, or a status it missed): those are
+        repaired and the page is topped up from where it stopped."""
+        found: list[JobRecord] = []
+        after_seq = query.after_seq
+        for _ in range(_LIST_ROUNDS):
+            page = await self.index.page(
+                user,
+                now_ms=now_ms(),
+                after_seq=after_seq,
+                limit=query.limit - len(found),
+                statuses=query.statuses,
+                job_type=query.job_type,
+                tag=query.tag,
+            )
+            jobs = await self._view_fields(page.job_ids)
+            gone = [job_id for job_id, job in zip(page.job_ids, jobs, strict=True) if job is None]
+            present = [job for job in jobs if job is not None]
+            found += [job for job in present if query.matches(job)]
+            await self.index.remove(user, gone)
+            for job in present:
+                if not query.matches(job):  # the index's copy of its status fell behind: repair it
+                    await self.index.status_changed(user, job.id, job.status.value, job.expires_ms, now_ms())
+            after_seq = page.next_seq
+            if len(found) == query.limit or after_seq is None:
+                break
+        return found, after_seq
+
+    async def _view_fields(self, job_ids: Sequence[str]) -> list[JobRecord | None]:
+        """The status-document fields of several jobs (not their input), in one round trip."""
+        if not job_ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hmget(keys.meta_key(job_id), _VIEW_FIELDS)
+            replies = await pipe.execute()
+        return [
+            JobRecord({name: value for name, value in zip(_VIEW_FIELDS, values, strict=True) if value is not None})
+            if values[0] is not None
+            else None
+            for values in replies
+        ]
+
+    async def read_jobs(
+        self, positions: Sequence[tuple[str, str | None]], limit: int, *, reader: str
+    ) -> list[JobRead | None]:
+        """``read_job`` for several jobs (job id, cursor) in one round trip (on a cluster, one
+        concurrent call each)."""
+        if isinstance(self._redis, RedisCluster):
+            calls = [
+                self._read(keys=self._append_keys(job_id), args=[cursor or "", limit, reader])
+                for job_id, cursor in positions
+            ]
+            replies = await asyncio.gather(*calls)
+        else:
+            reads: list[ScriptCall] = [
+                (self._read, self._append_keys(job_id), [cursor or "", limit, reader]) for job_id, cursor in positions
+            ]
+            replies = await run_scripts(self._redis, reads)
+        return [_job_read(reply, cursor) for reply, (_, cursor) in zip(replies, positions, strict=True)]
+
+    async def read_many(self, positions: Sequence[tuple[str, str]], count: int) -> list[list[StoredEvent]]:
+        """``read`` for several jobs (job id, id to read after) in one round trip."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id, after in positions:
+                pipe.xrange(keys.events_key(job_id), min=f"({after}", max="+", count=count)
+            replies = cast(list[Entries], await pipe.execute())
+        return [[decode_entry(entry_id, fields) for entry_id, fields in entries] for entries in replies]
+
+    async def owners(self, job_ids: Sequence[str]) -> list[str | None]:
+        """Each job's owner (None: no such job), in one round trip."""
+        if not job_ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.hget(keys.meta_key(job_id), "owner")
+            return list(await pipe.execute())
 
     async def exist(self, job_ids: Sequence[str]) -> list[bool]:
         async with self._redis.pipeline(transaction=False) as pipe:
@@ -356,12 +501,20 @@ class JobStore:
             raise ValueError("nothing to append")
         args = self._append_args(job_id, events, batch, owner=owner, external_only=external_only)
         if not replicas:
-            return _appended(await self._append(keys=self._append_keys(job_id), args=args))
+            return await self._indexed(job_id, _appended(await self._append(keys=self._append_keys(job_id), args=args)))
         timeout_ms = self._settings.durable_end_timeout_ms
         reply, acked = await self._append_and_wait(job_id, args, replicas, timeout_ms)
         if int(acked) < replicas:
             logger.warning("job %s: write reached %s of %d replicas within %d ms", job_id, acked, replicas, timeout_ms)
-        return _appended(reply)
+        return await self._indexed(job_id, _appended(reply))
+
+    async def _indexed(self, job_id: str, appended: Appended) -> Appended:
+        """Tell the owner's index a status the write moved (a second step: the index lives in the
+        owner's slot; one left behind by a crash here is repaired when a listing reads the job)."""
+        if appended.moved is not None:
+            owner, expires_ms = appended.moved
+            await self.index.status_changed(owner, job_id, appended.status.value, expires_ms, now_ms())
+        return appended
 
     async def _append_and_wait(
         self, job_id: str, args: list[str | int], replicas: int, timeout_ms: int
@@ -391,12 +544,17 @@ class JobStore:
                 self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events))
                 for job_id, events in appends
             ]
-            return [_appended(reply).ids for reply in await asyncio.gather(*calls)]
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for job_id, events in appends:
-                await self._append(keys=self._append_keys(job_id), args=self._append_args(job_id, events), client=pipe)
-            replies = await pipe.execute()
-        return [_appended(reply).ids for reply in replies]
+            replies = await asyncio.gather(*calls)
+        else:
+            writes: list[ScriptCall] = [
+                (self._append, self._append_keys(job_id), self._append_args(job_id, events))
+                for job_id, events in appends
+            ]
+            replies = await run_scripts(self._redis, writes)
+        return [
+            (await self._indexed(job_id, _appended(reply))).ids
+            for (job_id, _), reply in zip(appends, replies, strict=True)
+        ]
 
     @staticmethod
     def _append_keys(job_id: str) -> list[str]:
@@ -449,7 +607,9 @@ class JobStore:
             return None
         if reply[0] != "cancelled":
             _appended(reply)  # raises for a job gone, not the owner's, or ended
-        return Cancelled(reply[1], int(reply[2]) if reply[2] else None)
+        job_type, started, moved_owner, expires = reply[1:5]
+        await self.index.status_changed(moved_owner, job_id, JobStatus.cancelled.value, int(expires), now_ms())
+        return Cancelled(job_type, int(started) if started else None)
 
     async def start_attempt(self, job_id: str) -> tuple[str, int]:
         """Count a worker's run of a job. Returns ('ok', attempt), ('gone'|'ended'|'cancelled', 0)."""
@@ -474,7 +634,16 @@ class JobStore:
         """Remove the job's keys and tell the hubs it is gone (an empty message), so that open
         readers close at once; one step. With ``owner``, the job must exist (else JobNotFound) and
         be theirs (else Forbidden), checked first in the same step."""
-        reply = await self._delete(keys=self._append_keys(job_id), args=[owner, keys.live_channel(job_id)])
+        args = [owner, keys.live_channel(job_id)]
+        if owner and not isinstance(self._redis, RedisCluster):
+            # The owner's index forgets it in the same round trip (harmless if the job is not
+            # theirs: then it is not in their index).
+            calls = [(self._delete, self._append_keys(job_id), args), self.index.remove_call(owner, [job_id])]
+            reply, _ = await run_scripts(self._redis, calls)
+        else:
+            reply = await self._delete(keys=self._append_keys(job_id), args=args)
+            if reply[0] == "deleted" and reply[2]:
+                await self.index.remove(reply[2], [job_id])
         if reply[0] != "deleted":
             _appended(reply)  # raises for a job gone or not the owner's
         return bool(reply[1])
@@ -509,12 +678,37 @@ class JobStore:
         await self._redis.delete(key)
 
 
+def _announcements(job: JobRecord) -> list[tuple[str, str]]:
+    """What tells readers that follow one of the job's tags (keys.user_feed) that it exists: an
+    event whose data is the job's id, on each tag's channel."""
+    message = f"0-0{FIELD_SEP}job{FIELD_SEP}{job.id}"
+    return [(keys.live_channel(keys.user_feed(job.owner, tag)), message) for tag in job.tags]
+
+
+def _job_read(reply: list[Any], cursor: str | None) -> JobRead | None:
+    """The READ script's reply (see scripts.READ); None when there is no such job."""
+    if not reply:
+        return None
+    (record_id, owner, status, last_event_id, tags), after, oldest, flat = reply
+    fields = {"id": record_id, "owner": owner, "status": status}
+    if last_event_id:
+        fields["last_event_id"] = last_event_id
+    if tags:  # what a tag's read token is checked against
+        fields["tags"] = tags
+    first_kept = oldest if oldest and cursor and is_before(cursor, oldest) else None
+    events = [StoredEvent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+    return JobRead(JobRecord(fields), after, first_kept, events)
+
+
 def _appended(reply: list[str]) -> Appended:
-    """The append script's reply: {'ok', status, started_ms, id...} | {'repeat', status} | {'gone'} |
+    """The append script's reply: {'ok', status, started_ms, owner, expires_ms, id...} |
+    {'repeat', status} | {'gone'} |
     {'forbidden'} | {'not_external'} | {'ended', status}."""
     kind = reply[0]
     if kind == "ok":
-        return Appended(list(reply[3:]), JobStatus(reply[1]), int(reply[2]) if reply[2] else None)
+        _, status, started, owner, expires, *ids = reply
+        moved = (owner, int(expires)) if owner else None
+        return Appended(ids, JobStatus(status), int(started) if started else None, moved)
     if kind == "repeat":
         return Appended([], JobStatus(reply[1]))
     if kind == "gone":

@@ -10,13 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from jobstream.cursor import StreamId, parse_id
-from jobstream.store import StoredEvent
-
-#: Separators of a published batch (set in scripts.APPEND): events by US (0x1f), an event's id,
-#: type and data by RS (0x1e). Neither can occur in compact JSON (control characters are
-#: escaped), in an event type, or in a stream id.
-EVENT_SEP = "\x1f"
-FIELD_SEP = "\x1e"
+from jobstream.store import EVENT_SEP, FIELD_SEP, StoredEvent
 
 
 class SubscriberOverflow(Exception):

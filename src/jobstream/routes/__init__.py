@@ -10,7 +10,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from jobstream.routes import jobs, ops, stream
+from jobstream.routes import jobs, lists, many, ops, stream, tokens
 
 _JOB = "/v1/jobs/{job_id}"
 
@@ -22,6 +22,14 @@ class JobResource(HTTPEndpoint):
 
     async def delete(self, request: Request) -> Response:
         return await jobs.delete_job(request)
+
+
+class Jobs(HTTPEndpoint):
+    async def get(self, request: Request) -> Response:
+        return await lists.list_jobs(request)
+
+    async def post(self, request: Request) -> Response:
+        return await jobs.create_job(request)
 
 
 class JobEvents(HTTPEndpoint):
@@ -57,7 +65,10 @@ async def _not_found(scope: Scope, receive: Receive, send: Send) -> None:
 
 def build_routes() -> list[Route | Mount]:
     return [
-        Route("/v1/jobs", jobs.create_job, methods=["POST"]),
+        Route("/v1/jobs", Jobs),
+        Route("/v1/read-tokens", tokens.create_read_token, methods=["POST"]),
+        Route("/v1/events", many.stream_many, methods=["GET"]),
+        Route("/v1/poll", many.poll_many, methods=["GET"]),
         Route(_JOB, JobResource),
         Route(f"{_JOB}/events", JobEvents),
         Route(f"{_JOB}/poll", stream.poll_events, methods=["GET"]),

@@ -23,10 +23,15 @@ _PLAIN = frozenset({str, int, bool, type(None)})
 _JSON_RULES = f"JSON (RFC 8259) in UTF-8, numbers finite, strings valid Unicode, at most {MAX_JSON_DEPTH} levels deep"
 
 
+def is_job_id(text: str) -> bool:
+    """Job ids are lowercase uuid4s: anything else names no job, without asking Redis."""
+    return _JOB_ID.match(text) is not None
+
+
 def job_id_of(request: Request) -> str:
     """The path's job id; anything but a lowercase uuid4 is 404 before Redis is touched."""
     job_id: str = request.path_params["job_id"]
-    if not _JOB_ID.match(job_id):
+    if not is_job_id(job_id):
         raise JobNotFound()
     return job_id
 

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from typing import Any
+from collections.abc import Coroutine
+from typing import Any, TypeVar, cast
 
 import anyio
 import sentry_sdk
@@ -21,6 +22,7 @@ from jobstream.cursor import NEWEST, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
 from jobstream.feed import Follower
 from jobstream.hub import HISTORY_PAGE
+from jobstream.jobgroup import JobGroup
 from jobstream.models import JobStatus, to_json
 from jobstream.ratelimit import ConnectionLeases
 from jobstream.routes._common import authenticate, authorize, check_job
@@ -34,6 +36,7 @@ SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "
 RELEASE_TIMEOUT_S = 2.0
 #: Events that move a job's status (their data is ``{"status": ...}``).
 _STATUS_EVENTS = frozenset({"status", "done"})
+T = TypeVar("T")
 
 
 def has_seen_end(job: JobRecord, cursor: str | None) -> bool:
@@ -143,13 +146,14 @@ class EventStream:
         self,
         svc: Services,
         job_id: str,
-        follower: Follower,
+        follower: Follower | JobGroup,
         leases: ConnectionLeases,
         holder: str,
         lease: str,
         first_kept: str | None,
     ) -> None:
         self._svc = svc
+        #: A single job's follower, or a group of jobs' (ManyStream).
         self._follower = follower
         self._job_id = job_id
         self._leases = leases
@@ -186,10 +190,7 @@ class EventStream:
             await self._between_chunks()
             if self._state == _ENDED:
                 raise StopAsyncIteration
-            follower = self._follower
-            while (idle := follower.idle()) is not None:
-                await idle
-            batch = await follower.next()
+            produced = await self._next_chunk()
         except SubscriberOverflow:
             # Too far behind: close with a retry hint; the reader resumes from its last id, from Redis.
             return self._last(sse.retry(self._svc.settings.retry_ms))
@@ -200,14 +201,24 @@ class EventStream:
             # Redis is unreachable: the reader retries after the hint and resumes from its last id.
             logger.warning("event stream of job %s ended by a redis error: %s", self._job_id, type(exc).__name__)
             return self._last(sse.retry(self._svc.settings.retry_ms))
-        if not batch:
+        if produced is None:
             return sse.PING
-        chunk, finished = _encode_batch(batch)
-        metrics.deliveries.sse += len(batch)
-        self._written = batch[-1].id
+        chunk, finished = produced
         if finished:
             self._state = _ENDED
         return chunk
+
+    async def _next_chunk(self) -> tuple[bytes, bool] | None:
+        """The next batch's frames and whether they end the stream; None for a heartbeat tick."""
+        follower = cast(Follower, self._follower)
+        while (idle := follower.idle()) is not None:
+            await idle
+        batch = await follower.next()
+        if not batch:
+            return None
+        metrics.deliveries.sse += len(batch)
+        self._written = batch[-1].id
+        return _encode_batch(batch)
 
     def _start(self) -> bytes:
         now = asyncio.get_running_loop().time()
@@ -270,7 +281,7 @@ class PollQuery(BaseModel):
     wait: float = Field(0, ge=0)
 
 
-def _poll_query(request: Request, max_wait_s: float) -> PollQuery:
+def poll_query(request: Request, max_wait_s: float) -> PollQuery:
     try:
         query = PollQuery.model_validate(dict(request.query_params))
     except ValidationError as exc:
@@ -289,7 +300,7 @@ async def poll_events(request: Request) -> Response:
     svc = services(request)
     job_id, principal = authenticate(request)
     try:
-        query = _poll_query(request, svc.settings.poll_max_wait_s)
+        query = poll_query(request, svc.settings.poll_max_wait_s)
         cursor = resolve_cursor(None, query.after)
     except BadRequest:
         await check_job(request, job_id, principal)  # 404 and 403 come before a bad query's 400
@@ -331,16 +342,23 @@ def _status_after(status: JobStatus, events: list[StoredEvent]) -> JobStatus:
 async def _wait_for_events(
     request: Request, svc: Services, user: str, job_id: str, after: str, wait_s: float
 ) -> list[StoredEvent]:
-    """A long-poll's wait, holding one of the user's long-poll slots meanwhile: renewed while it
-    waits, and freed as soon as the wait ends or its client hangs up."""
+    """A long-poll's wait for one job's events (see ``wait_for_slot``)."""
+    return await wait_for_slot(request, svc, user, svc.feed.wait(job_id, after, wait_s))
+
+
+async def wait_for_slot(request: Request, svc: Services, user: str, wait: Coroutine[Any, Any, list[T]]) -> list[T]:
+    """A long-poll's ``wait`` (which ends by its own deadline), holding one of the user's long-poll
+    slots meanwhile: renewed while it waits, and freed as soon as the wait ends or its client
+    hangs up (then: [])."""
     lease = await svc.long_polls.acquire(user)
     if lease is None:
+        wait.close()
         metrics.rate_limited.labels("long_poll").inc()
         raise RateLimited(
             f"At most {svc.settings.max_long_polls_per_user} long-polls per user may wait at once.",
             headers={"Retry-After": "1"},
         )
-    waiting = asyncio.create_task(svc.feed.wait(job_id, after, wait_s))
+    waiting = asyncio.create_task(wait)
     gone = asyncio.create_task(_disconnect(request))
     try:
         while True:
