@@ -272,7 +272,7 @@ class Worker:
 
     async def _run_entry(self, entry: QueueEntry) -> None:
         started = time.monotonic()
-        outcome, attempt = await self.store.start_attempt(entry.job_id)
+        outcome, attempt = await self.store.start_attempt(entry.job_id, entry.entry_id)
         job = await self.store.get(entry.job_id) if outcome in ("ok", "cancelled") else None
         if job is not None:
             observability.job_id.set(job.id)  # this task's log lines belong to the job
