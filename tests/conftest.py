@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -45,6 +48,8 @@ TOKEN_SECRET = "token-secret-for-tests-0123456789abcdef"
 
 #: What the ``rdb`` fixture gives: a client of the one server, or of the cluster.
 SyncRedis = redis.Redis | RedisCluster
+
+ROOT = Path(__file__).resolve().parent.parent
 
 #: URLs of the Redis Clusters this session started: settings made for them turn cluster mode on.
 CLUSTER_URLS: set[str] = set()
@@ -238,6 +243,33 @@ def demo_client(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
     """``client`` of a gateway and worker with the built-in demo.* job types on (JOBSTREAM_DEMO)."""
     with make_stack(demo=True).client() as http:
         yield http
+
+
+@pytest.fixture
+def worker_process(redis_url: str) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Start `jobstream worker` processes on the test's Redis, with the test handlers and ``env``;
+    whatever is still running at the end is killed."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(**env: str) -> subprocess.Popen[bytes]:
+        environment = {
+            **os.environ,
+            # The tests' handlers, and this tree's own package whatever the environment installed.
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")]),
+            "JOBSTREAM_REDIS_URL": redis_url,
+            "JOBSTREAM_REDIS_CLUSTER": str(redis_url in CLUSTER_URLS),
+            "JOBSTREAM_APP": "tests.handlers",
+            **env,
+        }
+        process = subprocess.Popen([sys.executable, "-m", "jobstream", "worker"], env=environment)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
 
 
 def create_job(

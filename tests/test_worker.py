@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
 import redis
 
 from jobstream import keys
-from tests.conftest import ALICE, CLUSTER_URLS, LiveStack, create_job, read_sse
+from tests.conftest import ALICE, LiveStack, create_job, read_sse
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.on_cluster
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_story_whenRun_thenOneDeltaPerWordProgressResultDone(demo_client: httpx.Client) -> None:
@@ -103,30 +98,6 @@ def test_cancel_whenRunning_thenHandlerStopsWithinASecond(client: httpx.Client) 
         ]
         == []
     ), "no event may follow done"
-
-
-@pytest.fixture
-def worker_process(redis_url: str) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(**env: str) -> subprocess.Popen[bytes]:
-        environment = {
-            **os.environ,
-            "PYTHONPATH": str(ROOT),
-            "JOBSTREAM_REDIS_URL": redis_url,
-            "JOBSTREAM_REDIS_CLUSTER": str(redis_url in CLUSTER_URLS),
-            "JOBSTREAM_APP": "tests.handlers",
-            **env,
-        }
-        process = subprocess.Popen([sys.executable, "-m", "jobstream", "worker"], env=environment)
-        started.append(process)
-        return process
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
 
 
 def _wait_for_events(rdb: redis.Redis, job_id: str, count: int, timeout_s: float = 15) -> None:

@@ -12,6 +12,8 @@ prefix = "jobstream"
 #: Work queue: a stream read by a consumer group.
 queue_key = f"{prefix}:queue"
 queue_group = "workers"
+#: Users with jobs waiting for a running slot (fairness.py): a sorted set, user -> when to look next.
+parked_key = f"{prefix}:parked"
 #: Prefix handed to the `limits` library for create rate limiting.
 rate_limit_prefix = f"{prefix}:rate"
 

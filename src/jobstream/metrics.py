@@ -58,6 +58,10 @@ def job_ended(job_type: str, job: str, status: str, duration_s: float, **fields:
 
 
 jobs_reclaimed = Counter("jobstream_jobs_reclaimed_total", "Jobs taken over from a lost or stopped worker.")
+jobs_parked = Counter(
+    "jobstream_jobs_parked_total",
+    "Jobs held back off the queue because their owner had JOBSTREAM_MAX_RUNNING_PER_USER jobs running.",
+)
 #: Sampled (one batch in LAG_SAMPLE_EVERY): observing every write would cost more than the write.
 delivery_lag = Histogram(
     "jobstream_delivery_lag_seconds",

@@ -19,6 +19,9 @@ RawEntries = list[tuple[str, dict[str, str] | None]]
 class QueueEntry:
     entry_id: str
     job_id: str
+    #: Set on a job put back onto the queue after waiting for a running slot (fairness.py), so that
+    #: its owner's slots are tidied even if the job has expired meanwhile; None on a create's entry.
+    owner: str | None = None
 
 
 class WorkQueue:
@@ -32,6 +35,10 @@ class WorkQueue:
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
+
+    async def add(self, job_id: str, owner: str) -> None:
+        """Put back a job that waited for one of its owner's running slots."""
+        await self._redis.xadd(keys.queue_key, {"job": job_id, "owner": owner})
 
     async def take(self, count: int, block_ms: int) -> list[QueueEntry]:
         """New entries for this consumer; they stay pending (leased) until acked."""
@@ -96,4 +103,8 @@ async def queue_stats(client: RedisClient) -> QueueStats:
 
 def _entries(raw: RawEntries) -> list[QueueEntry]:
     # XAUTOCLAIM on Redis 6.2 returns entries deleted from the stream with no fields: nothing to run.
-    return [QueueEntry(entry_id, fields["job"]) for entry_id, fields in raw if fields and "job" in fields]
+    return [
+        QueueEntry(entry_id, fields["job"], fields.get("owner"))
+        for entry_id, fields in raw
+        if fields and "job" in fields
+    ]

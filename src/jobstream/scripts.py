@@ -148,12 +148,19 @@ return {'cancelled', job_type, ids[3], ids[4], ids[5]}
 """
 )
 
-#: Start one run of a job by a worker. KEYS: meta.
-#: Returns {'ok', attempt} | {'gone'} | {'ended', status} | {'cancelled'}.
+#: Start one run of a job by a worker, taken from one queue entry. The first run records its
+#: entry; an entry of a job that another entry started is a duplicate (a job that waited for a
+#: running slot may be put back onto the queue twice, see fairness.py), which must neither run the
+#: job again nor end it. A reclaimed entry is the one that started the job, and runs it again.
+#: KEYS: meta. ARGV: the entry's id.
+#: Returns {'ok', attempt} | {'gone'} | {'ended', status} | {'duplicate'} | {'cancelled'}.
 START_ATTEMPT = (
     _UNENDED
     + """
+local entry = redis.call('HGET', KEYS[1], 'entry')
+if entry and entry ~= ARGV[1] then return {'duplicate'} end
 if redis.call('HGET', KEYS[1], 'cancel') == '1' then return {'cancelled'} end
+redis.call('HSET', KEYS[1], 'entry', ARGV[1])
 return {'ok', redis.call('HINCRBY', KEYS[1], 'attempt', 1)}
 """
 )

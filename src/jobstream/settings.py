@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(10, ge=1)
     worker_lease_s: int = Field(30, ge=2)
     max_attempts: int = Field(3, ge=1)
+    #: A worker starts no job whose owner has this many running already (0: no limit); the others
+    #: wait, off the queue, and start oldest first as the owner's jobs end (fairness.py).
+    max_running_per_user: int = Field(0, ge=0)
     delta_flush_ms: int = Field(100, ge=0)
     delta_flush_bytes: int = Field(4096, ge=1)
     shutdown_grace_s: float = Field(10, ge=0)

@@ -611,9 +611,10 @@ class JobStore:
         await self.index.status_changed(moved_owner, job_id, JobStatus.cancelled.value, int(expires), now_ms())
         return Cancelled(job_type, int(started) if started else None)
 
-    async def start_attempt(self, job_id: str) -> tuple[str, int]:
-        """Count a worker's run of a job. Returns ('ok', attempt), ('gone'|'ended'|'cancelled', 0)."""
-        reply = await self._start_attempt(keys=[keys.meta_key(job_id)])
+    async def start_attempt(self, job_id: str, entry_id: str) -> tuple[str, int]:
+        """Count a worker's run of a job from its queue entry ``entry_id``. Returns ('ok', attempt),
+        ('gone'|'ended'|'duplicate'|'cancelled', 0); see scripts.START_ATTEMPT."""
+        reply = await self._start_attempt(keys=[keys.meta_key(job_id)], args=[entry_id])
         if reply[0] == "ok":
             return "ok", int(reply[1])
         return reply[0], 0

@@ -2,7 +2,9 @@
 
 A job is leased while it runs: the worker renews its queue entry every third of the lease. An entry
 whose worker died stops being renewed and another worker reclaims it (XAUTOCLAIM), then retries the
-job if its handler is idempotent or fails it with "worker lost".
+job if its handler is idempotent or fails it with "worker lost". With a cap on the jobs a user may
+have running, a job is admitted first (fairness.py): it holds one of its owner's slots while it
+runs, or waits, parked off the queue.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from redis.exceptions import RedisError
 from jobstream import metrics, observability, sentry
 from jobstream.connection import RedisClient
 from jobstream.errors import JobEnded, JobNotFound, ValidationFailed
+from jobstream.fairness import SWEEP_EVERY_S, UserSlots
 from jobstream.models import JobStatus, to_json
 from jobstream.observability import job_transition
 from jobstream.producer import EventWriter, JobContext, JobFailed, result_data
@@ -58,6 +61,7 @@ class _Counters:
     cancelled: int = 0
     reclaimed: int = 0
     retried: int = 0
+    parked: int = 0
 
     def __str__(self) -> str:
         return " ".join(f"j_{name}={value}" for name, value in vars(self).items())
@@ -116,6 +120,7 @@ class Worker:
     def __post_init__(self) -> None:
         self.store = JobStore(self.client, self.settings)
         self.queue = WorkQueue(self.client, self.name)
+        self.slots = UserSlots(self.client, self.queue, self.settings)
         self._running: dict[str, _Running] = {}
         self._counters = _Counters()
         self._stopping = asyncio.Event()
@@ -128,6 +133,11 @@ class Worker:
     def completed(self) -> int:
         """Jobs this worker ran to `completed`."""
         return self._counters.completed
+
+    @property
+    def parked(self) -> int:
+        """Jobs this worker held back because their owner had the most jobs running allowed."""
+        return self._counters.parked
 
     def stop(self) -> None:
         """Stop taking jobs; `run` then waits for running ones up to the shutdown grace."""
@@ -218,19 +228,24 @@ class Worker:
             logger.info("worker %s handed back %d jobs", self.name, len(handed_back))
 
     async def _maintain(self) -> None:
-        """Renew leases, stop cancelled jobs and reclaim jobs of dead workers, on their own periods."""
+        """Renew leases, stop cancelled jobs, reclaim jobs of dead workers and put back parked jobs
+        whose owner's slots freed, on their own periods."""
         lease_s = self.settings.worker_lease_s
         loop = asyncio.get_running_loop()
-        next_renew = next_reclaim = loop.time()
+        next_renew = next_reclaim = next_sweep = loop.time()
         while True:
             try:
                 await self._stop_cancelled()
                 if loop.time() >= next_renew:
                     await self.queue.renew([r.entry.entry_id for r in self._running.values()])
+                    await self.slots.renew()
                     next_renew = loop.time() + lease_s / 3
                 if loop.time() >= next_reclaim and not self._stopping.is_set():
                     await self._reclaim()
                     next_reclaim = loop.time() + lease_s / 2
+                if loop.time() >= next_sweep and not self._stopping.is_set():
+                    await self.slots.sweep()
+                    next_sweep = loop.time() + SWEEP_EVERY_S
             except RedisError as exc:
                 metrics.redis_errors.labels("worker").inc()
                 logger.warning("worker %s maintenance failed: %s", self.name, exc)
@@ -272,7 +287,24 @@ class Worker:
 
     async def _run_entry(self, entry: QueueEntry) -> None:
         started = time.monotonic()
-        outcome, attempt = await self.store.start_attempt(entry.job_id)
+        admission = await self.slots.admit(entry)
+        if admission.parked:  # its owner has the most jobs running allowed: it waits, off the queue
+            self._counters.parked += 1
+            return
+        try:
+            outcome = await self._start_and_run(entry, started)
+            # A duplicate is run by the entry that started the job, which holds its slot.
+            if outcome != "duplicate":
+                await self.slots.release(admission)
+        finally:
+            # A run cut short (shutdown, Redis lost) keeps its slot for the worker that reclaims it.
+            self.slots.forget(admission)
+        await self.queue.finish(entry.entry_id)
+
+    async def _start_and_run(self, entry: QueueEntry, started: float) -> str:
+        """Run the job of ``entry`` unless it is gone, ended or started by another entry; returns
+        how its start went (see ``JobStore.start_attempt``)."""
+        outcome, attempt = await self.store.start_attempt(entry.job_id, entry.entry_id)
         job = await self.store.get(entry.job_id) if outcome in ("ok", "cancelled") else None
         if job is not None:
             observability.job_id.set(job.id)  # this task's log lines belong to the job
@@ -282,7 +314,7 @@ class Worker:
                     await self._run_job(entry, run, cancelled=outcome == "cancelled")
                 finally:
                     await run.writer.close()
-        await self.queue.finish(entry.entry_id)
+        return outcome
 
     def _writer(self, job_id: str, attempt: int) -> EventWriter:
         flush_ms, flush_bytes = self.settings.delta_flush_ms, self.settings.delta_flush_bytes
