@@ -3,15 +3,22 @@ cursor, from a per-user index in the user's own slot (on a single Redis and on t
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 import redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from jobstream import keys
-from tests.conftest import ALICE, BOB, LiveStack, append, create_job, server_nodes
+from jobstream.connection import create_client
+from jobstream.models import JobStatus
+from jobstream.store import JobRecord, JobStore, ListQuery, OutgoingEvent, done_event
+from tests.conftest import ALICE, BOB, LiveStack, append, create_job, make_settings, server_nodes
 from tests.helpers import assert_problem, redis_commands_of, wait_until
 
 pytestmark = pytest.mark.on_cluster
@@ -208,3 +215,76 @@ def test_create_whenRedisForgotItsScripts_thenTheJobIsIndexedAndQueuedOnce(
     for node in server_nodes(rdb):
         node.script_flush()
     assert gateway.delete(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 404
+
+
+@asynccontextmanager
+async def _store(redis_url: str) -> AsyncIterator[JobStore]:
+    settings = make_settings(redis_url)
+    client = create_client(settings)
+    try:
+        yield JobStore(client, settings)
+    finally:
+        await client.aclose()
+
+
+def _record(owner: str = "alice", tags: tuple[str, ...] = ("t",)) -> JobRecord:
+    return JobRecord.new(
+        job_id=str(uuid.uuid4()), owner=owner, job_type="external", input={}, ttl_s=600, tags=list(tags)
+    )
+
+
+def test_list_whenAJobIsBeingCreated_thenItsEntryIsKeptAndItIsListedOnceItExists(
+    redis_url: str, rdb: redis.Redis
+) -> None:
+    asyncio.run(_listing_during_create(redis_url, rdb))
+
+
+async def _listing_during_create(redis_url: str, rdb: redis.Redis) -> None:
+    async with _store(redis_url) as store:
+        record = _record()
+        fields = record.fields
+        # The first of a create's two steps (on a cluster, two round trips): the owner's entry.
+        await store.index.run(
+            store.index.add_call(
+                user="alice",
+                job_id=record.id,
+                job_type=record.type,
+                tags=record.tags,
+                now_ms=int(fields["created_ms"]),
+                expires_ms=int(fields["expires_ms"]),
+                retention_ms=600_000,
+            )
+        )
+        # A listing in between finds no job yet: the entry is not forgotten for that.
+        assert (await store.list_jobs("alice", ListQuery(limit=10)))[0] == []
+        assert rdb.zscore(keys.user_key("alice", "tag:t"), record.id) is not None
+        await store.create(record)
+        listed, _ = await store.list_jobs("alice", ListQuery(limit=10, tag="t"))
+        assert [job.id for job in listed] == [record.id]
+
+
+def test_write_whenTheIndexCopyFails_thenTheAppendStillSucceeds(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asyncio.run(_index_copy_fails(redis_url, monkeypatch))
+
+
+async def _index_copy_fails(redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with _store(redis_url) as store:
+        record = _record()
+        await store.create(record)
+
+        async def refused(**_: Any) -> None:
+            raise RedisConnectionError("the owner's node is down")
+
+        monkeypatch.setattr(store.index, "_status", refused)
+        appended = await store.write(
+            record.id, [OutgoingEvent("delta", '{"text":"x"}'), done_event(JobStatus.completed)]
+        )
+        assert appended.status is JobStatus.completed and len(appended.ids) == 2
+        monkeypatch.undo()
+        # The index still says pending; a listing by status reads the job itself and repairs it.
+        listed, _ = await store.list_jobs("alice", ListQuery(limit=10, statuses=("pending",)))
+        assert listed == []
+        listed, _ = await store.list_jobs("alice", ListQuery(limit=10, statuses=("completed",)))
+        assert [job.id for job in listed] == [record.id]

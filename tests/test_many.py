@@ -6,15 +6,18 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+import redis
 from httpx_sse import ServerSentEvent, connect_sse
 
-from tests.conftest import ALICE, BOB, LiveStack, append, create_job
-from tests.helpers import assert_problem, wait_until
+from jobstream.multicursor import JobsCursor
+from tests.conftest import ALICE, BOB, LiveStack, append, create_job, server_nodes
+from tests.helpers import assert_problem, value, wait_until
 
 pytestmark = pytest.mark.on_cluster
 
@@ -323,3 +326,63 @@ def test_cursor_whenHundredJobs_thenAtMost4KiB(gateway: httpx.Client) -> None:
     body = gateway.get("/v1/poll", params=query, headers=ALICE).json()
     assert body["done"] and len(body["events"]) == 100 * 4
     assert len(body["cursor"]) <= 4096
+
+
+def test_events_whenTheHubLosesItsLink_thenTheStreamCarriesOnWithNothingLost(
+    gateway: httpx.Client, rdb: redis.Redis
+) -> None:
+    jobs = [create_job(gateway) for _ in range(2)]
+    for job in jobs:
+        _deltas(gateway, job, ["a"])
+    with _following(gateway, {"jobs": ",".join(job["id"] for job in jobs)}) as (received, ended):
+        wait_until(lambda: len(received) == 4)  # each job's status and first delta
+        assert sum(node.client_kill_filter(_type="pubsub") for node in server_nodes(rdb)) >= 1
+        for job in jobs:
+            _deltas(gateway, job, ["b"], end=True)
+        assert ended.wait(15), "the stream stalled after the hub's link was lost"
+    texts = {
+        job["id"]: [
+            data["text"] for job_id, _, kind, data in _wrapped(received) if job_id == job["id"] and kind == "delta"
+        ]
+        for job in jobs
+    }
+    assert texts == {job["id"]: ["a", "b"] for job in jobs}
+
+
+def test_poll_whenTagLongPollWaits_thenAJobCreatedMeanwhileAnswersIt(gateway: httpx.Client) -> None:
+    first = create_job(gateway, tags=["t"])
+    _deltas(gateway, first, ["a"], end=True)
+    cursor = gateway.get("/v1/poll", params={"tag": "t"}, headers=ALICE).json()["cursor"]
+    answer: dict[str, Any] = {}
+
+    def long_poll() -> None:
+        answer.update(gateway.get("/v1/poll", params={"tag": "t", "cursor": cursor, "wait": 20}, headers=ALICE).json())
+
+    poller = threading.Thread(target=long_poll)
+    started = time.monotonic()
+    poller.start()
+    wait_until(lambda: value(gateway.get("/metrics").text, "jobstream_polls_total", kind="long") >= 1)
+    later = create_job(gateway, tags=["t"])
+    _deltas(gateway, later, ["b"])
+    poller.join(15)
+    assert time.monotonic() - started < 10, "the long-poll waited out its time"
+    assert answer["events"] and {event["job_id"] for event in answer["events"]} == {later["id"]}
+
+
+def test_events_whenTagGetsManyJobs_thenTheCursorStaysBounded(make_stack: Callable[..., LiveStack]) -> None:
+    with make_stack(with_worker=False).client() as gateway:
+        with _following(gateway, {"tag": "busy"}) as (received, _):
+            wait_until(lambda: _open_streams(gateway) == 1)
+            for n in range(130):
+                job = create_job(gateway, tags=["busy"])
+                _deltas(gateway, job, [str(n)], end=True)
+            wait_until(lambda: len(received) == 130 * 4, timeout_s=30)
+        assert max(len(event.id) for event in received) <= 4096
+        # Ended jobs that joined first leave the cursor past 100: it never outgrows 100 jobs.
+        assert max(len(JobsCursor.decode(event.id)) for event in received) == 100
+        done_jobs = {json.loads(event.data)["job_id"] for event in received if event.event == "done"}
+        assert len(done_jobs) == 130
+
+
+def _open_streams(http: httpx.Client) -> float:
+    return value(http.get("/metrics").text, "jobstream_sse_connections")

@@ -11,6 +11,7 @@ each job created with it, from its first event.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from jobstream.cursor import parse_id
 from jobstream.feed import Feed
@@ -21,6 +22,8 @@ from jobstream.subscription import HubClosed, JobGone, Reset, Subscription
 _JOIN, _READ, _LIVE = 0, 1, 2
 #: What a group hands out: events with the job each belongs to.
 Batch = list[tuple[str, StoredEvent]]
+#: Lists a tag's jobs again: job id -> the event id to read after.
+Relist = Callable[[], Awaitable[dict[str, str]]]
 
 
 class _Member(Subscription):
@@ -59,14 +62,19 @@ class JobGroup:
     by ``take_gone``. Raises as a follower does when reading ends (HubClosed, SubscriberOverflow,
     Redis errors). The owner closes it."""
 
-    def __init__(self, hub: Feed, *, max_events: int = 1000, max_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, hub: Feed, *, page_size: int = HISTORY_PAGE, max_events: int = 1000, max_bytes: int = 1 << 20
+    ) -> None:
         self._hub = hub
+        #: Events of history read per job and step: a group's step reads every job that needs it.
+        self.page_size = page_size
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._members: dict[str, _Member] = {}
         #: Members to look at: woken while live, or still joining or reading history.
         self._due: dict[str, _Member] = {}
         self._feed: tuple[str, _TagFeed] | None = None
+        self._relist: Relist | None = None
         self._feed_due = False
         self._gone: list[str] = []
         self._waiter: asyncio.Future[None] | None = None
@@ -78,11 +86,14 @@ class JobGroup:
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._members
 
-    async def follow_feed(self, feed: str) -> None:
+    async def follow_feed(self, feed: str, relist: Relist) -> None:
         """Take in every job the feed announces from now on (join before listing the tag's jobs:
-        a job created in between is then announced, not missed)."""
+        a job created in between is then announced, not missed). ``relist`` lists the tag's jobs
+        again (id -> the event id to read after) once the feed is back after a lost link, when
+        announcements may have been missed."""
         sub = _TagFeed(self)
         self._feed = (feed, sub)
+        self._relist = relist
         await self._hub.join_all({feed: sub})
 
     async def add(self, positions: dict[str, str]) -> None:
@@ -121,7 +132,7 @@ class JobGroup:
                 await self._join(joining)
             reading = [member for member in self._due.values() if member.phase == _READ]
             if reading:
-                pages = await self._hub.store.read_many([(m.job_id, m.after) for m in reading], HISTORY_PAGE)
+                pages = await self._hub.store.read_many([(m.job_id, m.after) for m in reading], self.page_size)
                 for member, page in zip(reading, pages, strict=True):
                     out += [(member.job_id, event) for event in self._take_page(member, page)]
             for member in [member for member in self._due.values() if member.phase == _LIVE]:
@@ -134,6 +145,8 @@ class JobGroup:
                 out += [(member.job_id, event) for event in events]
             if out or ticked or self._gone:
                 return out
+            if any(member.phase != _LIVE for member in self._due.values()):
+                continue  # reset while live: join again and re-read, before waiting on anything
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -170,7 +183,7 @@ class JobGroup:
     def _take_page(self, member: _Member, page: list[StoredEvent]) -> list[StoredEvent]:
         if page:
             member.after = page[-1].id
-        if len(page) < HISTORY_PAGE:
+        if len(page) < self.page_size:
             # Live from here: events the hub queued meanwhile up to this id were in the page.
             member.floor = parse_id(member.after)
             member.phase = _LIVE
@@ -200,13 +213,17 @@ class JobGroup:
         if not self._feed_due or self._feed is None:
             return False
         self._feed_due = False
-        sub = self._feed[1]
+        feed, sub = self._feed
         try:
             announced = sub.ready()
         except Reset:
-            # Announcements may have been missed while the link was down: the caller's listing
-            # of the tag cannot be redone here, so the reader reconnects and lists it again.
-            raise HubClosed() from None
+            # Announcements may have been missed while the link was down: join the feed again,
+            # then list the tag's jobs again.
+            self._hub.leave(feed, sub)
+            await self._hub.join_all({feed: sub})
+            if self._relist is not None:
+                await self.add(await self._relist())
+            return False
         if announced is None:
             return False
         if not announced:

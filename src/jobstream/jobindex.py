@@ -21,21 +21,25 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from jobstream import keys
+from redis.exceptions import RedisError
+
+from jobstream import keys, metrics
 from jobstream.connection import RedisClient
 from jobstream.models import JobStatus
 from jobstream.pipelines import ScriptCall
 
+logger = logging.getLogger("jobstream.jobindex")
 #: An index key outlives the latest expiry it knows of by this much.
 KEY_SLACK_MS = 86_400_000
 #: Entries past their expiry forgotten by each create, at most (the rest by later creates).
 PRUNE_PER_CREATE = 20
 #: Entries one listing step walks at most before answering (with a cursor to continue).
-MAX_WALK = 10_000
+MAX_WALK = 2_000
 SEP = "\x1f"
 
 _LUA_COMMON = r"""
@@ -104,17 +108,23 @@ return 1
 """
 )
 
-#: Forget jobs (deleted, or found gone). KEYS: jobs, info, exp. ARGV: tag prefix, job ids.
+#: Forget jobs: deleted ones (ARGV[2] = ''), or ones a listing found gone (ARGV[2] = now_ms: only
+#: those past the expiry the index knows, since a job being created has its entry before it
+#: exists). KEYS: jobs, info, exp. ARGV: tag prefix, now_ms or '', job ids.
 _REMOVE = (
     _LUA_COMMON
     + r"""
-for i = 2, #ARGV do
+local now = tonumber(ARGV[2])
+for i = 3, #ARGV do
   local v = redis.call('HGET', KEYS[2], ARGV[i])
-  local tags = ''
-  if v then tags = select(3, parse(v)) end
-  forget(ARGV[i], tags, ARGV[1])
+  local tags, expires = '', 0
+  if v then
+    local _
+    _, expires, tags = parse(v)
+  end
+  if not now or expires <= now then forget(ARGV[i], tags, ARGV[1]) end
 end
-return #ARGV - 1
+return #ARGV - 2
 """
 )
 
@@ -122,7 +132,8 @@ return #ARGV - 1
 #: cursor down, keeps the entries that pass the filters, forgets those past their expiry.
 #: KEYS: jobs, info, exp, source. ARGV: now_ms, cursor ('' = the newest), limit, statuses
 #: (',a,b,' or '' = any), type filter on ('1') and its value, most entries to walk, tag prefix.
-#: Returns {id, seq, ... of up to limit + 1 matches, then the last seq walked ('' = the end)}.
+#: Returns {id, seq, unsure ('1': a running entry past its known expiry), ... of up to limit + 1
+#: matches, then the last seq walked ('' = the end)}.
 _PAGE = (
     _LUA_COMMON
     + r"""
@@ -131,7 +142,7 @@ local statuses, by_type, want_type = ARGV[4], ARGV[5] == '1', ARGV[6]
 local top = '+inf'
 if ARGV[2] ~= '' then top = '(' .. ARGV[2] end
 local found, walked, last = {}, 0, ''
-while #found < 2 * (limit + 1) and walked < max_walk do
+while #found < 3 * (limit + 1) and walked < max_walk do
   local chunk = redis.call('ZREVRANGEBYSCORE', KEYS[4], top, '-inf', 'WITHSCORES', 'LIMIT', 0, 100)
   if #chunk == 0 then last = ''; break end
   for i = 1, #chunk, 2 do
@@ -142,20 +153,24 @@ while #found < 2 * (limit + 1) and walked < max_walk do
       redis.call('ZREM', KEYS[4], id)
     else
       local status, expires, tags, kind = parse(v)
+      -- A running job past the expiry the index knows may have ended without the index hearing
+      -- of it: whatever the status filter, the listing reads it (and repairs the entry).
+      local unsure = status == 'running' and expires <= now
       if status ~= 'running' and expires <= now then
         forget(id, tags, prefix)
-      elseif (statuses == '' or string.find(statuses, ',' .. status .. ',', 1, true))
+      elseif (unsure or statuses == '' or string.find(statuses, ',' .. status .. ',', 1, true))
           and (not by_type or kind == want_type) then
         found[#found + 1] = id
         found[#found + 1] = seq
-        if #found == 2 * (limit + 1) then break end
+        found[#found + 1] = unsure and '1' or ''
+        if #found == 3 * (limit + 1) then break end
       end
     end
     if walked >= max_walk then break end
   end
   top = '(' .. last
   if #chunk < 200 then
-    if #found < 2 * (limit + 1) and walked < max_walk then last = '' end
+    if #found < 3 * (limit + 1) and walked < max_walk then last = '' end
     break
   end
 end
@@ -171,6 +186,8 @@ class IndexPage:
 
     job_ids: list[str]
     next_seq: int | None
+    #: Running jobs past the expiry the index knows: read whatever the status filter, to repair.
+    unsure: frozenset[str] = frozenset()
 
 
 def encode_cursor(seq: int) -> str:
@@ -223,23 +240,32 @@ class JobIndex:
         args: list[str | int] = [now_ms, job_id, entry, expires_ms, key_ttl_ms, _tag_prefix(user), ",".join(tags)]
         return self._add, self._keys(user), args
 
-    def remove_call(self, user: str, job_ids: Sequence[str]) -> ScriptCall:
-        """The script that forgets jobs of ``user``'s, to send with others (pipelines.py)."""
-        return self._remove, self._keys(user)[:3], [_tag_prefix(user), *job_ids]
+    def remove_call(self, user: str, job_ids: Sequence[str], *, gone_at_ms: int | None = None) -> ScriptCall:
+        """The script that forgets jobs of ``user``'s, to send with others (pipelines.py); with
+        ``gone_at_ms``, only those whose known expiry is past by then (found gone by a listing)."""
+        when = "" if gone_at_ms is None else gone_at_ms
+        return self._remove, self._keys(user)[:3], [_tag_prefix(user), when, *job_ids]
 
     async def run(self, call: ScriptCall) -> Any:
         script, script_keys, args = call
         return await script(keys=script_keys, args=args)
 
     async def status_changed(self, user: str, job_id: str, status: str, expires_ms: int, now_ms: int) -> None:
+        """Copy a job's new status into its owner's index. The job's own write has landed by now,
+        so a failure here is logged and counted, not raised: a copy left behind is repaired when a
+        listing reads the job."""
         key_ttl_ms = max(0, expires_ms - now_ms) + KEY_SLACK_MS
-        await self._status(
-            keys=self._keys(user), args=[job_id, status, expires_ms, key_ttl_ms, _tag_prefix(user), _TERMINAL]
-        )
+        try:
+            await self._status(
+                keys=self._keys(user), args=[job_id, status, expires_ms, key_ttl_ms, _tag_prefix(user), _TERMINAL]
+            )
+        except RedisError as exc:
+            metrics.redis_errors.labels("job_index").inc()
+            logger.warning("job %s: its owner's index missed its status %s (%s)", job_id, status, type(exc).__name__)
 
-    async def remove(self, user: str, job_ids: Sequence[str]) -> None:
+    async def remove(self, user: str, job_ids: Sequence[str], *, gone_at_ms: int | None = None) -> None:
         if job_ids:
-            await self.run(self.remove_call(user, job_ids))
+            await self.run(self.remove_call(user, job_ids, gone_at_ms=gone_at_ms))
 
     async def page(
         self,
@@ -270,10 +296,11 @@ class JobIndex:
         ]
         reply = await self._page(keys=[*index_keys[:3], source], args=args)
         *flat, last = reply
-        job_ids = [flat[i] for i in range(0, len(flat), 2)]
+        job_ids = [flat[i] for i in range(0, len(flat), 3)]
+        unsure = frozenset(flat[i] for i in range(0, len(flat), 3) if flat[i + 2])
         if len(job_ids) > limit:
-            return IndexPage(job_ids[:limit], int(flat[2 * limit - 1]))
-        return IndexPage(job_ids, int(last) if last else None)
+            return IndexPage(job_ids[:limit], int(flat[3 * limit - 2]), unsure)
+        return IndexPage(job_ids, int(last) if last else None, unsure)
 
 
 def _tag_prefix(user: str) -> str:

@@ -65,6 +65,9 @@ class JobsCursor:
         self._done: set[str] = set()
         self._packed: dict[str, bytes] = {}
 
+    def __len__(self) -> int:
+        return len(self._positions)
+
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._positions
 

@@ -19,11 +19,10 @@ from redis.exceptions import NoScriptError
 ScriptCall = tuple[AsyncScript, Sequence[str], Sequence[str | int]]
 
 
-async def run_scripts(client: Redis, calls: Sequence[ScriptCall], then: Sequence[tuple[str, ...]] = ()) -> list[Any]:
-    """Each script's reply, in order, then those of plain commands ``then``; raises the first error
-    but NOSCRIPT (those scripts run again, once loaded, after the rest: no call may depend on
-    running before the next)."""
-    replies = await _send(client, calls, then)
+async def run_scripts(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Each script's reply, in order; raises the first error but NOSCRIPT (those scripts run again,
+    once loaded, after the rest: no call may depend on running before the next)."""
+    replies = await _send(client, calls)
     missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:
         for script in {id(calls[index][0]): calls[index][0] for index in missing}.values():
@@ -36,10 +35,8 @@ async def run_scripts(client: Redis, calls: Sequence[ScriptCall], then: Sequence
     return replies
 
 
-async def _send(client: Redis, calls: Sequence[ScriptCall], then: Sequence[tuple[str, ...]] = ()) -> list[Any]:
+async def _send(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
     async with client.pipeline(transaction=False) as pipe:
         for script, keys, args in calls:
             pipe.evalsha(script.sha, len(keys), *keys, *args)
-        for command in then:
-            pipe.execute_command(*command)
         return list(await pipe.execute(raise_on_error=False))

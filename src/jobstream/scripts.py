@@ -221,10 +221,14 @@ return {'deleted', removed, owner or ''}
 """
 
 #: Store a new job's metadata with its TTL, in one step; with a second key (the queue, on a single
-#: Redis where both share the server) queue the job in the same step. KEYS: meta[, queue].
-#: ARGV: ttl_s, job id, then field/value pairs of the metadata.
+#: Redis where both share the server) queue the job in the same step; then announce it on the
+#: channels of its owner's tag feeds (keys.user_feed: PUBLISH names no key, and reaches every node
+#: of a cluster), only once it exists. KEYS: meta[, queue]. ARGV: ttl_s, job id, the announcement,
+#: the number of channels, the channels, then field/value pairs of the metadata.
 CREATE = """
-redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+local nchannels = tonumber(ARGV[4])
+redis.call('HSET', KEYS[1], unpack(ARGV, 5 + nchannels))
 redis.call('EXPIRE', KEYS[1], ARGV[1])
 if KEYS[2] then redis.call('XADD', KEYS[2], '*', 'job', ARGV[2]) end
+for i = 5, 4 + nchannels do redis.call('PUBLISH', ARGV[i], ARGV[3]) end
 """

@@ -327,7 +327,8 @@ class JobStore:
         meta = keys.meta_key(job_id)
         queued = job.type != "external"
         together = queued and not isinstance(self._redis, RedisCluster)
-        args: list[str | int] = [ttl_s, job_id]
+        channels = [keys.live_channel(keys.user_feed(job.owner, tag)) for tag in job.tags]
+        args: list[str | int] = [ttl_s, job_id, f"0-0{FIELD_SEP}job{FIELD_SEP}{job_id}", len(channels), *channels]
         for name, value in job.fields.items():
             args += [name, value]
         # The owner's index entry first: one whose job never came to be is dropped when listed.
@@ -346,8 +347,7 @@ class JobStore:
                 await self.index.run(index_call)
                 await self._create(keys=create_keys, args=args)
             else:  # one round trip
-                announce = [("PUBLISH", channel, message) for channel, message in _announcements(job)]
-                await run_scripts(self._redis, [index_call, (self._create, create_keys, args)], announce)
+                await run_scripts(self._redis, [index_call, (self._create, create_keys, args)])
         except ResponseError:
             if together:  # the script stopped after storing the job, before queueing it: undo
                 await self._redis.delete(meta)
@@ -359,9 +359,6 @@ class JobStore:
                 # Undo the half-made job rather than leave it pending.
                 await self._redis.delete(meta)
                 raise
-        if isinstance(self._redis, RedisCluster) and job.tags:
-            # A cluster pipeline routes by key; a channel has none (PUBLISH reaches every node).
-            await asyncio.gather(*(self._redis.publish(channel, message) for channel, message in _announcements(job)))
 
     async def get(self, job_id: str) -> JobRecord | None:
         # HGETALL, input and all: an HMGET of the status document's fields costs the gateway more
@@ -399,11 +396,12 @@ class JobStore:
             )
             jobs = await self._view_fields(page.job_ids)
             gone = [job_id for job_id, job in zip(page.job_ids, jobs, strict=True) if job is None]
-            present = [job for job in jobs if job is not None]
+            present = [job for job in jobs if job is not None and job.owner == user]
             found += [job for job in present if query.matches(job)]
-            await self.index.remove(user, gone)
+            await self.index.remove(user, gone, gone_at_ms=now_ms())
             for job in present:
-                if not query.matches(job):  # the index's copy of its status fell behind: repair it
+                if not query.matches(job) or job.id in page.unsure:
+                    # Its status, or (running) its expiry, moved on without the index.
                     await self.index.status_changed(user, job.id, job.status.value, job.expires_ms, now_ms())
             after_seq = page.next_seq
             if len(found) == query.limit or after_seq is None:
@@ -677,13 +675,6 @@ class JobStore:
 
     async def forget_idempotent(self, key: str) -> None:
         await self._redis.delete(key)
-
-
-def _announcements(job: JobRecord) -> list[tuple[str, str]]:
-    """What tells readers that follow one of the job's tags (keys.user_feed) that it exists: an
-    event whose data is the job's id, on each tag's channel."""
-    message = f"0-0{FIELD_SEP}job{FIELD_SEP}{job.id}"
-    return [(keys.live_channel(keys.user_feed(job.owner, tag)), message) for tag in job.tags]
 
 
 def _job_read(reply: list[Any], cursor: str | None) -> JobRead | None:

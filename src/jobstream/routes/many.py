@@ -15,7 +15,6 @@ import re
 from dataclasses import dataclass, field
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -33,13 +32,18 @@ from jobstream.routes.stream import SSE_HEADERS, EventStream, PollQuery, poll_qu
 from jobstream.sendwatch import EventStreamResponse
 from jobstream.services import Services, services
 from jobstream.store import NOT_YOURS, JobRead, StoredEvent, now_ms
-from jobstream.subscription import HubClosed
+from jobstream.subscription import HubClosed, SubscriberOverflow
 
 #: Jobs one request follows at most: those listed, or a tag's newest.
 MAX_JOBS = 100
 _TAG = re.compile(TAG_PATTERN)
 #: Events one poll reads of each job at most (a poll answers up to `limit` of all jobs together).
 POLL_PAGE_PER_JOB = 100
+#: History one step of a many-jobs stream reads of all its jobs together, and at least per job.
+HISTORY_PER_STEP = 5000
+MIN_PAGE_PER_JOB = 50
+#: Events one write of a many-jobs stream carries at most (each frame's id is the whole cursor).
+MAX_CHUNK_EVENTS = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,14 +216,16 @@ async def stream_many(request: Request) -> Response:
     handed_over = False
     try:
         if chosen.tag is not None and request.method != "HEAD":
-            await _follow_feed(group, keys.user_feed(principal.user, chosen.tag))
+            await _follow_feed(group, svc, principal, chosen, cursor)
         job_ids = await followed_ids(svc, principal, chosen)
-        joined = group if request.method != "HEAD" else None
-        opened = await open_jobs(svc, principal, chosen, cursor, job_ids, HISTORY_PAGE, joined)
+        group.page_size = history_page(len(job_ids))
+        if request.method == "HEAD":  # the checks only: nothing is followed, nothing read
+            await open_jobs(svc, principal, chosen, cursor, job_ids, 0)
+            status = 204 if all_done(chosen, cursor) else 200
+            return Response(status_code=status, headers=SSE_HEADERS, media_type="text/event-stream")
+        opened = await open_jobs(svc, principal, chosen, cursor, job_ids, group.page_size, group)
         if all_done(chosen, cursor):
             return Response(status_code=204)
-        if request.method == "HEAD":
-            return Response(headers=SSE_HEADERS, media_type="text/event-stream")
         leases, holder = stream_slots(svc, principal, chosen)
         lease = await leases.acquire(holder)
         if lease is None:
@@ -237,9 +243,24 @@ async def stream_many(request: Request) -> Response:
     return EventStreamResponse(stream, headers=SSE_HEADERS, watch=svc.send_watch)
 
 
-async def _follow_feed(group: JobGroup, feed: str) -> None:
+def history_page(job_count: int) -> int:
+    """Events of history read per job and step: a step reads every job that needs it, so with
+    many jobs each gets a smaller share (one step's reads and the chunk they make stay bounded)."""
+    return max(MIN_PAGE_PER_JOB, min(HISTORY_PAGE, HISTORY_PER_STEP // max(1, job_count)))
+
+
+async def _follow_feed(
+    group: JobGroup, svc: Services, principal: Principal, chosen: Selection, cursor: JobsCursor
+) -> None:
+    """Join the tag's feed of new jobs (before the tag's jobs are listed)."""
+    assert chosen.tag is not None
+
+    async def relist() -> dict[str, str]:
+        job_ids = await followed_ids(svc, principal, chosen)
+        return {job_id: cursor.after(job_id) for job_id in job_ids if not cursor.is_done(job_id)}
+
     try:
-        await group.follow_feed(feed)
+        await group.follow_feed(keys.user_feed(principal.user, chosen.tag), relist)
     except (TimeoutError, HubClosed) as exc:
         raise RedisConnectionError("the hub could not follow the tag in time") from exc
 
@@ -284,17 +305,32 @@ class ManyStream(EventStream):
 
     async def _next_chunk(self) -> tuple[bytes, bool] | None:
         group = cast_group(self._follower)
-        batch, self._pending = self._pending, []
-        if not batch:
-            batch = await group.next()
+        batch = self._pending or await group.next()
+        batch, self._pending = batch[:MAX_CHUNK_EVENTS], batch[MAX_CHUNK_EVENTS:]
         for job_id in group.take_gone():
             self._cursor.advance(job_id, self._cursor.after(job_id), done=True)
         if not batch:
             return (b"", True) if all_done(self._chosen, self._cursor) else None
         metrics.deliveries.sse += len(batch)
         self._written = batch[-1][1].id
+        if self._chosen.tag is not None:
+            self._make_room(group, {job_id for job_id, _ in batch if job_id not in self._cursor})
         chunk = frames(batch, self._cursor)
         return chunk, all_done(self._chosen, self._cursor)
+
+    def _make_room(self, group: JobGroup, joining: set[str]) -> None:
+        """Keep a tag's cursor bounded as jobs keep joining: past MAX_JOBS, the ended jobs that
+        joined first leave it (and the group). A reconnect lists the tag's newest MAX_JOBS, which
+        they are older than, so none is read again."""
+        cursor = self._cursor
+        excess = len(cursor) + len(joining) - MAX_JOBS
+        for job_id in cursor.jobs():
+            if excess <= 0:
+                break
+            if cursor.is_done(job_id):
+                cursor.forget(job_id)
+                group.remove(job_id)
+                excess -= 1
 
 
 def cast_group(follower: object) -> JobGroup:
@@ -321,13 +357,13 @@ async def poll_many(request: Request) -> Response:
     events = _merged(opened, min(query.limit, POLL_PAGE_PER_JOB), query.limit)
     if not events and query.wait > 0 and not all_done(chosen, cursor):
         metrics.polls.labels("long").inc()
-        events = (await _wait_many(request, svc, principal, cursor, query))[: query.limit]
+        events = (await _wait_many(request, svc, principal, chosen, cursor, query))[: query.limit]
     else:
         metrics.polls.labels("short").inc()
     for job_id, event in events:
         cursor.advance(job_id, event.id, done=event.is_done)
     metrics.deliveries.poll += len(events)
-    return _poll_answer(events, cursor, chosen)
+    return _poll_answer(events, cursor, chosen, opened)
 
 
 def _merged(opened: Opened, per_job: int, limit: int) -> Batch:
@@ -348,26 +384,30 @@ def _merged(opened: Opened, per_job: int, limit: int) -> Batch:
 
 
 async def _wait_many(
-    request: Request, svc: Services, principal: Principal, cursor: JobsCursor, query: PollQuery
+    request: Request, svc: Services, principal: Principal, chosen: Selection, cursor: JobsCursor, query: PollQuery
 ) -> Batch:
-    """A long-poll of many jobs: the first batch any of them has within ``wait``, holding one of
-    the user's long-poll slots meanwhile (as a single job's long-poll does)."""
-    group = JobGroup(svc.feed)
+    """A long-poll of many jobs: the first batch any of them has within ``wait`` (with ``tag=``,
+    jobs created with the tag meanwhile included), holding one of the user's long-poll slots
+    meanwhile, as a single job's long-poll does."""
+    group = JobGroup(svc.feed, page_size=POLL_PAGE_PER_JOB)
     try:
         positions = {job_id: cursor.after(job_id) for job_id in cursor.jobs() if not cursor.is_done(job_id)}
-        with contextlib.suppress(TimeoutError, HubClosed, RedisError):
-            await group.add(positions)
-
-            return await wait_for_slot(request, svc, principal.user, _first_batch(group, query.wait))
-        return []
+        if chosen.tag is not None:
+            await _follow_feed(group, svc, principal, chosen, cursor)
+            # Listed again once the feed is joined: a job created since the poll's listing counts.
+            positions = {job_id: cursor.after(job_id) for job_id in await followed_ids(svc, principal, chosen)}
+            positions = {job_id: after for job_id, after in positions.items() if not cursor.is_done(job_id)}
+        await _join(group, positions)
+        return await wait_for_slot(request, svc, principal.user, _first_batch(group, query.wait))
     finally:
         group.close()
 
 
 async def _first_batch(group: JobGroup, wait_s: float) -> Batch:
-    """The group's first batch of events within ``wait_s`` ([] if none came, or every job is gone)."""
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(wait_s):  # around futures and a pipeline read only
+    """The group's first batch of events within ``wait_s`` ([] if none came, every job is gone,
+    the reader fell behind or the gateway is shutting down: the next poll reads from Redis)."""
+    with contextlib.suppress(TimeoutError, SubscriberOverflow, HubClosed):
+        async with asyncio.timeout(wait_s):  # around futures and pipelined reads only
             while not (batch := await group.next()):
                 if group.take_gone() and not len(group):
                     return []
@@ -375,11 +415,19 @@ async def _first_batch(group: JobGroup, wait_s: float) -> Batch:
     return []
 
 
-def _poll_answer(events: Batch, cursor: JobsCursor, chosen: Selection) -> Response:
+def _poll_answer(events: Batch, cursor: JobsCursor, chosen: Selection, opened: Opened | None = None) -> Response:
+    """The answer, each event's stored JSON spliced in as is; with ``truncated`` (as a single job's
+    poll has it) for the jobs whose resume point was trimmed away."""
     items = ",".join(
         f'{{"job_id":"{job_id}","id":"{event.id}","type":"{event.type}","data":{event.data}}}'
         for job_id, event in events
     )
     done = "true" if all_done(chosen, cursor) else "false"
-    body = f'{{"events":[{items}],"cursor":"{cursor.encode()}","done":{done}}}'
+    body = f'{{"events":[{items}],"cursor":"{cursor.encode()}","done":{done}'
+    trimmed = [
+        {"job_id": job_id, "first_id": read.first_kept}
+        for job_id, read in (opened.reads.items() if opened else ())
+        if read.first_kept is not None
+    ]
+    body += f',"truncated":{to_json(trimmed)}}}' if trimmed else "}"
     return Response(body.encode(), media_type="application/json", headers={"Cache-Control": "no-store"})
