@@ -53,7 +53,7 @@ export class JobStreamError extends Error {
   }
 }
 
-async function errorFrom(response) {
+async function errorFrom(response, expiredMessage) {
   let detail = response.statusText || `HTTP ${response.status}`;
   try {
     const body = await response.json();
@@ -64,7 +64,7 @@ async function errorFrom(response) {
   const kinds = { 400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "expired", 410: "expired", 429: "rate_limited" };
   const kind = kinds[response.status] || "unavailable";
   const retryAfter = Number(response.headers.get("Retry-After"));
-  const message = kind === "expired" ? "This job does not exist or has expired." : detail;
+  const message = kind === "expired" ? expiredMessage : detail;
   return new JobStreamError(kind, message, {
     status: response.status,
     retryAfterS: Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter : null,
@@ -85,10 +85,10 @@ export function backoffMs(failures, retryAfterS = null, scheduleS = BACKOFF_S) {
 
 /**
  * Follow a job's events. `job` is the create response, or any object with `id`, `token` and
- * `links` (`events`, `poll`). Returns `{ close(), transport }`.
+ * `links` (`events`, `poll`). Returns `{ close(), transport, lastEventId }`.
  */
 export function followJob(job, options = {}) {
-  const follower = new Follower(job, options);
+  const follower = new JobFollower(job, options);
   follower.start();
   return {
     close: () => follower.close(),
@@ -101,20 +101,32 @@ export function followJob(job, options = {}) {
   };
 }
 
-class Follower {
-  constructor(job, options) {
-    if (!job || !job.id) throw new TypeError("followJob needs a job with an id");
-    const links = job.links || {};
-    this.job = job;
-    this.eventsUrl = links.events || `/v1/jobs/${job.id}/events`;
-    this.pollUrl = links.poll || `/v1/jobs/${job.id}/poll`;
+/** The typed callback of each event type, and the argument it takes from the event's data. */
+const TYPED_CALLBACKS = {
+  delta: ["onDelta", (data) => data.text],
+  progress: ["onProgress", (data) => data],
+  status: ["onStatus", (data) => data.status],
+  result: ["onResult", (data) => data],
+  failure: ["onFailure", (data) => data],
+  truncated: ["onTruncated", (data) => data.first_id],
+  done: ["onStatus", (data) => data.status],
+};
+
+/**
+ * What both followers share: EventSource with its diagnosis and retries, long-polling with
+ * backoff, hidden tabs and offline periods. A subclass says where to read from (`sseUrl`,
+ * `pollUrl`) and how to take what arrives (`sseMessage`, `takePage`).
+ */
+class Reader {
+  constructor(options, { canUseSse = true, why = null } = {}) {
     this.options = { transport: "auto", pollWaitS: 25, resume: true, backoffS: BACKOFF_S, ...options };
     if (!["auto", "sse", "poll"].includes(this.options.transport)) {
       throw new TypeError(`transport must be "auto", "sse" or "poll", not ${JSON.stringify(this.options.transport)}`);
     }
+    this.sseBlocked = canUseSse ? null : why;
     this.storage = this.options.resume ? sessionStore() : null;
-    this.storageKey = STORAGE_PREFIX + job.id;
-    this.lastId = this.options.after || (this.storage && this.storage.getItem(this.storageKey)) || null;
+    this.headers = undefined;
+    this.expiredMessage = "This job does not exist or has expired.";
     this.transport = null;
     this.closed = false;
     this.source = null;
@@ -130,12 +142,10 @@ class Follower {
   start() {
     window.addEventListener("offline", this.onOffline);
     window.addEventListener("online", this.onOnline);
-    const wantsSse = this.options.transport !== "poll";
-    if (wantsSse && typeof window.EventSource === "function") {
-      this.useSse();
-    } else {
-      this.usePoll(wantsSse && this.options.transport === "auto" ? "EventSource is not available" : "asked for");
-    }
+    if (this.options.transport === "poll") return this.usePoll("asked for");
+    const blocked = typeof window.EventSource === "function" ? this.sseBlocked : "EventSource is not available";
+    if (blocked) this.usePoll(blocked);
+    else this.useSse();
   }
 
   close() {
@@ -189,47 +199,8 @@ class Follower {
     this.call("onError", error);
   }
 
-  // ---- delivery: the one place events reach the page, in order and once each
-
-  deliver(event) {
-    if (this.closed) return;
-    if (event.type !== "truncated") {
-      if (!event.id || !isAfter(event.id, this.lastId)) return; // seen already (resume overlap)
-    }
-    const data = event.data;
-    switch (event.type) {
-      case "delta":
-        this.call("onDelta", data.text, event);
-        break;
-      case "progress":
-        this.call("onProgress", data, event);
-        break;
-      case "status":
-        this.call("onStatus", data.status, event);
-        break;
-      case "result":
-        this.call("onResult", data, event);
-        break;
-      case "failure":
-        this.call("onFailure", data, event);
-        break;
-      case "truncated":
-        this.call("onTruncated", data.first_id, event);
-        break;
-      case "done":
-        this.call("onStatus", data.status, event);
-        break;
-    }
-    // After the typed callback, so that a page saving its state here has this event applied.
-    this.call("onEvent", event);
-    if (event.id) {
-      this.lastId = event.id;
-      if (this.storage) this.storage.setItem(this.storageKey, event.id);
-    }
-    if (event.type === "done") {
-      this.close();
-      this.call("onDone", data.status, event);
-    }
+  fetchPoll(url, signal) {
+    return fetch(url, { cache: "no-store", signal, headers: this.headers });
   }
 
   // ---- server-sent events
@@ -237,15 +208,14 @@ class Follower {
   useSse() {
     this.stopSse();
     if (this.transport !== "sse") this.setTransport("sse");
-    const url = withQuery(this.eventsUrl, { token: this.job.token, last_event_id: this.lastId });
-    const source = new EventSource(url);
+    const source = new EventSource(this.sseUrl());
     this.source = source;
     this.sseDelivered = 0;
     for (const type of EVENT_TYPES) {
       source.addEventListener(type, (message) => {
         this.sseDelivered += 1;
         this.failures = 0;
-        this.deliver({ id: message.lastEventId, type, data: parseData(message.data) });
+        if (!this.closed) this.sseMessage(type, message);
       });
     }
     source.addEventListener("error", () => this.sseError(source));
@@ -273,20 +243,18 @@ class Follower {
     let response;
     let body = null;
     try {
-      response = await fetch(withQuery(this.pollUrl, { token: this.job.token, after: this.lastId }), {
-        cache: "no-store",
-      });
+      response = await this.fetchPoll(this.pollUrl());
       if (response.ok) body = await response.json();
     } catch {
       response = null; // the network is down: retry below
     }
     if (this.closed) return;
     if (response && !response.ok) {
-      const error = await errorFrom(response);
+      const error = await errorFrom(response, this.expiredMessage);
       if (isFinal(error)) return this.fail(error);
       return this.retrySse(error);
     }
-    if (body && this.takePage(body)) return; // the job had ended (a 204 to EventSource, say)
+    if (body && this.takePage(body)) return; // it had ended (a 204 to EventSource, say)
     if (body && this.options.transport === "auto" && this.sseDelivered === 0) {
       return this.usePoll("server-sent events failed before any event arrived");
     }
@@ -304,18 +272,6 @@ class Follower {
     }, backoffMs(this.failures, error && error.retryAfterS, this.options.backoffS));
   }
 
-  /** Deliver one poll answer; true once the job has ended. */
-  takePage(body) {
-    if (body.truncated) this.deliver({ id: null, type: "truncated", data: body.truncated });
-    for (const event of body.events) this.deliver(event);
-    if (!this.closed && body.done) {
-      // `done` was delivered before this follow began (a reload after the end): close all the same.
-      this.close();
-      this.call("onDone", body.status, null);
-    }
-    return this.closed;
-  }
-
   // ---- long-polling
 
   usePoll(reason) {
@@ -330,7 +286,7 @@ class Follower {
     this.pausePolling();
   }
 
-  /** Drop the in-flight poll and any pending one: nothing is lost, `after` resumes it. */
+  /** Drop the in-flight poll and any pending one: nothing is lost, the resume point resumes it. */
   pausePolling() {
     if (this.timer) {
       clearTimeout(this.timer);
@@ -362,14 +318,9 @@ class Follower {
   async pollOnce() {
     const controller = new AbortController();
     this.poller = controller;
-    const url = withQuery(this.pollUrl, {
-      token: this.job.token,
-      after: this.lastId,
-      wait: this.options.pollWaitS,
-    });
     let error = null;
     try {
-      const response = await fetch(url, { cache: "no-store", signal: controller.signal });
+      const response = await this.fetchPoll(this.pollUrl(this.options.pollWaitS), controller.signal);
       if (response.ok) {
         const body = await response.json();
         if (this.poller !== controller) return;
@@ -378,7 +329,7 @@ class Follower {
         if (!this.takePage(body)) this.schedulePoll(0);
         return;
       }
-      error = await errorFrom(response);
+      error = await errorFrom(response, this.expiredMessage);
     } catch (caught) {
       if (controller.signal.aborted) return; // paused or closed
       error = new JobStreamError("unavailable", "The network is unreachable.");
@@ -390,6 +341,65 @@ class Follower {
     if (this.failures >= MAX_FAILURES) return this.fail(error);
     this.call("onRetry", error, this.failures);
     this.schedulePoll(backoffMs(this.failures, error.retryAfterS, this.options.backoffS));
+  }
+}
+
+/** One job: its resume point is the last event id seen, kept per job. */
+class JobFollower extends Reader {
+  constructor(job, options) {
+    if (!job || !job.id) throw new TypeError("followJob needs a job with an id");
+    super(options);
+    const links = job.links || {};
+    this.job = job;
+    this.eventsUrl = links.events || `/v1/jobs/${job.id}/events`;
+    this.pollBase = links.poll || `/v1/jobs/${job.id}/poll`;
+    this.storageKey = STORAGE_PREFIX + job.id;
+    this.lastId = this.options.after || (this.storage && this.storage.getItem(this.storageKey)) || null;
+  }
+
+  sseUrl() {
+    return withQuery(this.eventsUrl, { token: this.job.token, last_event_id: this.lastId });
+  }
+
+  pollUrl(waitS) {
+    return withQuery(this.pollBase, { token: this.job.token, after: this.lastId, wait: waitS });
+  }
+
+  sseMessage(type, message) {
+    this.deliver({ id: message.lastEventId, type, data: parseData(message.data) });
+  }
+
+  // ---- delivery: the one place events reach the page, in order and once each
+
+  deliver(event) {
+    if (this.closed) return;
+    if (event.type !== "truncated") {
+      if (!event.id || !isAfter(event.id, this.lastId)) return; // seen already (resume overlap)
+    }
+    const typed = TYPED_CALLBACKS[event.type];
+    if (typed) this.call(typed[0], typed[1](event.data), event);
+    // After the typed callback, so that a page saving its state here has this event applied.
+    this.call("onEvent", event);
+    if (event.id) {
+      this.lastId = event.id;
+      if (this.storage) this.storage.setItem(this.storageKey, event.id);
+    }
+    if (event.type === "done") {
+      this.close();
+      this.call("onDone", event.data.status, event);
+    }
+  }
+
+  /** Deliver one poll answer; true once the job has ended. */
+  takePage(body) {
+    if (body.truncated) this.deliver({ id: null, type: "truncated", data: body.truncated });
+    for (const event of body.events) this.deliver(event);
+    if (!this.closed && body.done) {
+      // `done` was delivered before this follow began (a reload after the end): close all the same.
+      this.close();
+      this.call("onDone", body.status, null);
+    }
+    return this.closed;
   }
 }
 
