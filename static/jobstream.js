@@ -1,14 +1,17 @@
-// jobstream browser client: follow a job's events over SSE or long-polling, resuming without
-// gaps or duplicates. No dependencies; an ES module. Types: jobstream.d.ts.
+// jobstream browser client: follow a job's events, or many jobs' on one connection, over SSE or
+// long-polling, resuming without gaps or duplicates. No dependencies; an ES module. Types:
+// jobstream.d.ts.
 //
-//   import { followJob } from "/static/jobstream.js";
+//   import { followJob, followJobs } from "/static/jobstream.js";
 //   const follow = followJob(job, { onDelta: (text) => ..., onDone: (status) => ... });
+//   const many = followJobs({ jobs: [id1, id2], token }, { onDelta: (jobId, text) => ... });
 //   follow.close();
 
 const EVENT_TYPES = ["status", "delta", "progress", "result", "failure", "log", "done", "truncated"];
 const BACKOFF_S = [2, 4, 8, 16];
 const MAX_FAILURES = 5;
 const STORAGE_PREFIX = "jobstream:last-event-id:";
+const JOBS_STORAGE_PREFIX = "jobstream:cursor:";
 
 /** Stream ids ("<ms>-<seq>") in order; true when a comes after b. */
 export function isAfter(a, b) {
@@ -89,16 +92,27 @@ export function backoffMs(failures, retryAfterS = null, scheduleS = BACKOFF_S) {
  */
 export function followJob(job, options = {}) {
   const follower = new JobFollower(job, options);
+  return started(follower, { lastEventId: () => follower.lastId });
+}
+
+/**
+ * Follow many jobs on one connection: `{ jobs: [ids] }` or `{ tag }`, with a `token` (a read token
+ * covering them, or a job's own for one job) or, for polling only, `headers`. Returns
+ * `{ close(), transport, cursor }`.
+ */
+export function followJobs(selection, options = {}) {
+  const follower = new JobsFollower(selection, options);
+  return started(follower, { cursor: () => follower.cursor });
+}
+
+/** Start a follower; its handle closes it and reads its transport and `getters`. */
+function started(follower, getters) {
   follower.start();
-  return {
-    close: () => follower.close(),
-    get transport() {
-      return follower.transport;
-    },
-    get lastEventId() {
-      return follower.lastId;
-    },
-  };
+  const handle = { close: () => follower.close() };
+  for (const [name, get] of Object.entries({ transport: () => follower.transport, ...getters })) {
+    Object.defineProperty(handle, name, { get, enumerable: true });
+  }
+  return handle;
 }
 
 /** The typed callback of each event type, and the argument it takes from the event's data. */
@@ -403,8 +417,138 @@ class JobFollower extends Reader {
   }
 }
 
+/**
+ * Many jobs on one connection (`/v1/events`, `/v1/poll`): the resume point is the gateway's
+ * opaque cursor, kept per selection, with each job's last event id beside it so that nothing is
+ * delivered twice even when a poll answer was cut short by `close()`.
+ */
+class JobsFollower extends Reader {
+  constructor(selection, options) {
+    const { jobs, tag, token, headers } = selection || {};
+    if ((jobs === undefined || jobs === null) === (tag === undefined || tag === null)) {
+      throw new TypeError("followJobs needs either jobs (a list of job ids) or a tag");
+    }
+    if (jobs && (!Array.isArray(jobs) || jobs.length === 0)) throw new TypeError("jobs must be a non-empty list of ids");
+    if (!token && !headers) throw new TypeError("followJobs needs a token, or headers with an Authorization to poll");
+    super(options, { canUseSse: Boolean(token), why: "no token: EventSource cannot send an Authorization header" });
+    if (!token && this.options.transport === "sse") {
+      throw new TypeError("server-sent events need a token: EventSource cannot send an Authorization header");
+    }
+    this.jobIds = jobs ? [...new Set(jobs)] : null;
+    this.tag = this.jobIds ? null : tag;
+    this.token = token;
+    this.headers = headers;
+    this.expiredMessage = "One of these jobs does not exist or has expired.";
+    this.selected = this.jobIds ? { jobs: this.jobIds.join(",") } : { tag };
+    this.storageKey = selectionKey(this.jobIds, this.tag);
+    const saved = this.options.cursor ? {} : this.restore();
+    this.cursor = this.options.cursor || saved.cursor || null;
+    this.lastIds = new Map(Object.entries(saved.last || {}));
+    this.ended = new Set(saved.ended || []);
+  }
+
+  restore() {
+    try {
+      const saved = this.storage && JSON.parse(this.storage.getItem(this.storageKey));
+      return saved && typeof saved === "object" ? saved : {};
+    } catch {
+      return {}; // not ours, or damaged: start from the beginning
+    }
+  }
+
+  save() {
+    if (!this.storage) return;
+    const state = { cursor: this.cursor, last: Object.fromEntries(this.lastIds), ended: [...this.ended] };
+    this.storage.setItem(this.storageKey, JSON.stringify(state));
+  }
+
+  sseUrl() {
+    return withQuery("/v1/events", { ...this.selected, token: this.token, last_event_id: this.cursor });
+  }
+
+  pollUrl(waitS) {
+    return withQuery("/v1/poll", { ...this.selected, token: this.token, cursor: this.cursor, wait: waitS });
+  }
+
+  /** Each frame is one job's event wrapped as {job_id, id, data}, its SSE id the whole cursor. */
+  sseMessage(type, message) {
+    const wrapped = parseData(message.data);
+    if (type === "truncated") {
+      // An unnamed frame: its lastEventId is an earlier event's, so it moves no cursor.
+      return this.deliver(wrapped.job_id, { id: null, type, data: { first_id: wrapped.first_id } });
+    }
+    this.deliver(wrapped.job_id, { id: wrapped.id, type, data: wrapped.data });
+    this.commit(message.lastEventId);
+    if (!this.closed && this.allEnded()) this.finish();
+  }
+
+  /** Deliver one poll answer; true once every listed job has ended. */
+  takePage(body) {
+    let delivered = 0;
+    for (const item of body.events) {
+      if (this.closed) break; // closed by a callback: the cursor stays before this answer
+      this.deliver(item.job_id, { id: item.id, type: item.type, data: item.data });
+      delivered += 1;
+    }
+    if (delivered === body.events.length) this.commit(body.cursor);
+    else this.save(); // the old cursor, with the last ids of what was delivered
+    if (!this.closed && (body.done || this.allEnded())) this.finish();
+    return this.closed;
+  }
+
+  // ---- delivery: the one place events reach the page, in order and once each per job
+
+  deliver(jobId, event) {
+    if (this.closed) return;
+    if (event.type !== "truncated" && !isAfter(event.id, this.lastIds.get(jobId) || null)) return;
+    const typed = TYPED_CALLBACKS[event.type];
+    if (typed) this.call(typed[0], jobId, typed[1](event.data), event);
+    this.call("onEvent", jobId, event);
+    if (event.type === "truncated") return;
+    this.lastIds.set(jobId, event.id);
+    if (event.type === "done") {
+      this.ended.add(jobId);
+      this.call("onJobDone", jobId, event.data.status, event);
+    }
+  }
+
+  /** Store the cursor the gateway gave after the events just delivered. */
+  commit(cursor) {
+    if (!cursor) return;
+    this.cursor = cursor;
+    if (this.tag !== null) this.forgetEnded();
+    this.save();
+  }
+
+  /** With a tag nothing ever ends the follow, so ended jobs are dropped once the cursor has their
+   * `done` (the gateway sends them no more): the stored state stays as small as the cursor. */
+  forgetEnded() {
+    for (const jobId of this.ended) this.lastIds.delete(jobId);
+    this.ended.clear();
+  }
+
+  allEnded() {
+    return this.jobIds !== null && this.jobIds.every((jobId) => this.ended.has(jobId));
+  }
+
+  finish() {
+    this.close();
+    this.call("onDone");
+  }
+}
+
+function selectionKey(jobIds, tag) {
+  return JOBS_STORAGE_PREFIX + (jobIds ? `jobs:${[...jobIds].sort().join(",")}` : `tag:${tag}`);
+}
+
 /** Forget a job's resume point (say, once the page has shown its end). */
 export function forgetJob(jobId) {
   const storage = sessionStore();
   if (storage) storage.removeItem(STORAGE_PREFIX + jobId);
+}
+
+/** Forget the resume point of a `followJobs` selection ({ jobs } or { tag }). */
+export function forgetJobs({ jobs, tag } = {}) {
+  const storage = sessionStore();
+  if (storage) storage.removeItem(selectionKey(jobs ? [...new Set(jobs)] : null, tag));
 }

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
 
+from tests.browser_helpers import STORY_TIMEOUT_MS
 from tests.conftest import LiveStack
 
 CHROMIUM_FLAGS = [
@@ -29,7 +30,6 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-STORY_TIMEOUT_MS = 20_000
 
 
 def chromium_path() -> str:

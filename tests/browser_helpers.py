@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from playwright.sync_api import Page, Request
 
+#: How long a page may take over anything (a story, a reconnect), as Playwright's default timeout.
+STORY_TIMEOUT_MS = 20_000
+
 
 def requests_to(page: Page, fragment: str) -> list[str]:
     """The URLs of the page's requests from now on that contain ``fragment``, as they are made."""
