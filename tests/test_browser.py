@@ -152,21 +152,27 @@ def test_hiddenTab_whenPolling_thenPollsPauseUntilVisible(page: Page, dev_stack:
     assert polls
 
 
-def test_expiredJob_whenReopened_thenClearErrorAndNoRetryLoop(
-    page: Page, dev_stack: LiveStack, client_for: Callable[[LiveStack], httpx.Client]
+@pytest.mark.parametrize("tab_had_token", [True, False])
+def test_expiredJob_whenOpenedByLink_thenClearErrorAndNoRetryLoop(
+    page: Page, dev_stack: LiveStack, client_for: Callable[[LiveStack], httpx.Client], tab_had_token: bool
 ) -> None:
     http = client_for(dev_stack)
     job = http.post("/v1/jobs", json={"type": "external"}, headers=ALICE).json()
     assert http.delete(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 204
     page.goto(dev_stack.base_url + "/")
-    entry = {**job, "words": 10}
-    page.evaluate("entry => localStorage.setItem('jobstream-demo:recent', JSON.stringify([entry]))", entry)
+    if tab_had_token:  # the tab had been following it: its token is still in the tab's session
+        page.evaluate("job => sessionStorage.setItem(`jobstream-demo:job:${job.id}`, JSON.stringify(job))", job)
+    tokens = requests_to(page, "/v1/read-tokens")
     reads = requests_to(page, f"/v1/jobs/{job['id']}/")
     page.goto(f"{dev_stack.base_url}/?reopen#job={job['id']}")  # a new document, not a hash change
     expect(page.locator("#status")).to_have_text("expired")
     expect(page.get_by_role("alert")).to_have_text("This job does not exist or has expired.")
+    expect(page.get_by_role("button", name="Cancel job")).to_be_disabled()
     time.sleep(2)
-    assert len(reads) <= 2  # one event stream attempt and one poll that says 404, then nothing
+    if tab_had_token:
+        assert tokens == [] and len(reads) <= 2  # one event stream attempt and one poll that says 404
+    else:
+        assert len(tokens) == 1 and reads == []  # a token asked for (404), and no reading begun
 
 
 def test_client_whenCredentialRefused_thenOneErrorNoHammering(page: Page, dev_stack: LiveStack) -> None:

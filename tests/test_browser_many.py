@@ -1,21 +1,22 @@
-"""Many jobs on one connection in real headless Chromium: jobstream.js's followJobs, against a
-real gateway, worker and Redis.
+"""Many jobs on one connection in real headless Chromium: jobstream.js's followJobs and the demo
+page's recent jobs and "all my running jobs" view, against a real gateway, worker and Redis.
 
 Debian's ``chromium`` must be installed: without it these tests fail, they never skip.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
-from playwright.sync_api import Page
+from playwright.sync_api import Page, expect
 
 from jobstream.demo import story_text
-from tests.browser_helpers import requests_to
-from tests.conftest import ALICE, LiveStack, append, create_job
+from tests.browser_helpers import STORY_TIMEOUT_MS, requests_to
+from tests.conftest import ALICE, BOB, LiveStack, append, create_job
 
 pytest_plugins = ["tests.browser_fixtures"]
 
@@ -219,3 +220,64 @@ def test_followJobs_whenTokenCoversOtherJobs_thenOneForbiddenErrorNoRetry(page: 
     page.wait_for_function("() => window.seen.error")
     assert seen(page)["error"] == {"kind": "forbidden", "status": 403}
     assert len(reads) == 2  # the event stream, then one poll that says why, and no reconnect
+
+
+# ---- the demo page
+
+
+def test_demo_whenOpened_thenRecentJobsComeFromTheGateway(
+    page: Page, dev_stack: LiveStack, client_for: Callable[[LiveStack], httpx.Client]
+) -> None:
+    http = client_for(dev_stack)
+    job_ids = start_stories(http, 2, words=5, delay_ms=0)
+    create_job(http, headers=BOB)  # another user's: never listed
+    page.goto(dev_stack.base_url + "/")
+    rows = page.locator("#recent li")
+    expect(rows).to_have_count(2)
+    assert [rows.nth(i).get_attribute("data-job") for i in range(2)] == job_ids[::-1]  # newest first
+    expect(rows.first).to_contain_text("5 words")
+    rows.last.get_by_role("button", name="Reopen").click()  # a read token is asked for it
+    expect(page.locator("#status")).to_have_text("completed")
+    assert page.locator("#text").inner_text() == story_text(job_ids[0], 5)
+    expect(rows.last.locator(".badge")).to_have_text("completed")
+
+
+def test_demo_whenFollowingAllRunningJobs_thenEachTextOnOneConnection(page: Page, dev_stack: LiveStack) -> None:
+    page.goto(dev_stack.base_url + "/")
+    page.get_by_label("Words").fill("60")
+    page.get_by_label("Delay per word (ms)").fill("100")  # long enough to be running when listed
+    for _ in range(3):
+        page.get_by_role("button", name="Start a story").click()
+        expect(page.locator("#job-id")).not_to_have_text("–")
+        page.wait_for_function("() => !document.getElementById('start-button').disabled")
+    expect(page.locator("#recent li")).to_have_count(3)
+    job_ids = [page.locator("#recent li").nth(i).get_attribute("data-job") or "" for i in range(3)]
+    streams = requests_to(page, MANY_EVENTS)
+    page.get_by_role("button", name="Follow running jobs").click()
+    ended = "3 running jobs: all 3 jobs ended"
+    expect(page.locator("#all-state")).to_have_text(ended, timeout=STORY_TIMEOUT_MS)  # stories of 6 s
+    for job_id in job_ids:
+        row = page.locator(f'#all-jobs li[data-job="{job_id}"]')
+        expect(row.locator(".badge")).to_have_text("completed")
+        assert row.locator(".text").inner_text() == story_text(job_id, 60)
+    assert len(streams) == 1
+    expect(page.locator("#all-transport")).to_have_text("sse")
+
+
+def test_demo_whenFollowingTheTagAndReloaded_thenLaterStoriesJoinAndTextsStayWhole(
+    page: Page, dev_stack: LiveStack
+) -> None:
+    page.goto(dev_stack.base_url + "/")
+    page.get_by_role("button", name="Follow tag demo").click()
+    expect(page.locator("#all-state")).to_have_text("tag demo (new jobs join), on one connection")
+    page.get_by_label("Words").fill("60")
+    page.get_by_label("Delay per word (ms)").fill("40")
+    page.get_by_role("button", name="Start a story").click()
+    rows = page.locator("#all-jobs li")
+    expect(rows).to_have_count(1)
+    job_id = rows.first.get_attribute("data-job") or ""
+    page.wait_for_function("() => document.querySelector('#all-jobs .text').textContent.split(' ').length >= 10")
+    page.reload()
+    expect(rows.first.locator(".badge")).to_have_text("completed")
+    assert rows.first.locator(".text").inner_text() == story_text(job_id, 60)
+    expect(page.locator("#all-state")).to_have_text("tag demo (new jobs join), on one connection")
