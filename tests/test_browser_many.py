@@ -175,6 +175,26 @@ def test_followJobs_whenClosedMidAnswer_thenFollowingAgainRepeatsNothing(page: P
     expect_every_text(wait_done(page), texts)
 
 
+def test_followJobs_whenAListedJobIsDeleted_thenItDropsOutAndTheFollowStillEnds(
+    page: Page, dev_stack: LiveStack
+) -> None:
+    streams = requests_to(page, MANY_EVENTS)
+    with dev_stack.client() as http:
+        kept, deleted = create_job(http), create_job(http)
+        for job in (kept, deleted):
+            append(http, job, {"type": "delta", "data": {"text": "hi"}})
+        token = read_token(http, jobs=[kept["id"], deleted["id"]])
+        page.goto(dev_stack.base_url + ORIGIN_PAGE)
+        follow_jobs(page, {"jobs": [kept["id"], deleted["id"]], "token": token}, transport="sse")
+        wait_for_deltas(page, 2)
+        append(http, kept, {"type": "done", "data": {"status": "completed"}})
+        assert http.delete(f"/v1/jobs/{deleted['id']}", headers=ALICE).status_code == 204
+    result = wait_done(page)
+    assert result["jobsDone"] == {kept["id"]: "completed"}
+    # The gateway ends the stream; EventSource's reconnect is answered 204, and one poll says done.
+    assert len(streams) == 2 and result["transports"] == ["sse"]
+
+
 def test_followJobs_whenByTag_thenJobsCreatedLaterJoinTheSameStream(page: Page, dev_stack: LiveStack) -> None:
     streams = requests_to(page, MANY_EVENTS)
     with dev_stack.client() as http:
