@@ -64,7 +64,17 @@ async function errorFrom(response, expiredMessage) {
   } catch {
     // not problem+json: keep the status text
   }
-  const kinds = { 400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "expired", 410: "expired", 429: "rate_limited" };
+  // A request too large for a proxy on the way (414, 431) will not shrink by retrying: final, as 400.
+  const kinds = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "expired",
+    410: "expired",
+    414: "bad_request",
+    429: "rate_limited",
+    431: "bad_request",
+  };
   const kind = kinds[response.status] || "unavailable";
   const retryAfter = Number(response.headers.get("Retry-After"));
   const message = kind === "expired" ? expiredMessage : detail;

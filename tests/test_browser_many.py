@@ -242,6 +242,21 @@ def test_followJobs_whenTokenCoversOtherJobs_thenOneForbiddenErrorNoRetry(page: 
     assert len(reads) == 2  # the event stream, then one poll that says why, and no reconnect
 
 
+def test_followJobs_whenAProxyRefusesTheLongUrl_thenOneErrorNoRetry(page: Page, dev_stack: LiveStack) -> None:
+    # nginx's default buffers refuse a request line over 8 KiB: a hundred ids, their token and cursor.
+    for path in ("**/v1/events?*", "**/v1/poll?*"):
+        page.route(path, lambda route: route.fulfill(status=414, body="Request-URI Too Large"))
+    with dev_stack.client() as http:
+        job = create_job(http)
+        token = read_token(http, jobs=[job["id"]])
+    reads = requests_to(page, "/v1/")
+    page.goto(dev_stack.base_url + ORIGIN_PAGE)
+    follow_jobs(page, {"jobs": [job["id"]], "token": token})
+    page.wait_for_function("() => window.seen.error")
+    assert seen(page)["error"] == {"kind": "bad_request", "status": 414}
+    assert len(reads) == 2  # the event stream, then one poll that says why, and no retry
+
+
 # ---- the demo page
 
 
