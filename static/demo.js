@@ -1,37 +1,25 @@
-// The demo page: start demo.story jobs and follow them with jobstream.js.
+// The demo page: start demo.story jobs and follow one with followJob, list the caller's jobs from
+// the gateway, and follow all running ones on one connection (demo-all.js).
 import { followJob, forgetJob } from "/static/jobstream.js";
+import { setUpAllJobs } from "/static/demo-all.js";
+import { $, DEMO_TAG, api, apiKey, badge, problemText, readJson } from "/static/demo-shared.js";
 
-const $ = (id) => document.getElementById(id);
-const RECENT_KEY = "jobstream-demo:recent";
 const VIEW_PREFIX = "jobstream-demo:view:";
+const HANDLE_PREFIX = "jobstream-demo:job:";
 const KEY_KEY = "jobstream-demo:api-key";
-const MAX_RECENT = 10;
+const RECENT_LIMIT = 10;
 const CUT_MS = 2000;
+const ENDED = ["completed", "failed", "cancelled", "expired"];
+const EXPIRED = "This job does not exist or has expired.";
 
 let job = null; // the job on screen: {id, token, links}
 let follow = null;
 let view = null; // what the page shows of it, kept in sessionStorage so a reload continues it
 let cutTimer = null;
+let recentAsked = 0; // the newest listing asked for: an older answer arriving late is dropped
+let allJobs = null;
 
 // ---- storage
-
-function readJson(storage, key, fallback) {
-  try {
-    return JSON.parse(storage.getItem(key)) ?? fallback;
-  } catch {
-    return fallback;
-  }
-}
-
-function recentJobs() {
-  return readJson(localStorage, RECENT_KEY, []);
-}
-
-function remember(entry) {
-  const others = recentJobs().filter((item) => item.id !== entry.id);
-  localStorage.setItem(RECENT_KEY, JSON.stringify([entry, ...others].slice(0, MAX_RECENT)));
-  renderRecent();
-}
 
 function saveView() {
   if (job && view) sessionStorage.setItem(VIEW_PREFIX + job.id, JSON.stringify(view));
@@ -39,6 +27,16 @@ function saveView() {
 
 function emptyView() {
   return { text: "", status: "pending", percent: 0, progressText: "", events: 0, error: null };
+}
+
+/** The handle followJob needs: the one this tab has, or a fresh read token for the job. */
+async function handleFor(jobId) {
+  const kept = readJson(sessionStorage, HANDLE_PREFIX + jobId, null);
+  if (kept) return kept;
+  const answer = await api("/v1/read-tokens", { method: "POST", body: { jobs: [jobId] } });
+  if (answer.status === 404) throw new Error(EXPIRED);
+  if (!answer.ok) throw new Error(problemText(answer));
+  return { id: jobId, token: answer.body.token };
 }
 
 // ---- rendering
@@ -66,34 +64,58 @@ function showMessage(text) {
 function setFollowing(active) {
   $("text").classList.toggle("streaming", active);
   $("cut").disabled = !active;
-  $("cancel").disabled = !job || ["completed", "failed", "cancelled"].includes(view.status);
+  $("cancel").disabled = !job || ENDED.includes(view.status);
 }
 
-function renderRecent() {
-  const list = $("recent");
-  list.replaceChildren();
-  const jobs = recentJobs();
-  $("recent-empty").hidden = jobs.length > 0;
-  for (const item of jobs) {
-    const row = document.createElement("li");
-    const when = document.createElement("span");
-    when.className = "when";
-    when.textContent = new Date(item.created_at).toLocaleTimeString();
-    const label = document.createElement("span");
-    label.textContent = `${item.words} words`;
-    const id = document.createElement("code");
-    id.textContent = item.id.slice(0, 8);
-    const open = document.createElement("button");
-    open.type = "button";
-    open.textContent = "Reopen";
-    open.setAttribute("aria-label", `Reopen job ${item.id.slice(0, 8)}, ${item.words} words`);
-    open.addEventListener("click", () => show(item, { fromStart: true }));
-    row.append(when, label, id, open);
-    list.append(row);
+// ---- recent jobs, as the gateway lists them
+
+async function refreshRecent() {
+  if (!apiKey()) return noteRecent("Enter an API key to list your jobs.");
+  const asked = ++recentAsked;
+  let answer;
+  try {
+    answer = await api(`/v1/jobs?limit=${RECENT_LIMIT}`);
+  } catch {
+    answer = null;
   }
+  if (asked !== recentAsked) return;
+  if (!answer) return noteRecent("The gateway is unreachable.");
+  if (!answer.ok) return noteRecent(problemText(answer));
+  renderRecent(answer.body.jobs);
 }
 
-// ---- following
+function noteRecent(text) {
+  $("recent-note").textContent = text || "";
+  $("recent-note").hidden = !text;
+}
+
+function renderRecent(jobs) {
+  noteRecent(jobs.length ? "" : "No jobs yet: start a story above.");
+  $("recent").replaceChildren(...jobs.map(recentRow));
+}
+
+function recentRow(item) {
+  const row = document.createElement("li");
+  row.dataset.job = item.id;
+  const when = document.createElement("span");
+  when.className = "when";
+  when.textContent = new Date(item.created_at).toLocaleTimeString();
+  const label = document.createElement("span");
+  label.className = "label";
+  const words = item.metadata && item.metadata.words;
+  label.textContent = words ? `${words} words` : item.type;
+  const id = document.createElement("code");
+  id.textContent = item.id.slice(0, 8);
+  const open = document.createElement("button");
+  open.type = "button";
+  open.textContent = "Reopen";
+  open.setAttribute("aria-label", `Reopen job ${item.id.slice(0, 8)}, ${label.textContent}`);
+  open.addEventListener("click", () => openJob(item.id, { fromStart: true }));
+  row.append(when, label, badge(item.status), id, open);
+  return row;
+}
+
+// ---- following one job
 
 function startFollowing() {
   stopFollowing();
@@ -119,6 +141,7 @@ function startFollowing() {
       view.status = status;
       setStatus(status);
       setFollowing(true);
+      refreshRecent();
     },
     onFailure: (failure) => {
       view.error = `The job failed: ${failure.message}`;
@@ -135,13 +158,7 @@ function startFollowing() {
       render();
       setFollowing(false);
     },
-    onError: (error) => {
-      view.error = error.message;
-      if (error.kind === "expired") view.status = "expired";
-      saveView();
-      render();
-      setFollowing(false);
-    },
+    onError: (error) => showUnreadable(error.kind === "expired" ? "expired" : view.status, error.message),
     onRetry: (error, failures) => showMessage(`${error.message} Retrying (attempt ${failures + 1})…`),
     onTransport: (transport, reason) => {
       $("transport-used").textContent = reason && reason !== "asked for" ? `${transport} (${reason})` : transport;
@@ -156,10 +173,19 @@ function stopFollowing() {
   follow = null;
 }
 
+function showUnreadable(status, message) {
+  view.status = status;
+  view.error = message;
+  saveView();
+  render();
+  setFollowing(false);
+}
+
 /** Put a job on screen and follow it: resuming where this tab left it, or replaying from the start. */
-function show(entry, { fromStart = false } = {}) {
+function show(handle, { fromStart = false } = {}) {
   stopFollowing();
-  job = { id: entry.id, token: entry.token, links: entry.links };
+  job = { id: handle.id, token: handle.token, links: handle.links };
+  sessionStorage.setItem(HANDLE_PREFIX + job.id, JSON.stringify(job));
   if (fromStart) {
     forgetJob(job.id);
     sessionStorage.removeItem(VIEW_PREFIX + job.id);
@@ -170,11 +196,20 @@ function show(entry, { fromStart = false } = {}) {
   startFollowing();
 }
 
-// ---- actions
-
-function apiKey() {
-  return $("key").value.trim();
+/** Show a job this tab may have no token for (a listed one, a link): one is asked for first. */
+async function openJob(jobId, options) {
+  try {
+    show(await handleFor(jobId), options);
+  } catch (error) {
+    stopFollowing();
+    job = { id: jobId };
+    view = emptyView();
+    const expired = error.message === EXPIRED;
+    showUnreadable(expired ? "expired" : "idle", error instanceof TypeError ? "The gateway is unreachable." : error.message);
+  }
 }
+
+// ---- actions
 
 async function startJob(event) {
   event.preventDefault();
@@ -184,19 +219,12 @@ async function startJob(event) {
   sessionStorage.setItem(KEY_KEY, apiKey());
   $("start-button").disabled = true;
   try {
-    const response = await fetch("/v1/jobs", {
-      method: "POST",
-      headers: { Authorization: `Bearer ${apiKey()}`, "Content-Type": "application/json" },
-      body: JSON.stringify({ type: "demo.story", input: { words, delay_ms: delayMs } }),
-    });
-    const body = await response.json().catch(() => ({}));
-    if (!response.ok) {
-      const fields = (body.errors || []).map((e) => `${e.loc.join(".")}: ${e.msg}`).join("; ");
-      return showMessage(`${body.detail || response.statusText}${fields ? ` (${fields})` : ""}`);
-    }
-    const entry = { id: body.id, token: body.token, links: body.links, created_at: body.created_at, words };
-    remember(entry);
-    show(entry, { fromStart: true });
+    const input = { words, delay_ms: delayMs };
+    const body = { type: "demo.story", input, tags: [DEMO_TAG], metadata: { words } };
+    const answer = await api("/v1/jobs", { method: "POST", body });
+    if (!answer.ok) return showMessage(problemText(answer));
+    show(answer.body, { fromStart: true });
+    refreshRecent();
   } catch {
     showMessage("The gateway is unreachable.");
   } finally {
@@ -207,10 +235,10 @@ async function startJob(event) {
 async function cancelJob() {
   if (!job) return;
   $("cancel").disabled = true;
-  const response = await fetch(job.links.cancel, { method: "POST", headers: { Authorization: `Bearer ${apiKey()}` } });
-  if (!response.ok && response.status !== 409) {
-    const body = await response.json().catch(() => ({}));
-    showMessage(body.detail || response.statusText);
+  const url = (job.links && job.links.cancel) || `/v1/jobs/${job.id}/cancel`;
+  const answer = await api(url, { method: "POST" }).catch(() => ({ ok: false, status: 0, body: {} }));
+  if (!answer.ok && answer.status !== 409) {
+    showMessage(answer.status ? problemText(answer) : "The gateway is unreachable.");
     $("cancel").disabled = false;
   }
 }
@@ -229,15 +257,10 @@ function cutConnection() {
 
 function switchTransport() {
   if (follow) startFollowing(); // resumes after the last event seen, on the new transport
+  allJobs.restart();
 }
 
-async function init() {
-  $("start").addEventListener("submit", startJob);
-  $("cancel").addEventListener("click", cancelJob);
-  $("cut").addEventListener("click", cutConnection);
-  $("transport").addEventListener("change", switchTransport);
-  $("key").value = sessionStorage.getItem(KEY_KEY) || "";
-  renderRecent();
+async function useDevKey() {
   try {
     const response = await fetch("/dev.json", { cache: "no-store" });
     if (response.ok) {
@@ -247,16 +270,24 @@ async function init() {
   } catch {
     // not served: the page asks for a key
   }
+}
+
+async function init() {
+  $("start").addEventListener("submit", startJob);
+  $("cancel").addEventListener("click", cancelJob);
+  $("cut").addEventListener("click", cutConnection);
+  $("transport").addEventListener("change", switchTransport);
+  $("recent-refresh").addEventListener("click", refreshRecent);
+  $("key").value = sessionStorage.getItem(KEY_KEY) || "";
+  await useDevKey();
+  allJobs = setUpAllJobs({ transport: () => $("transport").value, changed: refreshRecent });
+  refreshRecent();
   const wanted = new URLSearchParams(location.hash.slice(1)).get("job");
-  const entry = wanted && recentJobs().find((item) => item.id === wanted);
-  if (entry) {
-    show(entry);
-  } else {
-    view = emptyView();
-    view.status = "idle";
-    render();
-    setFollowing(false);
-  }
+  if (wanted) return openJob(wanted);
+  view = emptyView();
+  view.status = "idle";
+  render();
+  setFollowing(false);
 }
 
 init();

@@ -73,9 +73,65 @@ export interface Follow {
   readonly lastEventId: string | null;
 }
 
+/**
+ * The jobs `followJobs` follows on one connection: listed jobs (1..100; the follow ends once each
+ * has ended) or every job of the caller with a tag (present ones, and those created while it
+ * follows; it never ends by itself).
+ *
+ * Credential: `token`, a read token from `POST /v1/read-tokens` covering the jobs or the tag (or a
+ * job's own token, for that one job), sent as `?token=` since EventSource cannot send headers.
+ * Without a token, `headers` (say `{ Authorization: "Bearer <user JWT>" }`) are sent with each
+ * poll, and the follow polls: "auto" picks polling, "sse" is refused. Keep API keys out of
+ * browsers: the gateway accepts them only in a header, and a read token reads nothing else.
+ */
+export type JobsSelection =
+  | { jobs: string[]; tag?: undefined; token?: string; headers?: Record<string, string> }
+  | { tag: string; jobs?: undefined; token?: string; headers?: Record<string, string> };
+
+/**
+ * Options of `followJobs`: the same transport, backoff, resume, visibility and offline rules as
+ * `followJob`'s, and the same callbacks, each told which job the event belongs to. `event` is
+ * the event in that job's own terms: `id` is the job's stream id, `data` the event's data.
+ */
+export interface FollowJobsOptions
+  extends Pick<FollowOptions, "transport" | "pollWaitS" | "backoffS" | "onError" | "onRetry" | "onTransport"> {
+  /** Keep the gateway's cursor (and each job's last id) in sessionStorage, keyed by the selection,
+   * and resume from it after a reload (default true). */
+  resume?: boolean;
+  /** Start from this cursor (an SSE id or a poll's `cursor` of the same selection) instead of the
+   * stored one (or every job's start). */
+  cursor?: string;
+  /** Every event, once per job, in each job's order; called after its typed callback and before
+   * the client stores the cursor that covers it. */
+  onEvent?(jobId: string, event: JobEvent): void;
+  onDelta?(jobId: string, text: string, event: JobEvent<{ text: string }>): void;
+  onProgress?(jobId: string, progress: Progress, event: JobEvent<Progress>): void;
+  /** Status changes, the ending included (as with `followJob`). */
+  onStatus?(jobId: string, status: JobStatus, event: JobEvent<{ status: JobStatus }>): void;
+  onResult?(jobId: string, result: unknown, event: JobEvent): void;
+  onFailure?(jobId: string, failure: { message: string }, event: JobEvent<{ message: string }>): void;
+  /** That job's events older than `firstId` were trimmed away before this reader got them. */
+  onTruncated?(jobId: string, firstId: string, event: JobEvent<{ first_id: string }>): void;
+  /** One job ended (its `done` event). A job deleted or expiring while followed just drops out. */
+  onJobDone?(jobId: string, status: TerminalStatus, event: JobEvent<{ status: TerminalStatus }>): void;
+  /** Listed jobs only: every one of them has ended (or dropped out); the follow is closed. */
+  onDone?(): void;
+}
+
+export interface FollowJobs {
+  close(): void;
+  readonly transport: Transport | null;
+  /** The gateway's opaque cursor after the last event delivered (null before any). */
+  readonly cursor: string | null;
+}
+
 export function followJob(job: JobHandle, options?: FollowOptions): Follow;
+/** Follow many jobs on one connection (`GET /v1/events`, or `GET /v1/poll` when polling). */
+export function followJobs(selection: JobsSelection, options?: FollowJobsOptions): FollowJobs;
 /** Forget a job's stored resume point. */
 export function forgetJob(jobId: string): void;
+/** Forget the stored resume point of a `followJobs` selection. */
+export function forgetJobs(selection: { jobs?: string[]; tag?: string }): void;
 /** True when stream id `a` comes after `b` (or `b` is null). */
 export function isAfter(a: string, b: string | null): boolean;
 /** Milliseconds to wait before retry number `failures`, honouring a Retry-After. */

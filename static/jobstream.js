@@ -1,14 +1,17 @@
-// jobstream browser client: follow a job's events over SSE or long-polling, resuming without
-// gaps or duplicates. No dependencies; an ES module. Types: jobstream.d.ts.
+// jobstream browser client: follow a job's events, or many jobs' on one connection, over SSE or
+// long-polling, resuming without gaps or duplicates. No dependencies; an ES module. Types:
+// jobstream.d.ts.
 //
-//   import { followJob } from "/static/jobstream.js";
+//   import { followJob, followJobs } from "/static/jobstream.js";
 //   const follow = followJob(job, { onDelta: (text) => ..., onDone: (status) => ... });
+//   const many = followJobs({ jobs: [id1, id2], token }, { onDelta: (jobId, text) => ... });
 //   follow.close();
 
 const EVENT_TYPES = ["status", "delta", "progress", "result", "failure", "log", "done", "truncated"];
 const BACKOFF_S = [2, 4, 8, 16];
 const MAX_FAILURES = 5;
 const STORAGE_PREFIX = "jobstream:last-event-id:";
+const JOBS_STORAGE_PREFIX = "jobstream:cursor:";
 
 /** Stream ids ("<ms>-<seq>") in order; true when a comes after b. */
 export function isAfter(a, b) {
@@ -53,7 +56,7 @@ export class JobStreamError extends Error {
   }
 }
 
-async function errorFrom(response) {
+async function errorFrom(response, expiredMessage) {
   let detail = response.statusText || `HTTP ${response.status}`;
   try {
     const body = await response.json();
@@ -61,10 +64,20 @@ async function errorFrom(response) {
   } catch {
     // not problem+json: keep the status text
   }
-  const kinds = { 400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "expired", 410: "expired", 429: "rate_limited" };
+  // A request too large for a proxy on the way (414, 431) will not shrink by retrying: final, as 400.
+  const kinds = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "expired",
+    410: "expired",
+    414: "bad_request",
+    429: "rate_limited",
+    431: "bad_request",
+  };
   const kind = kinds[response.status] || "unavailable";
   const retryAfter = Number(response.headers.get("Retry-After"));
-  const message = kind === "expired" ? "This job does not exist or has expired." : detail;
+  const message = kind === "expired" ? expiredMessage : detail;
   return new JobStreamError(kind, message, {
     status: response.status,
     retryAfterS: Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter : null,
@@ -85,36 +98,59 @@ export function backoffMs(failures, retryAfterS = null, scheduleS = BACKOFF_S) {
 
 /**
  * Follow a job's events. `job` is the create response, or any object with `id`, `token` and
- * `links` (`events`, `poll`). Returns `{ close(), transport }`.
+ * `links` (`events`, `poll`). Returns `{ close(), transport, lastEventId }`.
  */
 export function followJob(job, options = {}) {
-  const follower = new Follower(job, options);
-  follower.start();
-  return {
-    close: () => follower.close(),
-    get transport() {
-      return follower.transport;
-    },
-    get lastEventId() {
-      return follower.lastId;
-    },
-  };
+  const follower = new JobFollower(job, options);
+  return started(follower, { lastEventId: () => follower.lastId });
 }
 
-class Follower {
-  constructor(job, options) {
-    if (!job || !job.id) throw new TypeError("followJob needs a job with an id");
-    const links = job.links || {};
-    this.job = job;
-    this.eventsUrl = links.events || `/v1/jobs/${job.id}/events`;
-    this.pollUrl = links.poll || `/v1/jobs/${job.id}/poll`;
+/**
+ * Follow many jobs on one connection: `{ jobs: [ids] }` or `{ tag }`, with a `token` (a read token
+ * covering them, or a job's own for one job) or, for polling only, `headers`. Returns
+ * `{ close(), transport, cursor }`.
+ */
+export function followJobs(selection, options = {}) {
+  const follower = new JobsFollower(selection, options);
+  return started(follower, { cursor: () => follower.cursor });
+}
+
+/** Start a follower; its handle closes it and reads its transport and `getters`. */
+function started(follower, getters) {
+  follower.start();
+  const handle = { close: () => follower.close() };
+  for (const [name, get] of Object.entries({ transport: () => follower.transport, ...getters })) {
+    Object.defineProperty(handle, name, { get, enumerable: true });
+  }
+  return handle;
+}
+
+/** The typed callback of each event type, and the argument it takes from the event's data. */
+const TYPED_CALLBACKS = {
+  delta: ["onDelta", (data) => data.text],
+  progress: ["onProgress", (data) => data],
+  status: ["onStatus", (data) => data.status],
+  result: ["onResult", (data) => data],
+  failure: ["onFailure", (data) => data],
+  truncated: ["onTruncated", (data) => data.first_id],
+  done: ["onStatus", (data) => data.status],
+};
+
+/**
+ * What both followers share: EventSource with its diagnosis and retries, long-polling with
+ * backoff, hidden tabs and offline periods. A subclass says where to read from (`sseUrl`,
+ * `pollUrl`) and how to take what arrives (`sseMessage`, `takePage`).
+ */
+class Reader {
+  constructor(options, { canUseSse = true, why = null } = {}) {
     this.options = { transport: "auto", pollWaitS: 25, resume: true, backoffS: BACKOFF_S, ...options };
     if (!["auto", "sse", "poll"].includes(this.options.transport)) {
       throw new TypeError(`transport must be "auto", "sse" or "poll", not ${JSON.stringify(this.options.transport)}`);
     }
+    this.sseBlocked = canUseSse ? null : why;
     this.storage = this.options.resume ? sessionStore() : null;
-    this.storageKey = STORAGE_PREFIX + job.id;
-    this.lastId = this.options.after || (this.storage && this.storage.getItem(this.storageKey)) || null;
+    this.headers = undefined;
+    this.expiredMessage = "This job does not exist or has expired.";
     this.transport = null;
     this.closed = false;
     this.source = null;
@@ -130,12 +166,10 @@ class Follower {
   start() {
     window.addEventListener("offline", this.onOffline);
     window.addEventListener("online", this.onOnline);
-    const wantsSse = this.options.transport !== "poll";
-    if (wantsSse && typeof window.EventSource === "function") {
-      this.useSse();
-    } else {
-      this.usePoll(wantsSse && this.options.transport === "auto" ? "EventSource is not available" : "asked for");
-    }
+    if (this.options.transport === "poll") return this.usePoll("asked for");
+    const blocked = typeof window.EventSource === "function" ? this.sseBlocked : "EventSource is not available";
+    if (blocked) this.usePoll(blocked);
+    else this.useSse();
   }
 
   close() {
@@ -189,47 +223,8 @@ class Follower {
     this.call("onError", error);
   }
 
-  // ---- delivery: the one place events reach the page, in order and once each
-
-  deliver(event) {
-    if (this.closed) return;
-    if (event.type !== "truncated") {
-      if (!event.id || !isAfter(event.id, this.lastId)) return; // seen already (resume overlap)
-    }
-    const data = event.data;
-    switch (event.type) {
-      case "delta":
-        this.call("onDelta", data.text, event);
-        break;
-      case "progress":
-        this.call("onProgress", data, event);
-        break;
-      case "status":
-        this.call("onStatus", data.status, event);
-        break;
-      case "result":
-        this.call("onResult", data, event);
-        break;
-      case "failure":
-        this.call("onFailure", data, event);
-        break;
-      case "truncated":
-        this.call("onTruncated", data.first_id, event);
-        break;
-      case "done":
-        this.call("onStatus", data.status, event);
-        break;
-    }
-    // After the typed callback, so that a page saving its state here has this event applied.
-    this.call("onEvent", event);
-    if (event.id) {
-      this.lastId = event.id;
-      if (this.storage) this.storage.setItem(this.storageKey, event.id);
-    }
-    if (event.type === "done") {
-      this.close();
-      this.call("onDone", data.status, event);
-    }
+  fetchPoll(url, signal) {
+    return fetch(url, { cache: "no-store", signal, headers: this.headers });
   }
 
   // ---- server-sent events
@@ -237,15 +232,14 @@ class Follower {
   useSse() {
     this.stopSse();
     if (this.transport !== "sse") this.setTransport("sse");
-    const url = withQuery(this.eventsUrl, { token: this.job.token, last_event_id: this.lastId });
-    const source = new EventSource(url);
+    const source = new EventSource(this.sseUrl());
     this.source = source;
     this.sseDelivered = 0;
     for (const type of EVENT_TYPES) {
       source.addEventListener(type, (message) => {
         this.sseDelivered += 1;
         this.failures = 0;
-        this.deliver({ id: message.lastEventId, type, data: parseData(message.data) });
+        if (!this.closed) this.sseMessage(type, message);
       });
     }
     source.addEventListener("error", () => this.sseError(source));
@@ -273,20 +267,18 @@ class Follower {
     let response;
     let body = null;
     try {
-      response = await fetch(withQuery(this.pollUrl, { token: this.job.token, after: this.lastId }), {
-        cache: "no-store",
-      });
+      response = await this.fetchPoll(this.pollUrl());
       if (response.ok) body = await response.json();
     } catch {
       response = null; // the network is down: retry below
     }
     if (this.closed) return;
     if (response && !response.ok) {
-      const error = await errorFrom(response);
+      const error = await errorFrom(response, this.expiredMessage);
       if (isFinal(error)) return this.fail(error);
       return this.retrySse(error);
     }
-    if (body && this.takePage(body)) return; // the job had ended (a 204 to EventSource, say)
+    if (body && this.takePage(body)) return; // it had ended (a 204 to EventSource, say)
     if (body && this.options.transport === "auto" && this.sseDelivered === 0) {
       return this.usePoll("server-sent events failed before any event arrived");
     }
@@ -304,18 +296,6 @@ class Follower {
     }, backoffMs(this.failures, error && error.retryAfterS, this.options.backoffS));
   }
 
-  /** Deliver one poll answer; true once the job has ended. */
-  takePage(body) {
-    if (body.truncated) this.deliver({ id: null, type: "truncated", data: body.truncated });
-    for (const event of body.events) this.deliver(event);
-    if (!this.closed && body.done) {
-      // `done` was delivered before this follow began (a reload after the end): close all the same.
-      this.close();
-      this.call("onDone", body.status, null);
-    }
-    return this.closed;
-  }
-
   // ---- long-polling
 
   usePoll(reason) {
@@ -330,7 +310,7 @@ class Follower {
     this.pausePolling();
   }
 
-  /** Drop the in-flight poll and any pending one: nothing is lost, `after` resumes it. */
+  /** Drop the in-flight poll and any pending one: nothing is lost, the resume point resumes it. */
   pausePolling() {
     if (this.timer) {
       clearTimeout(this.timer);
@@ -362,14 +342,9 @@ class Follower {
   async pollOnce() {
     const controller = new AbortController();
     this.poller = controller;
-    const url = withQuery(this.pollUrl, {
-      token: this.job.token,
-      after: this.lastId,
-      wait: this.options.pollWaitS,
-    });
     let error = null;
     try {
-      const response = await fetch(url, { cache: "no-store", signal: controller.signal });
+      const response = await this.fetchPoll(this.pollUrl(this.options.pollWaitS), controller.signal);
       if (response.ok) {
         const body = await response.json();
         if (this.poller !== controller) return;
@@ -378,7 +353,7 @@ class Follower {
         if (!this.takePage(body)) this.schedulePoll(0);
         return;
       }
-      error = await errorFrom(response);
+      error = await errorFrom(response, this.expiredMessage);
     } catch (caught) {
       if (controller.signal.aborted) return; // paused or closed
       error = new JobStreamError("unavailable", "The network is unreachable.");
@@ -393,8 +368,197 @@ class Follower {
   }
 }
 
+/** One job: its resume point is the last event id seen, kept per job. */
+class JobFollower extends Reader {
+  constructor(job, options) {
+    if (!job || !job.id) throw new TypeError("followJob needs a job with an id");
+    super(options);
+    const links = job.links || {};
+    this.job = job;
+    this.eventsUrl = links.events || `/v1/jobs/${job.id}/events`;
+    this.pollBase = links.poll || `/v1/jobs/${job.id}/poll`;
+    this.storageKey = STORAGE_PREFIX + job.id;
+    this.lastId = this.options.after || (this.storage && this.storage.getItem(this.storageKey)) || null;
+  }
+
+  sseUrl() {
+    return withQuery(this.eventsUrl, { token: this.job.token, last_event_id: this.lastId });
+  }
+
+  pollUrl(waitS) {
+    return withQuery(this.pollBase, { token: this.job.token, after: this.lastId, wait: waitS });
+  }
+
+  sseMessage(type, message) {
+    this.deliver({ id: message.lastEventId, type, data: parseData(message.data) });
+  }
+
+  // ---- delivery: the one place events reach the page, in order and once each
+
+  deliver(event) {
+    if (this.closed) return;
+    if (event.type !== "truncated") {
+      if (!event.id || !isAfter(event.id, this.lastId)) return; // seen already (resume overlap)
+    }
+    const typed = TYPED_CALLBACKS[event.type];
+    if (typed) this.call(typed[0], typed[1](event.data), event);
+    // After the typed callback, so that a page saving its state here has this event applied.
+    this.call("onEvent", event);
+    if (event.id) {
+      this.lastId = event.id;
+      if (this.storage) this.storage.setItem(this.storageKey, event.id);
+    }
+    if (event.type === "done") {
+      this.close();
+      this.call("onDone", event.data.status, event);
+    }
+  }
+
+  /** Deliver one poll answer; true once the job has ended. */
+  takePage(body) {
+    if (body.truncated) this.deliver({ id: null, type: "truncated", data: body.truncated });
+    for (const event of body.events) this.deliver(event);
+    if (!this.closed && body.done) {
+      // `done` was delivered before this follow began (a reload after the end): close all the same.
+      this.close();
+      this.call("onDone", body.status, null);
+    }
+    return this.closed;
+  }
+}
+
+/**
+ * Many jobs on one connection (`/v1/events`, `/v1/poll`): the resume point is the gateway's
+ * opaque cursor, kept per selection, with each job's last event id beside it so that nothing is
+ * delivered twice even when a poll answer was cut short by `close()`.
+ */
+class JobsFollower extends Reader {
+  constructor(selection, options) {
+    const { jobs, tag, token, headers } = selection || {};
+    if ((jobs === undefined || jobs === null) === (tag === undefined || tag === null)) {
+      throw new TypeError("followJobs needs either jobs (a list of job ids) or a tag");
+    }
+    if (jobs && (!Array.isArray(jobs) || jobs.length === 0)) throw new TypeError("jobs must be a non-empty list of ids");
+    if (!token && !headers) throw new TypeError("followJobs needs a token, or headers with an Authorization to poll");
+    super(options, { canUseSse: Boolean(token), why: "no token: EventSource cannot send an Authorization header" });
+    if (!token && this.options.transport === "sse") {
+      throw new TypeError("server-sent events need a token: EventSource cannot send an Authorization header");
+    }
+    this.jobIds = jobs ? [...new Set(jobs)] : null;
+    this.tag = this.jobIds ? null : tag;
+    this.token = token;
+    this.headers = headers;
+    this.expiredMessage = "One of these jobs does not exist or has expired.";
+    this.selected = this.jobIds ? { jobs: this.jobIds.join(",") } : { tag };
+    this.storageKey = selectionKey(this.jobIds, this.tag);
+    const saved = this.options.cursor ? {} : this.restore();
+    this.cursor = this.options.cursor || saved.cursor || null;
+    this.lastIds = new Map(Object.entries(saved.last || {}));
+    this.ended = new Set(saved.ended || []);
+  }
+
+  restore() {
+    try {
+      const saved = this.storage && JSON.parse(this.storage.getItem(this.storageKey));
+      return saved && typeof saved === "object" ? saved : {};
+    } catch {
+      return {}; // not ours, or damaged: start from the beginning
+    }
+  }
+
+  save() {
+    if (!this.storage) return;
+    const state = { cursor: this.cursor, last: Object.fromEntries(this.lastIds), ended: [...this.ended] };
+    this.storage.setItem(this.storageKey, JSON.stringify(state));
+  }
+
+  sseUrl() {
+    return withQuery("/v1/events", { ...this.selected, token: this.token, last_event_id: this.cursor });
+  }
+
+  pollUrl(waitS) {
+    return withQuery("/v1/poll", { ...this.selected, token: this.token, cursor: this.cursor, wait: waitS });
+  }
+
+  /** Each frame is one job's event wrapped as {job_id, id, data}, its SSE id the whole cursor. */
+  sseMessage(type, message) {
+    const wrapped = parseData(message.data);
+    if (type === "truncated") {
+      // An unnamed frame: its lastEventId is an earlier event's, so it moves no cursor.
+      return this.deliver(wrapped.job_id, { id: null, type, data: { first_id: wrapped.first_id } });
+    }
+    this.deliver(wrapped.job_id, { id: wrapped.id, type, data: wrapped.data });
+    this.commit(message.lastEventId);
+    if (!this.closed && this.allEnded()) this.finish();
+  }
+
+  /** Deliver one poll answer; true once every listed job has ended. */
+  takePage(body) {
+    let delivered = 0;
+    for (const item of body.events) {
+      if (this.closed) break; // closed by a callback: the cursor stays before this answer
+      this.deliver(item.job_id, { id: item.id, type: item.type, data: item.data });
+      delivered += 1;
+    }
+    if (delivered === body.events.length) this.commit(body.cursor);
+    else this.save(); // the old cursor, with the last ids of what was delivered
+    if (!this.closed && (body.done || this.allEnded())) this.finish();
+    return this.closed;
+  }
+
+  // ---- delivery: the one place events reach the page, in order and once each per job
+
+  deliver(jobId, event) {
+    if (this.closed) return;
+    if (event.type !== "truncated" && !isAfter(event.id, this.lastIds.get(jobId) || null)) return;
+    const typed = TYPED_CALLBACKS[event.type];
+    if (typed) this.call(typed[0], jobId, typed[1](event.data), event);
+    this.call("onEvent", jobId, event);
+    if (event.type === "truncated") return;
+    this.lastIds.set(jobId, event.id);
+    if (event.type === "done") {
+      this.ended.add(jobId);
+      this.call("onJobDone", jobId, event.data.status, event);
+    }
+  }
+
+  /** Store the cursor the gateway gave after the events just delivered. */
+  commit(cursor) {
+    if (!cursor) return;
+    this.cursor = cursor;
+    if (this.tag !== null) this.forgetEnded();
+    this.save();
+  }
+
+  /** With a tag nothing ever ends the follow, so ended jobs are dropped once the cursor has their
+   * `done` (the gateway sends them no more): the stored state stays as small as the cursor. */
+  forgetEnded() {
+    for (const jobId of this.ended) this.lastIds.delete(jobId);
+    this.ended.clear();
+  }
+
+  allEnded() {
+    return this.jobIds !== null && this.jobIds.every((jobId) => this.ended.has(jobId));
+  }
+
+  finish() {
+    this.close();
+    this.call("onDone");
+  }
+}
+
+function selectionKey(jobIds, tag) {
+  return JOBS_STORAGE_PREFIX + (jobIds ? `jobs:${[...jobIds].sort().join(",")}` : `tag:${tag}`);
+}
+
 /** Forget a job's resume point (say, once the page has shown its end). */
 export function forgetJob(jobId) {
   const storage = sessionStore();
   if (storage) storage.removeItem(STORAGE_PREFIX + jobId);
+}
+
+/** Forget the resume point of a `followJobs` selection ({ jobs } or { tag }). */
+export function forgetJobs({ jobs, tag } = {}) {
+  const storage = sessionStore();
+  if (storage) storage.removeItem(selectionKey(jobs ? [...new Set(jobs)] : null, tag));
 }

@@ -6,69 +6,22 @@ they never skip.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, Request, expect, sync_playwright
+from playwright.sync_api import BrowserContext, Page, expect
 
 from jobstream.demo import story_text
+from tests.browser_helpers import requests_to, set_visibility
 from tests.conftest import ALICE, LiveStack, append, create_job
 
+pytest_plugins = ["tests.browser_fixtures"]
+
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
-CHROMIUM_FLAGS = [
-    "--no-sandbox",  # CI runs as root
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    # The machine has no network beyond loopback: keep Chromium from reaching out.
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-STORY_TIMEOUT_MS = 20_000
-
-
-def chromium_path() -> str:
-    for candidate in (os.environ.get("JOBSTREAM_CHROMIUM"), "/usr/lib/chromium/chromium", shutil.which("chromium")):
-        if candidate and Path(candidate).exists():
-            return candidate
-    raise RuntimeError("Chromium is missing: apt-get install chromium (the browser tests need it)")
-
-
-# Module scope, not session: while Playwright's sync API is started, the main thread counts as
-# running an event loop, and later modules' asyncio.run() would refuse to start.
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
-        yield launched
-        launched.close()
-
-
-@pytest.fixture
-def context(browser: Browser) -> Iterator[BrowserContext]:
-    context = browser.new_context(viewport={"width": 390, "height": 844})  # a phone-sized screen
-    context.set_default_timeout(STORY_TIMEOUT_MS)
-    yield context
-    context.close()
-
-
-@pytest.fixture
-def page(context: BrowserContext) -> Page:
-    return context.new_page()
-
-
-@pytest.fixture
-def dev_stack(make_stack: Callable[..., LiveStack]) -> LiveStack:
-    """As `jobstream dev`: the demo job types on, the page gets its key from /dev.json; readers
-    retry after 300 ms."""
-    return make_stack(dev_key="key-alice", retry_ms=300, demo=True)
 
 
 def start_story(page: Page, stack: LiveStack, *, words: int, delay_ms: int, transport: str = "auto") -> str:
@@ -88,17 +41,6 @@ def wait_for_words(page: Page, count: int) -> None:
 def expect_finished(page: Page, job_id: str, words: int, status: str = "completed") -> None:
     expect(page.locator("#status")).to_have_text(status)
     assert page.locator("#text").inner_text() == story_text(job_id, words)
-
-
-def requests_to(page: Page, fragment: str) -> list[str]:
-    seen: list[str] = []
-
-    def record(request: Request) -> None:
-        if fragment in request.url:
-            seen.append(request.url)
-
-    page.on("request", record)
-    return seen
 
 
 def test_story_whenFollowedOverSse_thenWholeTextStatusAndProgress(page: Page, dev_stack: LiveStack) -> None:
@@ -210,31 +152,27 @@ def test_hiddenTab_whenPolling_thenPollsPauseUntilVisible(page: Page, dev_stack:
     assert polls
 
 
-def set_visibility(page: Page, state: str) -> None:
-    page.evaluate(
-        """state => {
-            Object.defineProperty(document, "visibilityState", {configurable: true, get: () => state});
-            document.dispatchEvent(new Event("visibilitychange"));
-        }""",
-        state,
-    )
-
-
-def test_expiredJob_whenReopened_thenClearErrorAndNoRetryLoop(
-    page: Page, dev_stack: LiveStack, client_for: Callable[[LiveStack], httpx.Client]
+@pytest.mark.parametrize("tab_had_token", [True, False])
+def test_expiredJob_whenOpenedByLink_thenClearErrorAndNoRetryLoop(
+    page: Page, dev_stack: LiveStack, client_for: Callable[[LiveStack], httpx.Client], tab_had_token: bool
 ) -> None:
     http = client_for(dev_stack)
     job = http.post("/v1/jobs", json={"type": "external"}, headers=ALICE).json()
     assert http.delete(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 204
     page.goto(dev_stack.base_url + "/")
-    entry = {**job, "words": 10}
-    page.evaluate("entry => localStorage.setItem('jobstream-demo:recent', JSON.stringify([entry]))", entry)
+    if tab_had_token:  # the tab had been following it: its token is still in the tab's session
+        page.evaluate("job => sessionStorage.setItem(`jobstream-demo:job:${job.id}`, JSON.stringify(job))", job)
+    tokens = requests_to(page, "/v1/read-tokens")
     reads = requests_to(page, f"/v1/jobs/{job['id']}/")
     page.goto(f"{dev_stack.base_url}/?reopen#job={job['id']}")  # a new document, not a hash change
     expect(page.locator("#status")).to_have_text("expired")
     expect(page.get_by_role("alert")).to_have_text("This job does not exist or has expired.")
+    expect(page.get_by_role("button", name="Cancel job")).to_be_disabled()
     time.sleep(2)
-    assert len(reads) <= 2  # one event stream attempt and one poll that says 404, then nothing
+    if tab_had_token:
+        assert tokens == [] and len(reads) <= 2  # one event stream attempt and one poll that says 404
+    else:
+        assert len(tokens) == 1 and reads == []  # a token asked for (404), and no reading begun
 
 
 def test_client_whenCredentialRefused_thenOneErrorNoHammering(page: Page, dev_stack: LiveStack) -> None:
@@ -273,19 +211,6 @@ def test_keyField_whenNotDevMode_thenAskedForAndUsed(page: Page, make_stack: Cal
     page.evaluate("document.getElementById('text').textContent = ''")
     reopen.click()  # replays the finished job from its first event
     expect_finished(page, job_id, 5)
-
-
-@pytest.fixture
-def client_for() -> Iterator[Callable[[LiveStack], httpx.Client]]:
-    clients: list[httpx.Client] = []
-
-    def make(stack: LiveStack) -> httpx.Client:
-        clients.append(stack.client())
-        return clients[-1]
-
-    yield make
-    for http in clients:
-        http.close()
 
 
 # ---- jobstream.js on its own, driven from the page
