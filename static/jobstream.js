@@ -494,6 +494,10 @@ class JobsFollower extends Reader {
 
   /** Deliver one poll answer; true once every listed job has ended. */
   takePage(body) {
+    // Jobs whose resume point was trimmed away: told before their events, as on the stream.
+    for (const trimmed of body.truncated || []) {
+      this.deliver(trimmed.job_id, { id: null, type: "truncated", data: { first_id: trimmed.first_id } });
+    }
     let delivered = 0;
     for (const item of body.events) {
       if (this.closed) break; // closed by a callback: the cursor stays before this answer
