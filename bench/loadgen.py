@@ -5,7 +5,12 @@ Modes (one process each, started by ``bench/run.py``; prints one JSON line of re
 - ``sse``: open every given SSE path (one connection each), print ``READY`` once all answered,
   read the window's start (epoch seconds) from stdin, then count the events the publisher stamped
   (``"t"``) inside the window ``[start, start + seconds)``, waiting ``GRACE_S`` after it for late
-  ones: per-connection sequence checks (gaps, duplicates) and append-to-receive latency.
+  ones: per-connection sequence checks (gaps, duplicates) and append-to-receive latency. With
+  ``--many``, each path is a many-jobs stream (``GET /v1/events?jobs=a,b,...``): every event's data
+  is ``{"job_id","id","data"}``, so the checks are per job of each connection (sequence numbers,
+  and the event ids strictly increasing), and at the end each connection's last SSE ``id:`` (the
+  opaque cursor) is decoded with the gateway's own ``multicursor`` and compared, job by job, with
+  the last event received (``cursor_mismatches``).
 - ``idle``: open every path, print ``READY``, hold the connections until stdin closes.
 - ``poll``: each path is polled in a loop (``wait`` in the path makes it a long-poll).
 - ``interval``: each path is polled once every ``--interval`` s from the client's last position:
@@ -26,6 +31,7 @@ import re
 import resource
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import uvloop
@@ -35,6 +41,11 @@ import uvloop
 _EVENT = re.compile(rb'seq"?[:=](\d+)[, ]"?t"?[:=](\d+)')
 #: How long after the window events published inside it may still arrive and count.
 GRACE_S = 2.0
+#: A many-jobs stream's event: its job, its id in that job, then (in the wrapped data, on the same
+#: line) its sequence number and publishing time as above.
+_MANY_EVENT = re.compile(rb'"job_id":"([^"]+)","id":"(\d+)-(\d+)","data":[^\n]*?seq"?[:=](\d+)[, ]"?t"?[:=](\d+)')
+#: An SSE ``id:`` line (at the start of a chunk, or after a line break).
+_ID_LINE = re.compile(rb"(?:^|\n)id: ([^\n]*)\n")
 _CONTENT_LENGTH = re.compile(rb"content-length: (\d+)", re.IGNORECASE)
 _NEXT = re.compile(rb'"next":"([^"]*)"')
 _ETAG = re.compile(rb"\r\netag: ([^\r]*)", re.IGNORECASE)
@@ -53,6 +64,11 @@ class Stats:
     window_ns: tuple[int, int] = (0, 0)
     #: Connections that received no event of the window.
     silent: int = 0
+    #: Many-jobs streams: (connection, job) pairs that received no event of the window.
+    silent_jobs: int = 0
+    #: Many-jobs streams: jobs whose position in the connection's last cursor is not the last
+    #: event received of that job.
+    cursor_mismatches: int = 0
 
     def summary(self, seconds: float) -> dict[str, object]:
         lat = sorted(self.latencies_us)
@@ -70,6 +86,8 @@ class Stats:
             "duplicates": self.duplicates,
             "errors": self.errors,
             "silent_connections": self.silent,
+            "silent_job_streams": self.silent_jobs,
+            "cursor_mismatches": self.cursor_mismatches,
             "latency_ms": {"p50": pct(0.50), "p99": pct(0.99), "max": round(lat[-1] / 1000, 2) if lat else None},
             "loadgen_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
         }
@@ -86,22 +104,28 @@ async def _open(
     return reader, writer
 
 
-async def _follow(reader: asyncio.StreamReader, stats: Stats, stop: asyncio.Event) -> None:
-    last_seq = -1
-    stats.silent += 1
-    counted = False
+async def _complete_lines(reader: asyncio.StreamReader, stop: asyncio.Event) -> AsyncIterator[tuple[bytes, int]]:
+    """What a stream brings, up to its last complete line (a data line never spans it; frames may
+    end in LF LF or CR LF CR LF): (the bytes, where that line ends)."""
     tail = b""
     while not stop.is_set():
         chunk = await reader.read(65536)
         if not chunk:
             return
         data = tail + chunk
-        # Up to the last complete line: a data line never spans it (frames may end in \n\n or \r\n\r\n).
         cut = data.rfind(b"\n")
         if cut < 0:
             tail = data
             continue
         tail = data[cut + 1 :]
+        yield data, cut
+
+
+async def _follow(reader: asyncio.StreamReader, stats: Stats, stop: asyncio.Event) -> None:
+    last_seq = -1
+    stats.silent += 1
+    counted = False
+    async for data, cut in _complete_lines(reader, stop):
         now_ns = time.time_ns()
         window_start, window_end = stats.window_ns
         for match in _EVENT.finditer(data, 0, cut):
@@ -121,13 +145,96 @@ async def _follow(reader: asyncio.StreamReader, stats: Stats, stop: asyncio.Even
                 stats.latencies_us.append((now_ns - stamped) // 1000)
 
 
-async def sse(host: str, port: int, paths: list[str], seconds: float, headers: str) -> dict[str, object]:
+def _jobs_of(path: str) -> list[str]:
+    """The job ids of a many-jobs stream's path (``jobs=a,b,...``)."""
+    query = path.split("?", 1)[1]
+    listed = next(part for part in query.split("&") if part.startswith("jobs="))
+    return listed[len("jobs=") :].split(",")
+
+
+@dataclass(slots=True)
+class _Job:
+    """One job of a many-jobs stream: its last sequence number and event id, and if the window's
+    events reached it."""
+
+    last_seq: int = -1
+    last_id: tuple[int, int] = (-1, -1)
+    counted: bool = False
+
+
+async def _follow_many(reader: asyncio.StreamReader, job_ids: list[str], stats: Stats, stop: asyncio.Event) -> None:
+    """Read a many-jobs stream: each event checked against its own job's last (gaps and duplicates
+    of the publisher's sequence numbers, and the event ids strictly increasing per job); the last
+    SSE ``id:`` is checked against the jobs' last events once the stream has been read."""
+    jobs = {job_id.encode(): _Job() for job_id in job_ids}
+    stats.silent += 1
+    stats.silent_jobs += len(jobs)
+    counted = False
+    last_cursor = b""
+    try:
+        async for data, cut in _complete_lines(reader, stop):
+            now_ns = time.time_ns()
+            window_start, window_end = stats.window_ns
+            for match in _MANY_EVENT.finditer(data, 0, cut):
+                job = jobs.get(match[1])
+                if job is None:
+                    stats.errors += 1  # an event of a job this connection does not follow
+                    continue
+                event_id = (int(match[2]), int(match[3]))
+                seq = int(match[4])
+                if seq <= job.last_seq or event_id <= job.last_id:
+                    stats.duplicates += 1
+                    continue
+                if job.last_seq >= 0 and seq != job.last_seq + 1:
+                    stats.gaps += 1
+                job.last_seq, job.last_id = seq, event_id
+                stamped = int(match[5])
+                if window_start <= stamped < window_end:
+                    if not counted:
+                        counted = True
+                        stats.silent -= 1
+                    if not job.counted:
+                        job.counted = True
+                        stats.silent_jobs -= 1
+                    stats.deliveries += 1
+                    stats.latencies_us.append((now_ns - stamped) // 1000)
+            ids = _ID_LINE.findall(data, 0, cut + 1)
+            if ids:
+                last_cursor = ids[-1]
+    finally:
+        # Cancelled at the end, once every event of the window had time to arrive.
+        stats.cursor_mismatches += _cursor_mismatches(last_cursor, jobs)
+
+
+def _cursor_mismatches(cursor: bytes, jobs: dict[bytes, _Job]) -> int:
+    """Jobs whose position in the cursor is not their last event received (a job that received
+    nothing must be absent from it)."""
+    from jobstream.multicursor import JobsCursor  # this tree's src/ (run.py puts it on the path)
+
+    decoded = JobsCursor.decode(cursor.decode()) if cursor else JobsCursor()
+    mismatches = 0
+    for job_id, job in jobs.items():
+        expected = f"{job.last_id[0]}-{job.last_id[1]}" if job.last_seq >= 0 else None
+        found = decoded.after(job_id.decode()) if job_id.decode() in decoded else None
+        mismatches += found != expected
+    return mismatches
+
+
+async def sse(
+    host: str, port: int, paths: list[str], seconds: float, headers: str, many: bool = False
+) -> dict[str, object]:
     stats = Stats()
     stop = asyncio.Event()
     opened = []
     for start in range(0, len(paths), 200):  # connect in waves: a burst of 10,000 SYNs overflows the backlog
         opened += await asyncio.gather(*(_open(host, port, path, headers) for path in paths[start : start + 200]))
-    followers = [asyncio.create_task(_follow(reader, stats, stop)) for reader, _ in opened]
+    if many:
+        followers = [
+            asyncio.create_task(_follow_many(reader, _jobs_of(path), stats, stop))
+            for (reader, _), path in zip(opened, paths, strict=True)
+        ]
+    else:
+        followers = [asyncio.create_task(_follow(reader, stats, stop)) for reader, _ in opened]
     print("READY", flush=True)
     start = float(await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline))
     stats.window_ns = (int(start * 1e9), int((start + seconds) * 1e9))
@@ -136,6 +243,7 @@ async def sse(host: str, port: int, paths: list[str], seconds: float, headers: s
     stop.set()
     for task in followers:
         task.cancel()
+    await asyncio.gather(*followers, return_exceptions=True)
     for _, writer in opened:
         writer.close()
     return stats.summary(elapsed)
@@ -357,6 +465,7 @@ def main() -> None:
     parser.add_argument("--body", default='{"type": "external"}')
     parser.add_argument("--interval", type=float, default=1.0, help="interval: seconds between a client's polls")
     parser.add_argument("--flavor", choices=["hub", "nchan"], default="hub", help="interval: how a client resumes")
+    parser.add_argument("--many", action="store_true", help="sse: each path is a many-jobs stream (/v1/events?jobs=)")
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -364,7 +473,7 @@ def main() -> None:
     headers = f"{args.header}\r\n" if args.header else ""
     host = "127.0.0.1"
     if args.mode == "sse":
-        result = uvloop.run(sse(host, args.port, paths, args.seconds, headers))
+        result = uvloop.run(sse(host, args.port, paths, args.seconds, headers, args.many))
     elif args.mode == "idle":
         result = uvloop.run(idle(host, args.port, paths, headers))
     elif args.mode == "poll":

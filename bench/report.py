@@ -1,4 +1,4 @@
-"""Markdown tables from a results file of bench/matrix.sh, pairs.sh or polling.sh (their median lines).
+"""Markdown tables from a results file of bench/matrix.sh, pairs.sh, polling.sh or manyjobs.sh (their median lines).
 
 Usage: ``python -m bench.report bench/results/<run>.jsonl``
 """
@@ -6,6 +6,7 @@ Usage: ``python -m bench.report bench/results/<run>.jsonl``
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from typing import Any
 
@@ -26,6 +27,58 @@ def _fanout(rows: list[dict[str, Any]]) -> list[str]:
             f"| {r['server_cpu_ms_per_1000']} | {r['redis_cpu_ms_per_1000']} | {r['deliveries_per_server_cpu_s']:,.0f} "
             f"| {r['redis_connections']} | {r['loadgen_cpu_s']} | {r.get('other_cores_busy', '—')} |"
         )
+    return out
+
+
+def _readers(r: dict[str, Any]) -> str:
+    per = r.get("jobs_per_connection", 1)
+    connections = r.get("reader_connections", r["jobs"] * r["readers"] // per)
+    if per == 1:
+        return f"{connections:,} × `GET /v1/jobs/{{id}}/events` (1 job each)"
+    return f"{connections:,} × `GET /v1/events?jobs=` ({per} jobs each)"
+
+
+def _many_row(label: str, r: dict[str, Any]) -> str:
+    lat = r["latency_ms"]
+    return (
+        f"| {label} | {_readers(r)} | {r['deliveries_per_s']:,.0f} ({r['expected_deliveries_per_s']:,.0f}) "
+        f"| {lat['p50']} / {lat['p99']} / {lat['max']} | {r['gaps']:g} / {r['duplicates']:g} "
+        f"| {r['silent_job_streams']:g} | {r['cursor_mismatches']:g} | {r['server_cpu_ms_per_1000']:.2f} "
+        f"| {r['redis_cpu_ms_per_1000']:.2f} "
+        f"| {r['server_rss_kib_before'] / 1024:.1f} → {r['server_rss_kib'] / 1024:.1f} "
+        f"| {r['loadgen_cpu_s']:.2f} | {r['other_cores_busy']:.2f} |"
+    )
+
+
+def _medians(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each measured figure's median over the runs (what all runs share, such as the options, as is)."""
+    merged: dict[str, Any] = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, dict):
+            merged[key] = _medians([r[key] for r in rows])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            if any(r[key] != value for r in rows):
+                merged[key] = round(statistics.median(r[key] for r in rows), 2)
+    return merged
+
+
+def _many(rows: list[dict[str, Any]]) -> list[str]:
+    """bench/manyjobs.sh: every run in order, then each kind of reader's medians over its runs."""
+    out = [
+        f"Events appended: {_publish(rows[0])}, {rows[0]['rate']:g}/s over {rows[0]['jobs']} jobs, "
+        f"{rows[0]['readers']} readers per job, {rows[0]['seconds']:g} s per run.",
+        "",
+        "| run | readers | delivered/s (expected) | p50 / p99 / max ms | gaps / dups | (connection, job) pairs "
+        "silent | cursor mismatches | gateway CPU ms per 1,000 | Redis CPU ms per 1,000 "
+        "| gateway RSS MiB, before → with readers | loadgen CPU-s | other processes' cores |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    kinds: dict[int, list[dict[str, Any]]] = {}
+    for index, r in enumerate(rows, 1):
+        kinds.setdefault(r.get("jobs_per_connection", 1), []).append(r)
+        out.append(_many_row(str(index), r))
+    for _, selected in sorted(kinds.items()):
+        out.append(_many_row(f"**median of {len(selected)}**", _medians(selected)))
     return out
 
 
@@ -99,6 +152,12 @@ def _create(rows: list[dict[str, Any]]) -> list[str]:
 def main() -> None:
     rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
     rows = [r for r in rows if "median_of" in r]
+    many = [r for r in rows if r["scenario"] == "fanout" and r.get("jobs_per_connection", 1) > 1]
+    if many:
+        # manyjobs.sh: one run per line, both kinds of readers alternating.
+        print("#### fanout, many jobs per connection and one (each run, then medians)\n")
+        print("\n".join(_many([r for r in rows if r["scenario"] == "fanout"])) + "\n")
+        rows = [r for r in rows if r["scenario"] != "fanout"]
     for title, scenario, render in (
         ("fanout", "fanout", _fanout),
         ("idle", "idle", _idle),

@@ -2,6 +2,7 @@
 
     python -m bench.run fanout --target hub --jobs 100 --readers 10 --rate 2000 --seconds 10 --repeat 3
     python -m bench.run fanout --target hub --publish http ...  # one HTTP POST per event, as to Nchan
+    python -m bench.run fanout --target hub --jobs-per-connection 10 ...  # GET /v1/events?jobs= of 10 jobs each
     python -m bench.run fanout --target naive ...        # one XREAD BLOCK per reader (bench/naive_app.py)
     python -m bench.run fanout --target nchan ...        # nginx + Nchan, Redis storage (if installed)
     python -m bench.run idle --target hub --connections 10000
@@ -28,6 +29,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import resource
 import shutil
 import signal
@@ -288,6 +290,26 @@ def make_jobs(settings: Settings, count: int) -> list[tuple[str, str]]:
     return asyncio.run(create())
 
 
+def many_paths(settings: Settings, job_ids: list[str], readers: int, per_connection: int) -> list[str]:
+    """Many-jobs streams (``GET /v1/events?jobs=...``) of ``per_connection`` jobs each, so that every
+    job has ``readers`` of them: ``readers`` rounds, each a shuffle of the jobs (seeded, the same in
+    every run) cut into connections, so that no two connections need follow the same jobs. Each
+    has a read token for its own jobs, in the query as the single-job readers' tokens are."""
+    if per_connection > len(job_ids) or len(job_ids) % per_connection:
+        raise SystemExit("--jobs-per-connection must divide --jobs")
+    auth = Authenticator(settings)
+    shuffle = random.Random(0)
+    paths = []
+    for _ in range(readers):
+        order = list(job_ids)
+        shuffle.shuffle(order)
+        for start in range(0, len(order), per_connection):
+            jobs = order[start : start + per_connection]
+            token = auth.issue_scoped_read_token("bench", job_ids=jobs, expires_at=int(time.time()) + 3600)
+            paths.append(f"/v1/events?jobs={','.join(jobs)}&token={token}")
+    return paths
+
+
 def sse_path(target: str, job_id: str, token: str) -> str:
     if target == "hub":
         return f"/v1/jobs/{job_id}/events?token={token}"
@@ -413,6 +435,7 @@ async def _last_answers(drainers: list[asyncio.Task[None]], acks: _Acks, sent: i
 
 
 def loadgen(mode: str, port: int, paths: list[str], extra: list[str]) -> subprocess.Popen[str]:
+    """Start bench/loadgen.py (with this tree's src/ on its path: ``--many`` decodes the gateway's cursors)."""
     paths_file = tempfile.NamedTemporaryFile("w", suffix=".paths", delete=False)
     paths_file.write("\n".join(paths))
     paths_file.close()
@@ -425,7 +448,8 @@ def loadgen(mode: str, port: int, paths: list[str], extra: list[str]) -> subproc
         "--paths",
         paths_file.name,
     ]
-    process = subprocess.Popen(command + extra, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])}
+    process = subprocess.Popen(command + extra, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert process.stdout is not None
     line = process.stdout.readline()
     if line.strip() != "READY":
@@ -451,11 +475,20 @@ def finish(process: subprocess.Popen[str]) -> dict[str, Any]:
 def fanout(args: argparse.Namespace) -> dict[str, Any]:
     if args.redis == "cluster" and args.target != "hub":
         raise SystemExit("--redis cluster: hub target only")
+    many = args.jobs_per_connection > 1
+    if many and args.target != "hub":
+        raise SystemExit("--jobs-per-connection: hub target only")
     with redis_under_test(args.redis) as rut:
         with server(args.target, rut.url, rut.port, args.processes, rut.cluster) as (port, pid):
             jobs = make_jobs(rut.settings, args.jobs)
-            paths = [sse_path(args.target, job_id, token) for job_id, token in jobs for _ in range(args.readers)]
-            gen = loadgen("sse", port, paths, ["--seconds", str(args.seconds)])
+            if many:
+                job_ids = [job_id for job_id, _ in jobs]
+                paths = many_paths(rut.settings, job_ids, args.readers, args.jobs_per_connection)
+            else:
+                paths = [sse_path(args.target, job_id, token) for job_id, token in jobs for _ in range(args.readers)]
+            pids = family(pid)
+            rss_before = proc_rss_kib(pids)
+            gen = loadgen("sse", port, paths, ["--seconds", str(args.seconds), *(["--many"] if many else [])])
             pids = family(pid)
             start = time.time() + 1.0
             assert gen.stdin is not None
@@ -476,7 +509,7 @@ def fanout(args: argparse.Namespace) -> dict[str, Any]:
                     args.publish_connections,
                 )
             )
-            cpu1, rcpu1 = proc_cpu_s(pids), redis_cpu_s(rut.nodes)
+            cpu1, rcpu1, rss = proc_cpu_s(pids), redis_cpu_s(rut.nodes), proc_rss_kib(pids)
             others = other_cores_busy(others0, others_cpu(), time.time() - started)
             result = finish(gen)
             clients = redis_clients(rut.nodes)
@@ -492,6 +525,10 @@ def fanout(args: argparse.Namespace) -> dict[str, Any]:
             "deliveries_per_server_cpu_s": round(deliveries / max(1e-9, cpu1 - cpu0)),
             "redis_connections": clients,
             "other_cores_busy": others,
+            "reader_connections": len(paths),
+            # The server's RSS before the readers connected (the jobs created), and at the window's end.
+            "server_rss_kib_before": rss_before,
+            "server_rss_kib": rss,
         }
         return result
 
@@ -662,6 +699,13 @@ def main() -> None:
         type=int,
         default=0,
         help="--publish http: connections the POSTs share (default 0: one per job)",
+    )
+    parser.add_argument(
+        "--jobs-per-connection",
+        type=int,
+        default=1,
+        help="fanout, hub: each reader follows this many jobs on one GET /v1/events?jobs= stream, every job "
+        "still followed by --readers of them (default 1: one GET /v1/jobs/{id}/events per reader)",
     )
     parser.add_argument("--interval", type=float, default=1.0, help="poll-interval: seconds between a client's polls")
     parser.add_argument("--warmup", type=float, default=2.0, help="poll-interval: seconds of polling before the window")
