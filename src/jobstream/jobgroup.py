@@ -71,8 +71,10 @@ class JobGroup:
         self.max_events = max_events
         self.max_bytes = max_bytes
         self._members: dict[str, _Member] = {}
-        #: Members to look at: woken while live, or still joining or reading history.
+        #: Live members woken since last looked at (a wake looks at these alone).
         self._due: dict[str, _Member] = {}
+        #: Members still joining the hub or reading history (new, or reset while live).
+        self._unsettled: dict[str, _Member] = {}
         self._feed: tuple[str, _TagFeed] | None = None
         self._relist: Relist | None = None
         self._feed_due = False
@@ -101,7 +103,7 @@ class JobGroup:
         returns, so that history read from here on (``start``) misses nothing."""
         members = {job_id: _Member(self, job_id, after) for job_id, after in positions.items() if job_id not in self}
         self._members.update(members)
-        self._due.update(members)
+        self._unsettled.update(members)
         await self._join(list(members.values()))
 
     def start(self, job_id: str, page: list[StoredEvent]) -> Batch:
@@ -113,6 +115,7 @@ class JobGroup:
     def remove(self, job_id: str) -> None:
         member = self._members.pop(job_id, None)
         self._due.pop(job_id, None)
+        self._unsettled.pop(job_id, None)
         if member is not None:
             self._hub.leave(job_id, member)
 
@@ -125,18 +128,10 @@ class JobGroup:
         while True:
             if self._closed:
                 raise HubClosed()
-            out: Batch = []
-            ticked = await self._take_feed()
-            joining = [member for member in self._due.values() if member.phase == _JOIN]
-            if joining:
-                await self._join(joining)
-            reading = [member for member in self._due.values() if member.phase == _READ]
-            if reading:
-                pages = await self._hub.store.read_many([(m.job_id, m.after) for m in reading], self.page_size)
-                for member, page in zip(reading, pages, strict=True):
-                    out += [(member.job_id, event) for event in self._take_page(member, page)]
-            for member in [member for member in self._due.values() if member.phase == _LIVE]:
-                del self._due[member.job_id]
+            ticked = await self._take_feed() if self._feed_due else False
+            out = await self._settle() if self._unsettled else []
+            due, self._due = self._due, {}
+            for member in due.values():
                 events = self._live(member)
                 if events is None:
                     continue
@@ -145,13 +140,26 @@ class JobGroup:
                 out += [(member.job_id, event) for event in events]
             if out or ticked or self._gone:
                 return out
-            if any(member.phase != _LIVE for member in self._due.values()):
+            if self._unsettled:
                 continue  # reset while live: join again and re-read, before waiting on anything
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    async def _settle(self) -> Batch:
+        """Join the members that need it, then read one step of history for every member that
+        needs it, in one round trip; those whose history ends go live."""
+        joining = [member for member in self._unsettled.values() if member.phase == _JOIN]
+        if joining:
+            await self._join(joining)
+        reading = list(self._unsettled.values())
+        pages = await self._hub.store.read_many([(m.job_id, m.after) for m in reading], self.page_size)
+        out: Batch = []
+        for member, page in zip(reading, pages, strict=True):
+            out += [(member.job_id, event) for event in self._take_page(member, page)]
+        return out
 
     def close(self) -> None:
         """Leave the hub (idempotent)."""
@@ -160,6 +168,7 @@ class JobGroup:
             self._hub.leave(job_id, member)
         self._members.clear()
         self._due.clear()
+        self._unsettled.clear()
         if self._feed is not None:
             self._hub.leave(*self._feed)
             self._feed = None
@@ -169,7 +178,7 @@ class JobGroup:
     def _woken(self, member: _Member | None) -> None:
         if member is None:
             self._feed_due = True
-        elif member.job_id in self._members:
+        elif member.phase == _LIVE and member.job_id in self._members:
             self._due[member.job_id] = member
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -187,6 +196,7 @@ class JobGroup:
             # Live from here: events the hub queued meanwhile up to this id were in the page.
             member.floor = parse_id(member.after)
             member.phase = _LIVE
+            self._unsettled.pop(member.job_id, None)
             self._due[member.job_id] = member  # look at what queued while reading
         return page
 
@@ -198,7 +208,7 @@ class JobGroup:
         except Reset:
             self._hub.leave(member.job_id, member)
             member.phase = _JOIN
-            self._due[member.job_id] = member
+            self._unsettled[member.job_id] = member
             return None
         except JobGone:
             self.remove(member.job_id)
@@ -210,7 +220,7 @@ class JobGroup:
 
     async def _take_feed(self) -> bool:
         """Join the jobs the tag's feed announced; True for a heartbeat tick of the feed."""
-        if not self._feed_due or self._feed is None:
+        if self._feed is None:
             return False
         self._feed_due = False
         feed, sub = self._feed
