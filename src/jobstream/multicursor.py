@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import uuid
 from collections.abc import Iterable
 
@@ -55,6 +56,16 @@ def _read_varint(raw: bytes, at: int) -> tuple[int, int]:
             return value, at
 
 
+@functools.lru_cache(maxsize=8192)
+def _entry(job_id: str, event_id: str, done: bool) -> str:
+    """One job's packed entry in base64url. Remembered: an event goes to every reader of its job,
+    each of whose cursors takes the same entry (ids come from Redis or a decoded cursor: well
+    formed)."""
+    ms, _, seq = event_id.partition("-")
+    entry = uuid.UUID(job_id).bytes + _varint(int(ms)) + _varint(int(seq) * 2 + done)
+    return base64.urlsafe_b64encode(entry + bytes(-len(entry) % 3)).decode("ascii")
+
+
 class JobsCursor:
     """Where a reader of many jobs stands in each: job id -> (last delivered event id, its `done` seen).
 
@@ -62,14 +73,13 @@ class JobsCursor:
     entry is kept, so that encoding after every event re-packs only the job that moved.
     """
 
-    __slots__ = ("_done", "_packed", "_positions", "_uuids")
+    __slots__ = ("_done", "_packed", "_positions")
 
     def __init__(self) -> None:
         self._positions: dict[str, str] = {}
         self._done: set[str] = set()
         #: Each job's entry, in base64url already.
         self._packed: dict[str, str] = {}
-        self._uuids: dict[str, bytes] = {}
 
     def __len__(self) -> int:
         return len(self._positions)
@@ -91,19 +101,12 @@ class JobsCursor:
         self._positions[job_id] = event_id
         if done:
             self._done.add(job_id)
-        raw = self._uuids.get(job_id)
-        if raw is None:
-            raw = self._uuids[job_id] = uuid.UUID(job_id).bytes
-        # Ids come from Redis or from a decoded cursor: well formed.
-        ms, _, seq = event_id.partition("-")
-        entry = raw + _varint(int(ms)) + _varint(int(seq) * 2 + done)
-        self._packed[job_id] = base64.urlsafe_b64encode(entry + bytes(-len(entry) % 3)).decode("ascii")
+        self._packed[job_id] = _entry(job_id, event_id, done)
 
     def forget(self, job_id: str) -> None:
         self._positions.pop(job_id, None)
         self._done.discard(job_id)
         self._packed.pop(job_id, None)
-        self._uuids.pop(job_id, None)
 
     def keep_only(self, job_ids: Iterable[str]) -> None:
         """Forget every job but these (those a request may follow)."""

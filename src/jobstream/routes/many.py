@@ -31,7 +31,7 @@ from jobstream.routes._common import is_job_id
 from jobstream.routes.stream import SSE_HEADERS, EventStream, PollQuery, poll_query, wait_for_slot
 from jobstream.sendwatch import EventStreamResponse
 from jobstream.services import Services, services
-from jobstream.store import NOT_YOURS, JobRead, StoredEvent, now_ms
+from jobstream.store import NOT_YOURS, JobRead, now_ms
 from jobstream.subscription import HubClosed, SubscriberOverflow
 
 #: Jobs one request follows at most: those listed, or a tag's newest.
@@ -185,17 +185,19 @@ def stream_slots(svc: Services, principal: Principal, chosen: Selection) -> tupl
     return svc.leases.counted_by(keys.token_sse_leases_key, svc.settings.max_sse_per_token_job), holder
 
 
-def event_data(job_id: str, event: StoredEvent) -> str:
-    return f'{{"job_id":"{job_id}","id":"{event.id}","data":{event.data}}}'
-
-
 def frames(batch: Batch, cursor: JobsCursor) -> bytes:
-    """Each event's frame, its SSE id the cursor once it is delivered."""
+    """Each event's frame, its SSE id the cursor once it is delivered. Cursors are base64url,
+    types lowercase words and ids stream ids; data that holds a line break (never compact JSON)
+    goes through sse.frame, which splits it safely."""
     out = []
     for job_id, event in batch:
         cursor.advance(job_id, event.id, done=event.is_done)
-        out.append(sse.frame(cursor.encode(), event.type, event_data(job_id, event)))
-    return b"".join(out)
+        data = f'{{"job_id":"{job_id}","id":"{event.id}","data":{event.data}}}'
+        if "\n" in data or "\r" in data:
+            out.append(sse.frame(cursor.encode(), event.type, data).decode())
+        else:
+            out.append(f"id: {cursor.encode()}\nevent: {event.type}\ndata: {data}\n\n")
+    return "".join(out).encode()
 
 
 # ---- GET /v1/events
