@@ -525,3 +525,19 @@ def test_cluster_whenSnapshotBoundedIncludedPolledAndDeleted_thenAsOnOneRedis(
         assert polled[0]["data"]["text"] + text_of(polled[1:]) == text_of(full)
         assert http.delete(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 204
         assert not rdb.exists(keys.output_key(job["id"])) and not rdb.exists(keys.meta_key(job["id"]))
+
+
+def test_openapi_whenServed_thenDocumentsIncludeSnapshotAndTheOutput(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+
+    def parameters(path: str) -> dict[str, Any]:
+        return {param["name"]: param["schema"] for param in paths[path]["get"]["parameters"]}
+
+    assert parameters("/v1/jobs/{job_id}")["include"] == {"enum": ["output"]}
+    assert {"400", "409"} <= paths["/v1/jobs/{job_id}"]["get"]["responses"].keys()
+    for path in ("/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/poll"):
+        assert parameters(path)["snapshot"] == {"type": "boolean", "default": False}
+    assert schemas["Job"]["properties"]["output"]["$ref"] == "#/components/schemas/Output"
+    assert schemas["Output"]["required"] == ["text", "last_event_id"]
+    assert schemas["Snapshot"]["required"] == ["text", "progress", "status"]
