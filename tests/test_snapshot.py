@@ -165,6 +165,8 @@ def test_sse_whenJobEnded_thenSnapshotThenDone(client: httpx.Client) -> None:
     }
     full = full_replay(client, job)
     assert events[0].id == full[-2].id and events[1].id == full[-1].id
+    head = client.head(f"/v1/jobs/{job['id']}/events", params={"token": job["token"], "snapshot": "1"})
+    assert head.status_code == 200 and head.content == b""
     # Its reconnect (Last-Event-ID: done) is told to stop, as usual.
     response, _ = read_sse(client, job, headers={"Last-Event-ID": events[1].id}, snapshot="1")
     assert response.status_code == 204

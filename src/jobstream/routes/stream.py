@@ -71,7 +71,8 @@ async def stream_events(request: Request) -> Response:
     follower = None if request.method == "HEAD" else await _joined(svc, job_id, cursor)
     try:
         page = HISTORY_PAGE if follower and follower.joined else 0
-        read = await read_job(svc, principal, job_id, cursor, page, snapshot=snapshot)
+        # HEAD answers headers only: no snapshot to read for it.
+        read = await read_job(svc, principal, job_id, cursor, page, snapshot=snapshot and follower is not None)
         job = read.job
         if has_seen_end(job, cursor):
             # 204 is the one answer that makes EventSource stop reconnecting.
