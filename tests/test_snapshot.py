@@ -298,6 +298,23 @@ def test_snapshot_whenFirstDeltaAlonePassesTheBound_thenItCoversTheEventsBefore(
         assert text_of(events[1:]) == "more than ten bytesa"
 
 
+def test_snapshot_whenEventsAfterAFrozenSnapshotWereTrimmed_thenTruncatedFollowsTheSnapshot(
+    make_stack: Callable[..., LiveStack], rdb: SyncRedis
+) -> None:
+    with make_stack(with_worker=False, snapshot_max_bytes=5, stream_maxlen=10).client() as http:
+        job = create_job(http)
+        ids = append(http, job, [*deltas(["abcde", "f", *(str(index % 10) for index in range(400))]), DONE])
+        oldest = rdb.xrange(keys.events_key(job["id"]), count=1)[0][0]
+        assert oldest in ids[2:], "the approximate MAXLEN should have trimmed the events after the snapshot"
+        _, events = read_sse(http, job, snapshot="1")
+        assert [event.event for event in events[:3]] == ["snapshot", "truncated", "delta"]
+        assert events[0].id == ids[0] and events[0].json()["text"] == "abcde"
+        assert events[1].json() == {"first_id": oldest} and events[2].id == oldest
+        body = http.get(f"/v1/jobs/{job['id']}/poll", params={"token": job["token"], "snapshot": "1"}).json()
+        assert body["truncated"] == {"first_id": oldest}
+        assert [event["id"] for event in body["events"][:2]] == [ids[0], oldest]
+
+
 def test_snapshot_whenUnicode_thenConcatenatedByteForByte(make_stack: Callable[..., LiveStack]) -> None:
     with make_stack(with_worker=False).client() as http:
         job = create_job(http)
