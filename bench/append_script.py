@@ -82,7 +82,7 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
 def _median(kind: str, measured: list[tuple[float, float]]) -> dict[str, Any]:
     values = [us for us, _ in measured]
     return {
-        "kind": kind,
+        "snapshot": kind,
         "us_per_script_run": round(statistics.median(values), 2),
         "range": [round(min(values), 2), round(max(values), 2)],
         "runs": [round(value, 2) for value in values],
@@ -103,7 +103,7 @@ def main() -> None:
     for row in medians:
         low, high = row["range"]
         figure = f"{row['us_per_script_run']:.1f} ({low:.1f}–{high:.1f})"
-        print(f"| {row['kind']} | {figure} | {row['other_cores_busy_max']:.2f} |")
+        print(f"| {row['snapshot']} | {figure} | {row['other_cores_busy_max']:.2f} |")
     print(f"results: {out}")
 
 
