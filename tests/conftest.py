@@ -239,6 +239,14 @@ def client(stack: LiveStack) -> Iterator[httpx.Client]:
 
 
 @pytest.fixture
+def gateway(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
+    """``client`` of a gateway alone: no worker, so jobs stay as a test leaves them and nothing but
+    the requests talks to Redis."""
+    with make_stack(with_worker=False).client() as http:
+        yield http
+
+
+@pytest.fixture
 def demo_client(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
     """``client`` of a gateway and worker with the built-in demo.* job types on (JOBSTREAM_DEMO)."""
     with make_stack(demo=True).client() as http:

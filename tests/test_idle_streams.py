@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -19,16 +19,10 @@ import redis
 from jobstream import keys
 from jobstream.hub import HISTORY_PAGE
 from jobstream.sendwatch import EventStreamResponse, SendWatch, _DisconnectWatch
-from tests.conftest import LiveStack, append, create_job, read_sse
+from tests.conftest import append, create_job, read_sse
 from tests.helpers import redis_commands_of, wait_until, wait_until_async
 
 #: Commands that are not a request's own: connection set-up, health checks, the hub's link.
-
-
-@pytest.fixture
-def gateway(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
-    with make_stack(with_worker=False).client() as http:
-        yield http
 
 
 def test_open_whenHistoryExists_thenTheReadBringsItWithoutARangeOfItsOwn(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -18,17 +18,10 @@ from jobstream import keys
 from jobstream.connection import create_client
 from jobstream.models import JobStatus
 from jobstream.store import JobRecord, JobStore, ListQuery, OutgoingEvent, done_event
-from tests.conftest import ALICE, BOB, LiveStack, append, create_job, make_settings, server_nodes
+from tests.conftest import ALICE, BOB, append, create_job, make_settings, server_nodes
 from tests.helpers import assert_problem, redis_commands_of, wait_until
 
 pytestmark = pytest.mark.on_cluster
-
-
-@pytest.fixture
-def gateway(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
-    # No worker: jobs stay as the test leaves them.
-    with make_stack(with_worker=False).client() as http:
-        yield http
 
 
 def _list(http: httpx.Client, headers: dict[str, str] | None = None, **params: Any) -> dict[str, Any]:

@@ -22,12 +22,6 @@ from tests.helpers import assert_problem, value, wait_until
 pytestmark = pytest.mark.on_cluster
 
 
-@pytest.fixture
-def gateway(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
-    with make_stack(with_worker=False).client() as http:
-        yield http
-
-
 def _deltas(http: httpx.Client, job: dict[str, Any], texts: list[str], *, end: bool = False) -> list[str]:
     events: list[dict[str, Any]] = [{"type": "delta", "data": {"text": text}} for text in texts]
     if end:

@@ -78,3 +78,20 @@ def test_proxy_whenEventAppended_thenReaderGetsItAtOnceThroughNginx(proxy: tuple
         assert [e.json() for e in rest] == [{"text": "now"}, {"text": "later"}, {"status": "completed"}]
     with httpx.Client(base_url=base_url, headers=ALICE) as http:
         assert http.get(f"/v1/jobs/{job['id']}").json()["status"] == "completed"
+
+
+def test_proxy_whenHundredJobsOnOneStream_thenTheLongUrlAndCursorPassNginx(proxy: tuple[str, list[LiveStack]]) -> None:
+    base_url, _ = proxy
+    with httpx.Client(base_url=base_url, timeout=httpx.Timeout(30)) as http:
+        jobs = [create_job(http) for _ in range(100)]
+        for job in jobs:
+            append(http, job, {"type": "result", "data": {}})
+        token = http.post("/v1/read-tokens", json={"jobs": [job["id"] for job in jobs]}, headers=ALICE).json()["token"]
+        params = {"jobs": ",".join(job["id"] for job in jobs), "token": token}
+        with connect_sse(http, "GET", "/v1/events", params=params) as source:
+            assert source.response.status_code == 200
+            received = [event for event in source.iter_sse() if event.data]
+        assert len(received) == 100 * 3  # each job's status, result and done
+        # The reconnect's Last-Event-ID (every job's cursor) passes too: everything seen, 204.
+        again = http.get("/v1/events", params=params, headers={"Last-Event-ID": received[-1].id})
+        assert again.status_code == 204

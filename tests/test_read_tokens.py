@@ -4,23 +4,16 @@ tag (present and future jobs), with an expiry; it reads those jobs and nothing e
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ALICE, BOB, LiveStack, append, create_job
+from tests.conftest import ALICE, BOB, append, create_job
 from tests.helpers import assert_problem, wait_until
 
 pytestmark = pytest.mark.on_cluster
-
-
-@pytest.fixture
-def gateway(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
-    with make_stack(with_worker=False).client() as http:
-        yield http
 
 
 def _issue(http: httpx.Client, body: dict[str, Any], headers: dict[str, str] | None = None) -> dict[str, Any]:

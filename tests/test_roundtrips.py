@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -34,13 +34,6 @@ def _calls(rdb: redis.Redis, name: str) -> int:
 def _oldest(rdb: redis.Redis, job: dict[str, Any]) -> str:
     entries = cast(list[tuple[str, dict[str, str]]], rdb.xrange(keys.events_key(job["id"]), count=1))
     return entries[0][0]
-
-
-@pytest.fixture
-def gateway(make_stack: Callable[..., LiveStack]) -> Iterator[httpx.Client]:
-    # No worker: nothing but the requests talks to Redis.
-    with make_stack(with_worker=False).client() as http:
-        yield http
 
 
 def test_status_whenRead_thenOneCommand(gateway: httpx.Client, rdb: redis.Redis) -> None:

@@ -70,6 +70,10 @@ class JobEnded(ProblemError):
     status, title, slug = 409, "Conflict", "job-ended"
 
 
+class NoSnapshot(ProblemError):
+    status, title, slug = 409, "Conflict", "no-snapshot"
+
+
 class PayloadTooLarge(ProblemError):
     status, title, slug = 413, "Content Too Large", "too-large"
 

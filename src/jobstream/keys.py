@@ -26,6 +26,11 @@ def events_key(job_id: str) -> str:
     return f"{prefix}:{{{job_id}}}:events"
 
 
+def output_key(job_id: str) -> str:
+    """The job's snapshot text: every delta's text so far, appended by the script that appends them."""
+    return f"{prefix}:{{{job_id}}}:output"
+
+
 def live_channel(job_id: str) -> str:
     """Pub/sub channel on which appends publish their events, for the gateways' hubs."""
     return f"{prefix}:{{{job_id}}}:live"

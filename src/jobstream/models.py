@@ -36,6 +36,7 @@ EVENT_TYPE_PATTERN = r"^[a-z][a-z0-9_.\-]{0,63}$"
 #: Events the gateway itself sends to readers (`truncated`: the resume point was trimmed away;
 #: `snapshot`: a late joiner's summary). No producer may append them, so readers can trust them.
 RESERVED_EVENT_TYPES = ("snapshot", "truncated")
+SNAPSHOT_EVENT = "snapshot"
 
 # Numbers of request bodies are strict: a JSON number, never `true` or "5" read as one. Finiteness
 # (no NaN or Infinity) is each model's `allow_inf_nan=False`, for what handlers pass in Python;

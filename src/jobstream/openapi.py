@@ -33,6 +33,15 @@ _TOKEN = {
     "schema": {"type": "string"},
     "description": "Read token, for clients that cannot send headers (EventSource).",
 }
+_SNAPSHOT = {
+    "name": "snapshot",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "boolean", "default": False},
+    "description": "Start with the job's snapshot (one `snapshot` event, see Snapshot), then the events after it."
+    " Ignored when a resume point is given. A job with no event yet, or one that keeps no snapshot, is read"
+    " from its first event.",
+}
 _AUTH_ERRORS = {
     "401": _problem("Missing or invalid credentials"),
     "403": _problem("Another user's job"),
@@ -160,6 +169,27 @@ _SCHEMAS: dict[str, Any] = {
             "last_event_id": {"type": ["string", "null"]},
             "tags": {"type": "array", "items": {"type": "string"}},
             "metadata": {"type": "object"},
+            "output": {**_ref("Output"), "description": "With `include=output` only."},
+        },
+    },
+    "Output": {
+        "type": "object",
+        "description": "The job's snapshot: every event up to `last_event_id` (of any type but `done`).",
+        "required": ["text", "last_event_id"],
+        "properties": {
+            "text": {"type": "string", "description": "Every delta's text so far, concatenated."},
+            "last_event_id": {"type": ["string", "null"], "description": "The last event covered; null: none yet."},
+        },
+    },
+    "Snapshot": {
+        "type": "object",
+        "description": "The data of a `snapshot` event, whose id is the last event it covers (of any type but"
+        " `done`): what a reader would have from every event up to there. `status` is the job's as it is read.",
+        "required": ["text", "progress", "status"],
+        "properties": {
+            "text": {"type": "string"},
+            "progress": {"anyOf": [_ref("Progress"), {"type": "null"}]},
+            "status": {"enum": ["running", "completed", "failed", "cancelled"]},
         },
     },
     "JobPage": {
@@ -274,10 +304,22 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
         job: {
             "get": {
                 "summary": "Job status",
-                "parameters": [_JOB_ID, _TOKEN],
+                "parameters": [
+                    _JOB_ID,
+                    _TOKEN,
+                    {
+                        "name": "include",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"enum": ["output"]},
+                        "description": "`output`: add the job's snapshot as `output`.",
+                    },
+                ],
                 "responses": {
                     "200": _json("The job", _ref("Job")),
                     "304": {"description": "Not modified"},
+                    "400": _problem("An `include` other than `output`"),
+                    "409": _problem("`include=output` of a job that keeps no snapshot (snapshots off when created)"),
                     **_AUTH_ERRORS,
                 },
             },
@@ -294,11 +336,12 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
                     _JOB_ID,
                     _TOKEN,
                     *_RESUME,
+                    _SNAPSHOT,
                 ],
                 "responses": {
                     "200": _event_stream("Event stream"),
                     "204": {"description": "The reader has already seen `done`"},
-                    "400": _problem("Malformed event id, or one nothing can follow"),
+                    "400": _problem("Malformed event id, or one nothing can follow, or a `snapshot` not boolean"),
                     "429": _problem("Too many streams: per user, or per job for readers with its read token"),
                     **_AUTH_ERRORS,
                 },
@@ -335,6 +378,11 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
                     _TOKEN,
                     {"name": "after", "in": "query", "schema": {"type": "string"}},
                     *_poll_limits(max_wait_s),
+                    {
+                        **_SNAPSHOT,
+                        "description": "Without `after`: the job's snapshot is the answer's first event (one of"
+                        " `limit`), then the events after it.",
+                    },
                 ],
                 "responses": {
                     "200": _json("Events", _ref("PollResult")),

@@ -44,7 +44,13 @@ if ARGV[10] == '1' and redis.call('HGET', KEYS[1], 'type') ~= 'external' then re
 #: publish them for the gateways' hubs (id, type and data joined by \x1e, events by \x1f).
 #: An accepted cancel wins: once the job's cancel flag is set, an ending that says completed or
 #: failed is written as cancelled, without its result or failure event (nor their meta fields).
-#: KEYS: meta, events.
+#: A job created with a snapshot bound (meta output_max, bytes) keeps its snapshot here: every event
+#: but `done` is covered by it (output_id: the last covered), each delta's text appended to the
+#: output key (output_len: its length), as long as the text stays within the bound; a delta that
+#: would pass it freezes the snapshot where it is (output_progress: the progress it covers), and
+#: every later event is replayed after it. Never unfrozen: it grows only while output_id is the
+#: job's last event id.
+#: KEYS: meta, events, output.
 #: ARGV: now_ms, maxlen, retention_s, failed_retention_s, new_status ('' = unchanged), channel,
 #:       nfields, batch ('' = none: a producer's id of this batch, one it may retry), owner and
 #:       external-only (see _CHECKED), nfields field/value pairs for the meta hash, then type/data
@@ -71,11 +77,16 @@ end
 local last
 local published = {}
 local FS, ES = string.char(30), string.char(31)
+-- The snapshot grows only while it covers every event so far: once behind, it stays frozen.
+local out = redis.call('HMGET', KEYS[1], 'output_max', 'output_id', 'last_event_id')
+local out_max = tonumber(out[1]) or 0
+local out_open, out_id, out_len, out_progress = out_max > 0 and out[2] == out[3], nil, nil, nil
 if status == 'pending' and ARGV[first] ~= 'status' and ARGV[first] ~= 'done' then
   -- A producer's first event starts the job: readers always see 'running' before output.
   local running = '{"status":"running"}'
   last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', 'status', 'd', running)
   published[1] = last .. FS .. 'status' .. FS .. running
+  if out_open then out_id = last end
   if new_status == '' then new_status = 'running' end
 end
 local ids = {'ok', '', '', '', ''}
@@ -86,7 +97,37 @@ for i = first, #ARGV, 2 do
     last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', kind, 'd', data)
     ids[#ids + 1] = last
     published[#published + 1] = last .. FS .. kind .. FS .. data
+    if out_open and kind ~= 'done' then
+      if kind == 'delta' then
+        local ok, decoded = pcall(cjson.decode, data)
+        local text = ok and type(decoded) == 'table' and decoded.text
+        if type(text) == 'string' and text ~= '' then
+          local len = redis.call('APPEND', KEYS[3], text)
+          if len > out_max then
+            -- Past the bound: take this text back, and freeze the snapshot before this delta
+            -- with the progress it covers (the meta's is not written yet: it is the batch's).
+            out_len, out_open = len - #text, false
+            if out_len > 0 then
+              redis.call('SET', KEYS[3], redis.call('GETRANGE', KEYS[3], 0, out_len - 1))
+            else
+              redis.call('DEL', KEYS[3])
+            end
+            out_progress = out_progress or redis.call('HGET', KEYS[1], 'progress') or 'null'
+            redis.call('HSET', KEYS[1], 'output_progress', out_progress)
+          else
+            out_len = len
+          end
+        end
+      elseif kind == 'progress' then
+        out_progress = data
+      end
+      if out_open then out_id = last end
+    end
   end
+end
+if out_id then
+  if out_len then redis.call('HSET', KEYS[1], 'output_id', out_id, 'output_len', out_len)
+  else redis.call('HSET', KEYS[1], 'output_id', out_id) end
 end
 -- Remember once the MAXLEN cap has dropped events, so readers need not ask the stream each time.
 if redis.call('HINCRBY', KEYS[1], 'appended', #published) > redis.call('XLEN', KEYS[2]) then
@@ -114,6 +155,7 @@ redis.call('HSET', KEYS[1], 'status', effective, 'updated_ms', now, 'last_event_
   'expires_ms', now + ttl * 1000)
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
+if out_max > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
 redis.call('PUBLISH', ARGV[6], table.concat(published, ES))
 ids[2] = effective
 ids[3] = redis.call('HGET', KEYS[1], 'started_ms') or ''
@@ -165,19 +207,44 @@ return {'ok', redis.call('HINCRBY', KEYS[1], 'attempt', 1)}
 """
 )
 
+#: ``snapshot_of()``, the job's snapshot (see _WRITE), in a script with KEYS: meta, events, output:
+#: {} if the job keeps none, else {id, text, progress}, id '' when it covers no event yet or when
+#: its text is not all there (the output key evicted on its own), progress as JSON.
+_SNAPSHOT = """
+local function snapshot_of()
+  local out = redis.call('HMGET', KEYS[1], 'output_max', 'output_id', 'output_len', 'progress', 'output_progress')
+  if not out[1] then return {} end
+  local text = redis.call('GET', KEYS[3]) or ''
+  if not out[2] or #text ~= (tonumber(out[3]) or 0) then return {'', '', 'null'} end
+  return {out[2], text, out[5] or out[4] or 'null'}
+end
+"""
+
 #: A reader's one round trip: what a reader needs of the job's metadata (not its input, which may
 #: be large), where its reading starts and, for the job's owner, the events from there.
-#: KEYS: meta, events. ARGV: cursor ('' = from the start, '$' = after the newest event, else a
-#: stream id to read after), limit (0 = no events), reader (events are read only when the job is
-#: this user's: '' = none; the gateway still authorizes what it answers).
-#: Returns {} (no such job) | {{id, owner, status, last_event_id, tags}, after, oldest, events} where
-#: ``after`` is the exclusive start, ``oldest`` the oldest kept event id when the stream was trimmed
-#: (the append script marks it) and a cursor was given, else '', and ``events`` is id, type, data
-#: of each.
-READ = """
+#: KEYS: meta, events, output. ARGV: cursor ('' = from the start, '$' = after the newest event,
+#: else a stream id to read after), limit (0 = no events), reader (events are read only when the
+#: job is this user's: '' = none; the gateway still authorizes what it answers), snapshot ('1':
+#: with a cursor of '', the job's snapshot if it keeps one, and reading starts after it; also only
+#: for the reader's job).
+#: Returns {} (no such job) | {{id, owner, status, last_event_id, tags}, after, oldest, events,
+#: snapshot} where ``after`` is the exclusive start, ``oldest`` the oldest kept event id when the
+#: stream was trimmed (the append script marks it) and a cursor was given, else '', ``events`` is
+#: id, type, data of each, and ``snapshot`` as _SNAPSHOT leaves it ({} when not asked for).
+READ = (
+    """
 local meta = redis.call('HMGET', KEYS[1], 'id', 'owner', 'status', 'last_event_id', 'trimmed', 'tags')
 if not meta[3] then return {} end
 local cursor, limit = ARGV[1], tonumber(ARGV[2])
+local owned = ARGV[3] ~= '' and meta[2] == ARGV[3]
+"""
+    + _SNAPSHOT
+    + """
+local snapshot = {}
+if ARGV[4] == '1' and owned and cursor == '' then
+  snapshot = snapshot_of()
+  if snapshot[1] and snapshot[1] ~= '' then cursor = snapshot[1] end
+end
 local after, oldest = '0-0', ''
 if cursor == '$' then
   local newest = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
@@ -191,7 +258,7 @@ elseif cursor ~= '' then
   end
 end
 local events = {}
-if limit > 0 and ARGV[3] ~= '' and meta[2] == ARGV[3] then
+if limit > 0 and owned then
   for _, entry in ipairs(redis.call('XRANGE', KEYS[2], '(' .. after, '+', 'COUNT', limit)) do
     local fields, kind, data = entry[2], '', ''
     for j = 1, #fields, 2 do
@@ -202,20 +269,34 @@ if limit > 0 and ARGV[3] ~= '' and meta[2] == ARGV[3] then
     events[#events + 1] = data
   end
 end
-return {{meta[1], meta[2], meta[3], meta[4] or '', meta[6] or ''}, after, oldest, events}
+return {{meta[1], meta[2], meta[3], meta[4] or '', meta[6] or ''}, after, oldest, events, snapshot}
 """
+)
+
+#: The status document's metadata with the job's snapshot, in one step. KEYS: meta, events, output.
+#: Returns {} (no such job) | {metadata as HGETALL gives it, snapshot} (see _SNAPSHOT).
+STATUS_WITH_OUTPUT = (
+    """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then return {} end
+"""
+    + _SNAPSHOT
+    + """
+return {fields, snapshot_of()}
+"""
+)
 
 #: Delete a job: its metadata and its stream, then tell the hubs (an empty message), so that open
-#: readers close at once. KEYS: meta, events. ARGV: owner ('' = anyone; else the job must exist and
-#: be theirs), channel. Returns {'gone'} | {'forbidden'} | {'deleted', number of keys removed, owner
-#: ('' if there was no job)}.
+#: readers close at once. KEYS: meta, events, output. ARGV: owner ('' = anyone; else the job must
+#: exist and be theirs), channel. Returns {'gone'} | {'forbidden'} | {'deleted', number of keys
+#: removed, owner ('' if there was no job)}.
 DELETE = """
 local owner = redis.call('HGET', KEYS[1], 'owner')
 if ARGV[1] ~= '' then
   if not owner then return {'gone'} end
   if owner ~= ARGV[1] then return {'forbidden'} end
 end
-local removed = redis.call('DEL', KEYS[1], KEYS[2])
+local removed = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('PUBLISH', ARGV[2], '')
 return {'deleted', removed, owner or ''}
 """

@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     retention_s: int = Field(600, ge=1)
     failed_retention_s: int = Field(3600, ge=1)
     stream_maxlen: int = Field(10000, ge=10)
+    #: Jobs created from now on keep their deltas' text for snapshots (late joiners), up to this
+    #: many bytes; past it the snapshot stops growing and the rest is replayed. 0: none kept.
+    snapshot_max_bytes: int = Field(1_048_576, ge=0)
     heartbeat_s: float = Field(15, gt=0)
     max_sse_per_user: int = Field(5, ge=1)
     #: Open event streams of one job read with its read token: they count here, per job, and not

@@ -18,7 +18,7 @@ from jobstream.connection import RedisClient
 from jobstream.cursor import is_before
 from jobstream.errors import Forbidden, JobEnded, JobNotFound
 from jobstream.jobindex import JobIndex
-from jobstream.models import TERMINAL_EVENT, JobStatus, iso, to_json
+from jobstream.models import SNAPSHOT_EVENT, TERMINAL_EVENT, JobStatus, iso, to_json
 from jobstream.pipelines import ScriptCall, run_scripts
 from jobstream.settings import Settings
 
@@ -124,7 +124,9 @@ class JobRecord:
         ttl_s: int,
         tags: Sequence[str] = (),
         metadata: Mapping[str, Any] | None = None,
+        output_max: int = 0,
     ) -> JobRecord:
+        """``output_max``: the bound of the job's snapshot text in bytes (0: it keeps none)."""
         created = now_ms()
         fields = {
             "id": job_id,
@@ -143,6 +145,8 @@ class JobRecord:
             fields["tags"] = to_json(list(tags))
         if metadata:
             fields["metadata"] = to_json(metadata)
+        if output_max:
+            fields["output_max"] = str(output_max)
         return cls(fields)
 
     @property
@@ -250,16 +254,46 @@ def _iso_json(ms: str | None) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What a job's events up to ``last_event_id`` (every type but `done`) add up to: the text of
+    its deltas and its progress (JSON as stored). ``last_event_id`` None: it covers no event yet."""
+
+    last_event_id: str | None
+    text: str
+    progress: str
+
+    @classmethod
+    def of_reply(cls, reply: list[str]) -> Snapshot | None:
+        """From a script's ``snapshot_of()`` (scripts._SNAPSHOT): None when the job keeps none."""
+        if not reply:
+            return None
+        last_event_id, text, progress = reply
+        return cls(last_event_id or None, text, progress)
+
+    def output_json(self) -> str:
+        """The status document's ``output``."""
+        return to_json({"text": self.text, "last_event_id": self.last_event_id})
+
+    def event(self, status: JobStatus) -> StoredEvent:
+        """The `snapshot` event a late reader starts with (``last_event_id`` must be set)."""
+        assert self.last_event_id is not None
+        data = f'{{"text":{to_json(self.text)},"progress":{self.progress},"status":"{status.value}"}}'
+        return StoredEvent(self.last_event_id, SNAPSHOT_EVENT, data)
+
+
+@dataclass(frozen=True, slots=True)
 class JobRead:
     """A job as one reader's round trip found it: its metadata (``id``, ``owner``, ``status``,
     ``last_event_id`` and ``tags`` only: what authorization and the end check use), where reading starts (an
     exclusive stream id), the oldest kept event id when the reader's cursor is older (events were
-    trimmed away), and the events from there (none unless asked for, and only for its owner)."""
+    trimmed away), and the events from there (none unless asked for, and only for its owner); and,
+    when asked for, its snapshot, after which reading then starts."""
 
     job: JobRecord
     after: str
     first_kept: str | None
     events: list[StoredEvent]
+    snapshot: Snapshot | None = None
 
 
 #: What a status document shows of a job's metadata hash (``id`` first: absent means no job).
@@ -315,6 +349,7 @@ class JobStore:
         self._request_cancel = client.register_script(scripts.REQUEST_CANCEL)
         self._start_attempt = client.register_script(scripts.START_ATTEMPT)
         self._read = client.register_script(scripts.READ)
+        self._status_with_output = client.register_script(scripts.STATUS_WITH_OUTPUT)
         self._create = client.register_script(scripts.CREATE)
         self._delete = client.register_script(scripts.DELETE)
         self.index = JobIndex(client)
@@ -366,15 +401,29 @@ class JobStore:
         fields = cast(dict[str, str], await self._redis.hgetall(keys.meta_key(job_id)))
         return JobRecord(fields) if fields else None
 
-    async def read_job(self, job_id: str, cursor: str | None, limit: int = 0, *, reader: str = "") -> JobRead | None:
+    async def get_with_output(self, job_id: str) -> tuple[JobRecord, Snapshot | None] | None:
+        """The job and its snapshot (None: it keeps none), in one step; None if there is no such job."""
+        reply = await self._status_with_output(keys=self._append_keys(job_id))
+        if not reply:
+            return None
+        flat, snapshot = reply
+        return JobRecord(dict(zip(flat[::2], flat[1::2], strict=True))), Snapshot.of_reply(snapshot)
+
+    async def read_job(
+        self, job_id: str, cursor: str | None, limit: int = 0, *, reader: str = "", snapshot: bool = False
+    ) -> JobRead | None:
         """A job (the fields a reader needs: id, owner, status, last event id) and where reading it
         starts, in one round trip; None if there is no such job.
 
         ``cursor``: None (from the start), ``$`` (after the newest event) or a validated stream id.
         With ``limit`` > 0 the events after the start come along, but only for a job of
         ``reader``: a caller who may read the job passes its user. Reading them is speculative:
-        the caller must still authorize the job before answering anything of it."""
-        reply = await self._read(keys=self._append_keys(job_id), args=[cursor or "", limit, reader])
+        the caller must still authorize the job before answering anything of it.
+
+        ``snapshot`` (with no cursor): the job's snapshot comes along too, if it keeps one that
+        covers an event, on the same terms as the events, and reading starts after it."""
+        args: list[str | int] = [cursor or "", limit, reader, "1" if snapshot else ""]
+        reply = await self._read(keys=self._append_keys(job_id), args=args)
         return _job_read(reply, cursor)
 
     async def list_jobs(self, user: str, query: ListQuery) -> tuple[list[JobRecord], int | None]:
@@ -556,7 +605,7 @@ class JobStore:
 
     @staticmethod
     def _append_keys(job_id: str) -> list[str]:
-        return [keys.meta_key(job_id), keys.events_key(job_id)]
+        return [keys.meta_key(job_id), keys.events_key(job_id), keys.output_key(job_id)]
 
     def _append_args(
         self,
@@ -681,15 +730,19 @@ def _job_read(reply: list[Any], cursor: str | None) -> JobRead | None:
     """The READ script's reply (see scripts.READ); None when there is no such job."""
     if not reply:
         return None
-    (record_id, owner, status, last_event_id, tags), after, oldest, flat = reply
+    (record_id, owner, status, last_event_id, tags), after, oldest, flat, found = reply
     fields = {"id": record_id, "owner": owner, "status": status}
     if last_event_id:
         fields["last_event_id"] = last_event_id
     if tags:  # what a tag's read token is checked against
         fields["tags"] = tags
-    first_kept = oldest if oldest and cursor and is_before(cursor, oldest) else None
+    kept = Snapshot.of_reply(found)
+    if kept is not None and kept.last_event_id is None:
+        kept = None  # it covers nothing: reading starts at the first event
+    start = kept.last_event_id if kept is not None else cursor
+    first_kept = oldest if oldest and start and is_before(start, oldest) else None
     events = [StoredEvent(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
-    return JobRead(JobRecord(fields), after, first_kept, events)
+    return JobRead(JobRecord(fields), after, first_kept, events, kept)
 
 
 def _appended(reply: list[str]) -> Appended:

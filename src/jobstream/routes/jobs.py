@@ -13,11 +13,19 @@ from starlette.responses import JSONResponse, Response
 
 from jobstream import keys, metrics, sentry
 from jobstream.auth import require_user
-from jobstream.errors import BadRequest, JobEnded, ProblemError, RateLimited, ValidationFailed, pydantic_errors
+from jobstream.errors import (
+    BadRequest,
+    JobEnded,
+    NoSnapshot,
+    ProblemError,
+    RateLimited,
+    ValidationFailed,
+    pydantic_errors,
+)
 from jobstream.models import TERMINAL_EVENT, EventIn, JobCreate, JobStatus, to_json
 from jobstream.observability import job_transition
 from jobstream.registry import EXTERNAL
-from jobstream.routes._common import authenticate, check_job, load_job, read_json
+from jobstream.routes._common import authenticate, authorize, check_job, load_job, read_json
 from jobstream.services import Services, services
 from jobstream.store import NOT_EXTERNAL, JobRecord, OutgoingEvent, done_event, now_ms
 
@@ -59,6 +67,7 @@ async def create_job(request: Request) -> Response:
         ttl_s=ttl_s,
         tags=payload.tags,
         metadata=payload.metadata,
+        output_max=svc.settings.snapshot_max_bytes,
     )
     # The worker that runs the job continues this request's trace.
     record = JobRecord({**record.fields, **sentry.trace_fields()})
@@ -138,8 +147,30 @@ def _matches(if_none_match: str, etag: str) -> bool:
 
 async def get_job(request: Request) -> Response:
     """One round trip; the status document is encoded once, and its ETag is a hash of those bytes."""
+    if request.scope["query_string"] and "include" in request.query_params:
+        return await _get_job_with_output(request)
     _, job = await load_job(request)
-    body = job.view_json()
+    return _status_document(request, job.view_json())
+
+
+async def _get_job_with_output(request: Request) -> Response:
+    """``?include=output``: the status document with the job's snapshot as ``output``, read in the
+    same round trip. 409 for a job that keeps none (created with JOBSTREAM_SNAPSHOT_MAX_BYTES=0)."""
+    job_id, principal = authenticate(request)
+    if request.query_params.getlist("include") != ["output"]:
+        await check_job(request, job_id, principal)  # 404 and 403 come before a bad query's 400
+        raise BadRequest("Invalid query parameters.", errors=[{"loc": ["include"], "msg": "the one value is 'output'"}])
+    found = await services(request).store.get_with_output(job_id)
+    job = authorize(principal, found[0] if found else None)
+    snapshot = found[1] if found else None
+    if snapshot is None:
+        raise NoSnapshot("This job keeps no snapshot of its output (snapshots were off when it was created).")
+    body = job.view_json()[:-1] + b',"output":' + snapshot.output_json().encode() + b"}"
+    return _status_document(request, body)
+
+
+def _status_document(request: Request, body: bytes) -> Response:
+    """The status document ``body`` with its ETag, or 304 when the client has that one."""
     etag = _etag(body)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _matches(request.headers.get("if-none-match", ""), etag):

@@ -298,12 +298,11 @@ class ManyStream(EventStream):
         chosen: Selection,
         first: tuple[bytes, Batch],
     ) -> None:
-        super().__init__(svc, "(many)", group, leases, holder, lease, None)
+        notices, pending = first
+        super().__init__(svc, "(many)", group, leases, holder, lease, sse.retry(svc.settings.retry_ms) + notices)
         self._cursor = cursor
         self._chosen = chosen
-        notices, self._pending = first
-        if notices and self._head is not None:
-            self._head += notices
+        self._pending = pending
 
     async def _next_chunk(self) -> tuple[bytes, bool] | None:
         group = cast_group(self._follower)

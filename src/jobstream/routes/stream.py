@@ -46,10 +46,14 @@ def has_seen_end(job: JobRecord, cursor: str | None) -> bool:
     return cursor == NEWEST or not is_before(cursor, job.last_event_id)
 
 
-async def read_job(svc: Services, principal: Principal, job_id: str, cursor: str | None, limit: int = 0) -> JobRead:
+async def read_job(
+    svc: Services, principal: Principal, job_id: str, cursor: str | None, limit: int = 0, *, snapshot: bool = False
+) -> JobRead:
     """A reader's job in one round trip: its metadata, where reading starts (``$`` resolved, the
-    trimmed check made) and, with ``limit``, the events from there; 404 if gone, then 403."""
-    read = await svc.store.read_job(job_id, cursor, limit, reader=possible_owner(principal, job_id))
+    trimmed check made) and, with ``limit``, the events from there; with ``snapshot`` (and no
+    cursor), its snapshot, if it keeps one, and the events after it; 404 if gone, then 403."""
+    reader = possible_owner(principal, job_id)
+    read = await svc.store.read_job(job_id, cursor, limit, reader=reader, snapshot=snapshot and cursor is None)
     if read is None:
         raise JobNotFound()
     authorize(principal, read.job)
@@ -61,6 +65,7 @@ async def stream_events(request: Request) -> Response:
     job_id, principal = authenticate(request)
     try:
         cursor = resolve_cursor(request.headers.get("last-event-id"), request.query_params.get("last_event_id"))
+        snapshot = "snapshot" in request.query_params and _query(SnapshotQuery, request).snapshot
     except BadRequest:
         await check_job(request, job_id, principal)  # 404 and 403 come before a bad id's 400
         raise
@@ -68,7 +73,9 @@ async def stream_events(request: Request) -> Response:
     # first page of history too (gap-free: events published from here on reach the follower).
     follower = None if request.method == "HEAD" else await _joined(svc, job_id, cursor)
     try:
-        read = await read_job(svc, principal, job_id, cursor, HISTORY_PAGE if follower and follower.joined else 0)
+        page = HISTORY_PAGE if follower and follower.joined else 0
+        # HEAD answers headers only: no snapshot to read for it.
+        read = await read_job(svc, principal, job_id, cursor, page, snapshot=snapshot and follower is not None)
         job = read.job
         if has_seen_end(job, cursor):
             # 204 is the one answer that makes EventSource stop reconnecting.
@@ -87,12 +94,41 @@ async def stream_events(request: Request) -> Response:
             )
         # An authorized reader owns the job, so the read brought its events (see possible_owner).
         follower.start(read.after, read.events if follower.joined else None)
-        stream = EventStream(svc, job.id, follower, leases, holder, lease, read.first_kept)
+        stream = EventStream(svc, job.id, follower, leases, holder, lease, _head(svc, read))
         follower = None  # the stream's now
     finally:
         if follower is not None:
             follower.close()
     return EventStreamResponse(stream, headers=SSE_HEADERS, watch=svc.send_watch)
+
+
+class SnapshotQuery(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    #: Start with the job's snapshot (``1``, ``true``, ...: a boolean as pydantic reads one), unless
+    #: a resume point is given.
+    snapshot: bool = False
+
+
+_Query = TypeVar("_Query", bound=BaseModel)
+
+
+def _query(model: type[_Query], request: Request) -> _Query:
+    try:
+        return model.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        raise BadRequest("Invalid query parameters.", errors=pydantic_errors(exc)) from None
+
+
+def _head(svc: Services, read: JobRead) -> bytes:
+    """What a stream opens with: the retry hint, the reader's snapshot, and the truncation notice
+    (of events after the snapshot, when it starts from one)."""
+    head = sse.retry(svc.settings.retry_ms)
+    if read.snapshot is not None:
+        head += read.snapshot.event(read.job.status).frame
+    if read.first_kept is not None:
+        head += sse.unnamed_frame("truncated", to_json({"first_id": read.first_kept}))
+    return head
 
 
 async def _joined(svc: Services, job_id: str, cursor: str | None) -> Follower:
@@ -150,7 +186,7 @@ class EventStream:
         leases: ConnectionLeases,
         holder: str,
         lease: str,
-        first_kept: str | None,
+        head: bytes,
     ) -> None:
         self._svc = svc
         #: A single job's follower, or a group of jobs' (ManyStream).
@@ -159,9 +195,6 @@ class EventStream:
         self._leases = leases
         self._holder = holder
         self._lease = lease
-        head = sse.retry(svc.settings.retry_ms)
-        if first_kept is not None:
-            head += sse.unnamed_frame("truncated", to_json({"first_id": first_kept}))
         self._head: bytes | None = head
         self._state = _HEAD
         self._deadline = 0.0
@@ -272,20 +305,15 @@ def _encode_batch(batch: list[StoredEvent]) -> tuple[bytes, bool]:
     return b"".join(event.frame for event in batch), False
 
 
-class PollQuery(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class PollQuery(SnapshotQuery):
     after: str | None = None
     limit: int = Field(100, ge=1, le=1000)
-    #: Bounded by the gateway's JOBSTREAM_POLL_MAX_WAIT_S, checked in `_poll_query`.
+    #: Bounded by the gateway's JOBSTREAM_POLL_MAX_WAIT_S, checked in `poll_query`.
     wait: float = Field(0, ge=0)
 
 
 def poll_query(request: Request, max_wait_s: float) -> PollQuery:
-    try:
-        query = PollQuery.model_validate(dict(request.query_params))
-    except ValidationError as exc:
-        raise BadRequest("Invalid query parameters.", errors=pydantic_errors(exc)) from None
+    query = _query(PollQuery, request)
     if query.wait > max_wait_s:
         raise BadRequest(
             "Invalid query parameters.", errors=[{"loc": ["wait"], "msg": f"must be at most {max_wait_s:g}"}]
@@ -295,8 +323,9 @@ def poll_query(request: Request, max_wait_s: float) -> PollQuery:
 
 async def poll_events(request: Request) -> Response:
     """One round trip for a short poll, or a long-poll answered at once: the job, ``after=$``
-    resolved, the trimmed check and the events together. A long-poll that waits takes a slot,
-    waits, and (answered) tells the status its events leave the job in, without reading it again."""
+    resolved, the trimmed check and the events (after the snapshot, with one) together. A long-poll
+    that waits takes a slot, waits, and (answered) tells the status its events leave the job in,
+    without reading it again."""
     svc = services(request)
     job_id, principal = authenticate(request)
     try:
@@ -305,8 +334,11 @@ async def poll_events(request: Request) -> Response:
     except BadRequest:
         await check_job(request, job_id, principal)  # 404 and 403 come before a bad query's 400
         raise
-    read = await read_job(svc, principal, job_id, cursor, query.limit)
+    read = await read_job(svc, principal, job_id, cursor, query.limit, snapshot=query.snapshot)
     job, after, events = read.job, read.after, read.events
+    if read.snapshot is not None:
+        # The answer's first event, one of its limit.
+        events = [read.snapshot.event(job.status), *events[: query.limit - 1]]
     status = job.status
     if not events and query.wait > 0 and not status.terminal:
         metrics.polls.labels("long").inc()
