@@ -45,15 +45,19 @@ class StoredEvent:
     """An event as kept in the stream; ``data`` stays encoded JSON so it is written to readers as is.
 
     Its SSE frame is encoded on first use and kept: the hub hands one object to every local reader.
+    So is the rest of its frame for many-jobs readers (``wrapped``), whose ``id:`` line is each
+    reader's own.
     """
 
-    __slots__ = ("_frame", "data", "id", "type")
+    __slots__ = ("_frame", "data", "id", "type", "wrapped")
 
     def __init__(self, id: str, type: str, data: str) -> None:
         self.id = id
         self.type = type
         self.data = data
         self._frame: bytes | None = None
+        #: Set by routes.many on first use: its frame for many-jobs readers after the ``id:`` line.
+        self.wrapped: str | None = None
 
     def __repr__(self) -> str:
         return f"StoredEvent({self.id!r}, {self.type!r}, {self.data!r})"

@@ -31,7 +31,7 @@ from jobstream.routes._common import is_job_id
 from jobstream.routes.stream import SSE_HEADERS, EventStream, PollQuery, poll_query, wait_for_slot
 from jobstream.sendwatch import EventStreamResponse
 from jobstream.services import Services, services
-from jobstream.store import NOT_YOURS, JobRead, now_ms
+from jobstream.store import NOT_YOURS, JobRead, StoredEvent, now_ms
 from jobstream.subscription import HubClosed, SubscriberOverflow
 
 #: Jobs one request follows at most: those listed, or a tag's newest.
@@ -186,18 +186,26 @@ def stream_slots(svc: Services, principal: Principal, chosen: Selection) -> tupl
 
 
 def frames(batch: Batch, cursor: JobsCursor) -> bytes:
-    """Each event's frame, its SSE id the cursor once it is delivered. Cursors are base64url,
-    types lowercase words and ids stream ids; data that holds a line break (never compact JSON)
-    goes through sse.frame, which splits it safely."""
+    """Each event's frame, its SSE id the cursor once it is delivered: the id line is each
+    reader's own, the rest of the frame the same for every many-jobs reader of the event (made
+    once, kept on the event)."""
     out = []
     for job_id, event in batch:
         cursor.advance(job_id, event.id, done=event.is_done)
-        data = f'{{"job_id":"{job_id}","id":"{event.id}","data":{event.data}}}'
-        if "\n" in data or "\r" in data:
-            out.append(sse.frame(cursor.encode(), event.type, data).decode())
-        else:
-            out.append(f"id: {cursor.encode()}\nevent: {event.type}\ndata: {data}\n\n")
+        wrapped = event.wrapped
+        if wrapped is None:
+            wrapped = event.wrapped = _wrapped(job_id, event)
+        out.append(f"id: {cursor.encode()}\n{wrapped}")
     return "".join(out).encode()
+
+
+def _wrapped(job_id: str, event: StoredEvent) -> str:
+    """A many-jobs frame's lines after ``id:``. Types are lowercase words and ids stream ids; data
+    holding a line break (never compact JSON) goes through sse.frame, which splits it safely."""
+    data = f'{{"job_id":"{job_id}","id":"{event.id}","data":{event.data}}}'
+    if "\n" in data or "\r" in data:
+        return sse.frame("", event.type, data).decode().partition("\n")[2]
+    return f"event: {event.type}\ndata: {data}\n\n"
 
 
 # ---- GET /v1/events
