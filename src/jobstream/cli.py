@@ -1,4 +1,4 @@
-"""`jobstream serve | worker | dev`: parse arguments, build Settings, hand over to the app or worker."""
+"""`jobstream serve | worker | dev | tail | submit`: parse arguments, build Settings, hand over to the app or worker."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from jobstream import __version__, httplimits, metrics, sentry, supervisor
 from jobstream.app import create_app, tune_gc
+from jobstream.client import commands as client_commands
 from jobstream.connection import create_client, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
 from jobstream.observability import configure_logging
@@ -46,11 +47,14 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run jobs from the queue")
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--app", action="append", default=[], help="module with job handlers (repeatable)")
+    client_commands.add_commands(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.command in client_commands.COMMANDS:
+        sys.exit(client_commands.run(args))  # a client of a gateway: no server settings to load
     try:
         settings = load_settings()
         if args.app:
