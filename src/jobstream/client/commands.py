@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 import httpx
 
-from jobstream.client.errors import ClientError
+from jobstream.client.errors import ClientError, FollowError
 from jobstream.client.follow import TRANSPORTS
 from jobstream.client.models import Event
 from jobstream.client.sync import Client
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                 if not args.follow:
                     return 0
             else:
-                job_id = args.job_id
+                job_id = client.get(args.job_id).id  # a wrong id, key or URL fails here, at once
             status = printer.show(client.follow(job_id, transport=args.transport))
             if status is None:
                 status = client.get(job_id).status  # ended before this follow: only its status is left
@@ -156,6 +156,8 @@ def _progress_line(data: dict[str, Any]) -> str:
 
 
 def _describe(exc: BaseException) -> str:
+    if isinstance(exc, FollowError) and isinstance(exc.last_error, httpx.TransportError):
+        return f"lost the gateway: {exc}"
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return f"cannot reach the gateway: {exc}"
     if isinstance(exc, TimeoutError):
