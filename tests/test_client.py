@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 
 from jobstream import keys
 from jobstream.client import AsyncClient, Client, Event, ProblemError, RetryPolicy
@@ -161,3 +164,45 @@ def test_asyncClient_roundTripAndFollow(stack: LiveStack, rdb: redis.Redis) -> N
     job_id, events, status = asyncio.run(scenario())
     assert [event.id for event in events] == stored_ids(rdb, job_id)
     assert status == "completed"
+
+
+def sse_refusals() -> float:
+    return REGISTRY.get_sample_value("jobstream_rate_limited_total", {"limit": "sse"}) or 0.0
+
+
+def test_follow_whenStreamsLimited429_thenRetriesAfterRetryAfterAndDelivers(
+    make_stack: Callable[..., LiveStack], rdb: redis.Redis
+) -> None:
+    stack = make_stack(with_worker=False, max_sse_per_user=1, retry_ms=50)
+    with alice(stack) as client, stack.client() as http:
+        job = client.create("external")
+        client.append(job.id, [{"type": "delta", "data": {"text": "x"}}, DONE])
+        busy = client.create("external")  # never ends: its stream holds alice's one slot
+        refused_before = sse_refusals()
+        with http.stream("GET", f"/v1/jobs/{busy.id}/events", headers={"Authorization": "Bearer key-alice"}):
+            seen: list[Event] = []
+            reader = threading.Thread(target=_follow_into, args=(stack, job.id, "sse", seen))
+            reader.start()
+            wait_until(lambda: sse_refusals() > refused_before, message="the follow was never refused")
+            refused_at = time.monotonic()
+        reader.join(15)
+        assert not reader.is_alive(), "the follow never got through"
+    # The gateway's Retry-After (1 s) was honoured over the policy's 0.05 s backoff.
+    assert 0.9 <= time.monotonic() - refused_at < 10
+    assert [event.id for event in seen] == stored_ids(rdb, job.id)
+
+
+@pytest.mark.parametrize("transport", ["sse", "poll"])
+def test_follow_whenResumePointTrimmed_thenTruncatedFirst(
+    make_stack: Callable[..., LiveStack], rdb: redis.Redis, transport: Any
+) -> None:
+    stack = make_stack(with_worker=False, stream_maxlen=10)
+    with alice(stack) as client:
+        job = client.create("external")
+        ids = client.append(job.id, [{"type": "delta", "data": {"text": str(n)}} for n in range(400)])
+        client.append(job.id, DONE)
+        events = list(client.follow(job.id, after=ids[0], transport=transport))
+    truncated, first, *_ = events
+    assert truncated == Event(id=None, type="truncated", data={"first_id": first.id})
+    assert [event.id for event in events[1:]] == stored_ids(rdb, job.id)
+    assert first.id != ids[1] and events[-1].type == "done"
