@@ -122,3 +122,12 @@ def test_tail_whenInterrupted_thenLeavesQuietly(demo_stack: LiveStack) -> None:
         stdout, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
     assert stderr == "" and stdout.endswith("\n")
+
+
+def test_tail_withReadToken_thenFollowsWithoutApiKey(demo_stack: LiveStack) -> None:
+    with Client(demo_stack.base_url, api_key="key-alice") as client:
+        job = client.create("demo.story", {"words": 5, "delay_ms": 5})
+    env = clean_env(PYTHONPATH=SRC, JOBSTREAM_URL=demo_stack.base_url)
+    result = jobstream("tail", job.id, "--token", job.token, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == story_text(job.id, 5) + "\n"
