@@ -92,7 +92,8 @@ def test_submit_follow_whenCancelled_thenExit3(demo_stack: LiveStack) -> None:
             client.cancel(job_id)
         stdout, stderr = process.communicate(timeout=30)
     assert process.returncode == 3, stderr
-    assert stdout.startswith("0 1 ")
+    # The job may be cancelled before its first delta: what came is a beginning of its text.
+    assert "".join(f"{step} " for step in range(1000)).startswith(stdout.removesuffix("\n"))
 
 
 def test_errors_areOneLineAndNonZero(demo_stack: LiveStack) -> None:
