@@ -32,7 +32,7 @@ def test_open_whenHistoryExists_thenTheReadBringsItWithoutARangeOfItsOwn(
     append(gateway, job, [{"type": "delta", "data": {"text": "a"}}, {"type": "result", "data": {}}])
     read_sse(gateway, job)  # scripts loaded
     # That stream's lease is released once its reader has its end: not while this one is watched.
-    wait_until(lambda: rdb.zcard(keys.sse_leases_key("alice")) == 0)
+    wait_until(lambda: rdb.zcard(keys.token_sse_leases_key(job["id"])) == 0)
 
     def read() -> None:
         response, events = read_sse(gateway, job)

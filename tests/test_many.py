@@ -15,8 +15,9 @@ import pytest
 import redis
 from httpx_sse import ServerSentEvent, connect_sse
 
+from jobstream import keys
 from jobstream.multicursor import JobsCursor
-from tests.conftest import ALICE, BOB, LiveStack, append, create_job, server_nodes
+from tests.conftest import ALICE, BOB, LiveStack, append, create_job, server_nodes, subscribed_channels
 from tests.helpers import assert_problem, value, wait_until
 
 pytestmark = pytest.mark.on_cluster
@@ -380,3 +381,29 @@ def test_events_whenTagGetsManyJobs_thenTheCursorStaysBounded(make_stack: Callab
 
 def _open_streams(http: httpx.Client) -> float:
     return value(http.get("/metrics").text, "jobstream_sse_connections")
+
+
+def test_events_whenQuietThenTheClientHangsUp_thenPingsThenSlotAndSubscriptionsFreed(
+    make_stack: Callable[..., LiveStack], rdb: redis.Redis
+) -> None:
+    with make_stack(with_worker=False, heartbeat_s=0.3).client() as gateway:
+        jobs = [create_job(gateway, tags=["q"]) for _ in range(2)]
+        for job in jobs:
+            _deltas(gateway, job, ["a"])
+        for params in ({"jobs": ",".join(job["id"] for job in jobs)}, {"tag": "q"}):
+            with gateway.stream("GET", "/v1/events", params=params, headers=ALICE) as response:
+                assert response.status_code == 200
+                seen = ""
+                started = time.monotonic()
+                for chunk in response.iter_text():
+                    seen += chunk
+                    if seen.count(": ping") >= 3:  # a quiet second: three heartbeats, no event
+                        # Open, it holds one of the user's slots (checked before leaving the loop:
+                        # httpx closes a response whose iteration is abandoned).
+                        assert rdb.zcard(keys.sse_leases_key("alice")) == 1
+                        break
+                assert time.monotonic() - started < 10
+                assert seen.count("event: delta") == 2
+            # Hung up mid-stream: the slot and every subscription of the stream go at once.
+            wait_until(lambda: rdb.zcard(keys.sse_leases_key("alice")) == 0)
+            wait_until(lambda: subscribed_channels(rdb, "jobstream:*") == [])

@@ -34,11 +34,11 @@ class Reader:
     ended_at: float = 0.0
 
 
-def read_stream(base_url: str, job: dict[str, str], reader: Reader, opened: threading.Event) -> None:
+def read_stream(base_url: str, url: str, params: dict[str, str], reader: Reader, opened: threading.Event) -> None:
     try:
         with (
             httpx.Client(base_url=base_url, timeout=30) as http,
-            http.stream("GET", job["links"]["events"], params={"token": job["token"]}) as response,
+            http.stream("GET", url, params=params) as response,
         ):
             assert response.status_code == 200
             for chunk in response.iter_text():
@@ -52,10 +52,9 @@ def read_stream(base_url: str, job: dict[str, str], reader: Reader, opened: thre
         opened.set()
 
 
-def long_poll(base_url: str, job: dict[str, str], after: str, answers: list[httpx.Response]) -> None:
+def long_poll(base_url: str, url: str, params: dict[str, str], answers: list[httpx.Response]) -> None:
     with httpx.Client(base_url=base_url, timeout=30) as http:
-        params = {"token": job["token"], "after": after, "wait": "25"}
-        answers.append(http.get(f"{job['links']['poll']}", params=params))
+        answers.append(http.get(url, params={**params, "wait": "25"}))
 
 
 @pytest.mark.slow
@@ -68,24 +67,40 @@ def test_sigterm_whenStreamsOpen_thenTheyEndCleanlyAtOnceAndTheProcessExits(redi
     try:
         with httpx.Client(base_url=base_url, timeout=15) as http:
             wait_ready(http)
-            job = http.post("/v1/jobs", json={"type": "external"}, headers=AUTH).json()
+            job = http.post("/v1/jobs", json={"type": "external", "tags": ["t"]}, headers=AUTH).json()
             first = http.post(
                 f"/v1/jobs/{job['id']}/events", json={"type": "delta", "data": {"text": "hello"}}, headers=AUTH
             ).json()["ids"][0]
-            readers = [Reader() for _ in range(4)]
+            token = {"token": job["token"]}
+            tag_token = {"token": http.post("/v1/read-tokens", json={"tag": "t"}, headers=AUTH).json()["token"]}
+            # Two readers of the job's own stream, one of it among many jobs, one of its tag.
+            streams = [
+                (job["links"]["events"], token),
+                (job["links"]["events"], token),
+                ("/v1/events", {"jobs": job["id"], **token}),
+                ("/v1/events", {"tag": "t", **tag_token}),
+            ]
+            readers = [Reader() for _ in streams]
             opened = [threading.Event() for _ in readers]
             threads = [
-                threading.Thread(target=read_stream, args=(base_url, job, reader, event))
-                for reader, event in zip(readers, opened, strict=True)
+                threading.Thread(target=read_stream, args=(base_url, url, params, reader, event))
+                for (url, params), reader, event in zip(streams, readers, opened, strict=True)
             ]
             answers: list[httpx.Response] = []
-            threads.append(threading.Thread(target=long_poll, args=(base_url, job, first, answers)))
+            cursor = http.get("/v1/poll", params={"jobs": job["id"], **token}).json()["cursor"]
+            polls = [
+                (job["links"]["poll"], {"after": first, **token}),
+                ("/v1/poll", {"jobs": job["id"], "cursor": cursor, **token}),
+            ]
+            threads += [
+                threading.Thread(target=long_poll, args=(base_url, url, params, answers)) for url, params in polls
+            ]
             for thread in threads:
                 thread.start()
             for event in opened:
                 assert event.wait(15), "a stream never delivered its first event"
             wait_until(
-                lambda: _waiting_long_polls(http) >= 1, timeout_s=10, message="the long-poll never started waiting"
+                lambda: _waiting_long_polls(http) >= 2, timeout_s=10, message="the long-polls never started waiting"
             )
             signalled = time.monotonic()
             gateway.send_signal(signal.SIGTERM)
@@ -95,8 +110,8 @@ def test_sigterm_whenStreamsOpen_thenTheyEndCleanlyAtOnceAndTheProcessExits(redi
                 assert reader.error == "", reader.error
                 assert reader.ended_at - signalled < PROMPT_S, f"stream open {reader.ended_at - signalled:.1f}s"
                 assert '"text":"hello"' in reader.text, reader.text[-200:]
-            assert len(answers) == 1 and answers[0].status_code == 200, answers
-            assert answers[0].json()["events"] == []
+            assert len(answers) == 2 and all(answer.status_code == 200 for answer in answers), answers
+            assert all(answer.json()["events"] == [] for answer in answers)
             assert gateway.wait(timeout=GRACE_S + 10) == 0
             assert time.monotonic() - signalled < PROMPT_S + 2
     finally:

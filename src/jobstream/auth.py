@@ -25,6 +25,8 @@ from jobstream.errors import Forbidden, Unauthorized
 from jobstream.settings import Settings
 from jobstream.store import NOT_YOURS, JobRecord
 
+#: What a read token is told when it tries anything but reading.
+READ_ONLY = "A read token can only read the jobs it covers: use the API key or user token for this."
 #: The audience of read tokens. A user JWT has none, so neither kind is accepted as the other
 #: even if an operator gives both the same secret.
 READ_AUDIENCE = "jobstream:read"
@@ -241,11 +243,11 @@ def unpack_job_ids(packed: str) -> frozenset[str] | None:
 
 def authorize_write(principal: Principal, job: JobRecord) -> None:
     if principal.read_only:
-        raise Forbidden("A read token can only read its job.")
+        raise Forbidden(READ_ONLY)
     authorize_read(principal, job)
 
 
 def require_user(principal: Principal) -> None:
-    """For creating jobs: a full credential, not a read token."""
+    """For creating, listing and issuing read tokens: a full credential, not a read token."""
     if principal.read_only:
-        raise Forbidden("A read token can only read its job.")
+        raise Forbidden(READ_ONLY)

@@ -7,8 +7,8 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jobstream.auth import Principal
-from jobstream.errors import BadRequest, Forbidden
+from jobstream.auth import require_user
+from jobstream.errors import BadRequest
 from jobstream.jobindex import decode_cursor, encode_cursor
 from jobstream.models import TAG_PATTERN, JobStatus, to_json
 from jobstream.services import services
@@ -20,18 +20,12 @@ MAX_LIMIT = 100
 MAX_TYPE_CHARS = 128
 _TAG = re.compile(TAG_PATTERN)
 _STATUSES = frozenset(status.value for status in JobStatus)
-USER_ONLY = "A read token cannot list jobs: use the API key or user token."
-
-
-def require_user_credential(principal: Principal) -> None:
-    if principal.read_only:
-        raise Forbidden(USER_ONLY)
 
 
 async def list_jobs(request: Request) -> Response:
     svc = services(request)
     principal = svc.auth.authenticate(request)
-    require_user_credential(principal)
+    require_user(principal)
     query = _list_query(request)
     if query.job_type is not None and len(query.job_type) > MAX_TYPE_CHARS:
         return _page_response([], None)

@@ -8,10 +8,10 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from jobstream.auth import require_user
 from jobstream.errors import Forbidden, JobNotFound, ValidationFailed, pydantic_errors
 from jobstream.models import ReadTokenCreate, iso
 from jobstream.routes._common import is_job_id, read_json
-from jobstream.routes.lists import require_user_credential
 from jobstream.services import services
 from jobstream.store import NOT_YOURS
 
@@ -22,7 +22,7 @@ async def create_read_token(request: Request) -> Response:
     carry it, present and future."""
     svc = services(request)
     principal = svc.auth.authenticate(request)
-    require_user_credential(principal)
+    require_user(principal)
     try:
         body = ReadTokenCreate.model_validate(await read_json(request, svc.settings.max_body_bytes))
     except ValidationError as exc:
