@@ -132,6 +132,7 @@ class Printer:
             self.finish()
             _error(f"job failed: {data.get('message', '')}")
         elif event.type == "truncated":
+            self.clear_progress()  # the message on a line of its own; the text on stdout goes on
             _error("the oldest events were trimmed away; continuing from the oldest kept")
         self.out.flush()
         if self.progress and event.type == "progress":
@@ -140,13 +141,17 @@ class Printer:
 
     def finish(self) -> None:
         """End the text's line, and clear the progress line."""
-        if self.progress:
-            sys.stderr.write("\r\x1b[2K")
-            sys.stderr.flush()
+        self.clear_progress()
         if self.open_line:
             self.out.write("\n")
             self.out.flush()
             self.open_line = False
+
+    def clear_progress(self) -> None:
+        """Clear the progress line (when progress is shown at all)."""
+        if self.progress:
+            sys.stderr.write("\r\x1b[2K")
+            sys.stderr.flush()
 
 
 def _progress_line(data: dict[str, Any]) -> str:
