@@ -33,6 +33,7 @@ from jobstream.devredis import EmbeddedRedis, EmbeddedRedisCluster, free_port
 from jobstream.registry import registry_for
 from jobstream.settings import Settings
 from jobstream.worker import Worker
+from tests.webhook_receiver import Receiver
 
 # In CI, property tests run the same examples every time: a landing is never blocked by chance.
 # Locally they explore new ones on every run.
@@ -278,6 +279,14 @@ def worker_process(redis_url: str) -> Iterator[Callable[..., subprocess.Popen[by
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    """A webhook receiver on a loopback port (answers 200 until told otherwise)."""
+    server = Receiver().start()
+    yield server
+    server.stop()
 
 
 def create_job(

@@ -31,6 +31,29 @@ def output_key(job_id: str) -> str:
     return f"{prefix}:{{{job_id}}}:output"
 
 
+def outbox_key(job_id: str) -> str:
+    """The job's outbox (outbox.py): a stream of what its status moves must be followed by (a
+    webhook delivery), written by the script that moves it (which names it from ``meta_key``'s
+    name: keep both ending as they do). Outlives the job's own keys."""
+    return f"{prefix}:{{{job_id}}}:outbox"
+
+
+def outbox_state_key(job_id: str) -> str:
+    """How far each consumer of the job's outbox has got, its retries and its lease: a hash."""
+    return f"{prefix}:{{{job_id}}}:outbox:state"
+
+
+def outbox_due_key(consumer: str) -> str:
+    """Jobs a consumer of outboxes must look at, scored by when (epoch ms). Its own slot, shared
+    with ``outbox_backlog_key`` of the same consumer."""
+    return f"{prefix}:{{outbox:{consumer}}}:due"
+
+
+def outbox_backlog_key(consumer: str) -> str:
+    """Jobs with records a consumer has not settled, scored by the oldest one's time (epoch ms)."""
+    return f"{prefix}:{{outbox:{consumer}}}:backlog"
+
+
 def live_channel(job_id: str) -> str:
     """Pub/sub channel on which appends publish their events, for the gateways' hubs."""
     return f"{prefix}:{{{job_id}}}:live"

@@ -62,6 +62,16 @@ jobs_parked = Counter(
     "jobstream_jobs_parked_total",
     "Jobs held back off the queue because their owner had JOBSTREAM_MAX_RUNNING_PER_USER jobs running.",
 )
+webhook_deliveries = Counter(
+    "jobstream_webhook_deliveries_total",
+    "Webhook deliveries settled, by outcome: delivered (a 2xx answer), or gave_up (failing for a day).",
+    ["outcome"],
+)
+webhook_attempts = Counter(
+    "jobstream_webhook_attempts_total",
+    "Webhook delivery attempts, by result: ok, http_error (not 2xx), timeout, connection_error, dns_error, refused.",
+    ["result"],
+)
 #: Sampled (one batch in LAG_SAMPLE_EVERY): observing every write would cost more than the write.
 delivery_lag = Histogram(
     "jobstream_delivery_lag_seconds",
@@ -122,9 +132,19 @@ class QueueStats:
     oldest_waiting_age_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class WebhookStats:
+    """Webhook deliveries not settled yet, as one scrape sees them."""
+
+    #: Jobs with deliveries pending.
+    pending_jobs: int
+    oldest_pending_age_s: float
+
+
 class _QueueCollector(Collector):
-    def __init__(self, stats: QueueStats) -> None:
+    def __init__(self, stats: QueueStats, webhooks: WebhookStats | None) -> None:
         self._stats = stats
+        self._webhooks = webhooks
 
     def collect(self) -> list[GaugeMetricFamily]:
         depth = GaugeMetricFamily("jobstream_queue_depth", "Jobs in the work queue.", labels=["state"])
@@ -134,12 +154,22 @@ class _QueueCollector(Collector):
             "jobstream_queue_oldest_waiting_age_seconds", "Age of the oldest job no worker has taken yet (0: none)."
         )
         age.add_metric([], self._stats.oldest_waiting_age_s)
-        return [depth, age]
+        if self._webhooks is None:
+            return [depth, age]
+        pending = GaugeMetricFamily("jobstream_webhook_pending_jobs", "Jobs with webhook deliveries not settled yet.")
+        pending.add_metric([], self._webhooks.pending_jobs)
+        oldest = GaugeMetricFamily(
+            "jobstream_webhook_oldest_pending_age_seconds",
+            "Age of the oldest webhook delivery not settled yet (0: none).",
+        )
+        oldest.add_metric([], self._webhooks.oldest_pending_age_s)
+        return [depth, age, pending, oldest]
 
 
-def exposition(queue: QueueStats | None = None) -> bytes:
+def exposition(queue: QueueStats | None = None, webhooks: WebhookStats | None = None) -> bytes:
     """The text a scrape gets: this process's metrics, or every process's under --workers N, and
-    the queue read from Redis for this scrape (the same whichever process answers)."""
+    the queue and the webhook backlog read from Redis for this scrape (the same whichever process
+    answers)."""
     deliveries.flush()
     if MULTIPROC_DIR_ENV not in os.environ:
         text = generate_latest(REGISTRY)
@@ -149,6 +179,6 @@ def exposition(queue: QueueStats | None = None) -> bytes:
         text = generate_latest(registry)
     if queue is not None:
         extra = CollectorRegistry()
-        extra.register(_QueueCollector(queue))
+        extra.register(_QueueCollector(queue, webhooks))
         text += generate_latest(extra)
     return text

@@ -53,6 +53,33 @@ MAX_METADATA_BYTES = 4096
 Tag = Annotated[str, Field(pattern=TAG_PATTERN)]
 
 
+#: Webhook event names, and the status each is sent for.
+WEBHOOK_EVENTS = {
+    "job.started": JobStatus.running,
+    "job.completed": JobStatus.completed,
+    "job.failed": JobStatus.failed,
+    "job.cancelled": JobStatus.cancelled,
+}
+WebhookEvent = Literal["job.started", "job.completed", "job.failed", "job.cancelled"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = ("job.completed", "job.failed", "job.cancelled")
+
+
+class WebhookIn(BaseModel):
+    """Where to tell the job's owner of its status moves (webhooks.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, max_length=2048, description="http(s); never a private address.")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(DEFAULT_WEBHOOK_EVENTS), min_length=1, description="Default: the three endings."
+    )
+
+    @field_validator("events")
+    @classmethod
+    def _drop_duplicate_events(cls, events: list[WebhookEvent]) -> list[WebhookEvent]:
+        return list(dict.fromkeys(events))
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -65,6 +92,7 @@ class JobCreate(BaseModel):
     metadata: dict[str, JsonValue] = Field(
         default_factory=dict, description=f"Stored and returned as given; at most {MAX_METADATA_BYTES} bytes of JSON."
     )
+    webhook: WebhookIn | None = None
 
     @field_validator("tags")
     @classmethod

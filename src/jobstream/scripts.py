@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from jobstream.outbox import OUTBOX_TTL_S
+
 #: A batch its producer sent before (it lost the reply: a timeout, a Redis restart, redis-py's own
 #: retry of the script) is not added twice, and its producer learns how it went: this comes before
 #: the check that the job has not ended, since the batch that ends a job is the one most worth
@@ -55,10 +57,12 @@ if ARGV[10] == '1' and redis.call('HGET', KEYS[1], 'type') ~= 'external' then re
 #:       nfields, batch ('' = none: a producer's id of this batch, one it may retry), owner and
 #:       external-only (see _CHECKED), nfields field/value pairs for the meta hash, then type/data
 #:       pairs of the events.
-#: Leaves {'ok', status, started_ms, owner, expires_ms, id...} in ``ids`` (status: the job's status
-#: after the append; started_ms: when it started running, '' if it has not; owner and expires_ms:
-#: when the append moved the job's status, its owner and new expiry, else '') for the script to return.
-_WRITE = """
+#: Leaves {'ok', status, started_ms, owner, expires_ms, outbox_ms, id...} in ``ids`` (status: the
+#: job's status after the append; started_ms: when it started running, '' if it has not; owner and
+#: expires_ms: when the append moved the job's status, its owner and new expiry, else ''; outbox_ms:
+#: when it wrote an outbox record, its time, else '') for the script to return.
+_WRITE = (
+    """
 local now = tonumber(ARGV[1])
 local maxlen = ARGV[2]
 local new_status = ARGV[5]
@@ -76,6 +80,7 @@ if cancel_wins then
 end
 local last
 local published = {}
+local started_here = false
 local FS, ES = string.char(30), string.char(31)
 -- The snapshot grows only while it covers every event so far: once behind, it stays frozen.
 local out = redis.call('HMGET', KEYS[1], 'output_max', 'output_id', 'last_event_id')
@@ -86,10 +91,11 @@ if status == 'pending' and ARGV[first] ~= 'status' and ARGV[first] ~= 'done' the
   local running = '{"status":"running"}'
   last = redis.call('XADD', KEYS[2], 'MAXLEN', '~', maxlen, '*', 't', 'status', 'd', running)
   published[1] = last .. FS .. 'status' .. FS .. running
+  started_here = true
   if out_open then out_id = last end
   if new_status == '' then new_status = 'running' end
 end
-local ids = {'ok', '', '', '', ''}
+local ids = {'ok', '', '', '', '', ''}
 for i = first, #ARGV, 2 do
   local kind, data = ARGV[i], ARGV[i + 1]
   if not dropped_events[kind] then
@@ -156,6 +162,34 @@ redis.call('HSET', KEYS[1], 'status', effective, 'updated_ms', now, 'last_event_
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 if out_max > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
+-- What must follow the move (outbox.py): a record of each status the job passed through that its
+-- outbox's consumers want (meta 'outbox': statuses, comma-joined), with the job's metadata as it
+-- now is (but its input), in the same step: no move without its record. The outbox key is named
+-- from the meta key's (same hash tag, same slot) rather than declared: a declared key that does
+-- not exist yet fails every write of a job whose slot is migrating (TRYAGAIN), and most jobs have
+-- no outbox.
+local wanted = effective ~= status and redis.call('HGET', KEYS[1], 'outbox')
+if wanted then
+  local outbox = string.sub(KEYS[1], 1, -5) .. 'outbox'
+  wanted = ',' .. wanted .. ','
+  local passed = {effective}
+  if started_here and effective ~= 'running' then passed = {'running', effective} end
+  local doc
+  for _, moved in ipairs(passed) do
+    if string.find(wanted, ',' .. moved .. ',', 1, true) then
+      if not doc then
+        local meta, fields = redis.call('HGETALL', KEYS[1]), {}
+        for i = 1, #meta, 2 do if meta[i] ~= 'input' then fields[meta[i]] = meta[i + 1] end end
+        doc = cjson.encode(fields)
+      end
+      redis.call('XADD', outbox, '*', 'status', moved, 'at', now, 'meta', doc)
+      if ids[6] == '' then ids[6] = tostring(now) end
+    end
+  end
+  if doc then redis.call('EXPIRE', outbox, """
+    + str(OUTBOX_TTL_S)
+    + """) end
+end
 redis.call('PUBLISH', ARGV[6], table.concat(published, ES))
 ids[2] = effective
 ids[3] = redis.call('HGET', KEYS[1], 'started_ms') or ''
@@ -164,8 +198,10 @@ if effective ~= status then  -- for the owner's job index (jobindex.py), kept in
   ids[5] = tostring(now + ttl * 1000)
 end
 """
+)
 
-#: A producer's append (see _WRITE). Returns {'ok', status, started_ms, owner, expires_ms, id...} | {'gone'} |
+#: A producer's append (see _WRITE). Returns {'ok', status, started_ms, owner, expires_ms, outbox_ms,
+#: id...} | {'gone'} |
 #: {'forbidden'} | {'not_external'} | {'ended', status} | {'repeat', status} (the batch was appended
 #: before: status is the job's now, which for the batch that ended the job is how it ended).
 APPEND = _REPEAT + _CHECKED + _WRITE + "return ids\n"
@@ -174,8 +210,8 @@ APPEND = _REPEAT + _CHECKED + _WRITE + "return ids\n"
 #: status is checked, so any ending written after an accepted cancel is cancelled (see APPEND). A
 #: job no worker holds (pending, or external) is ended here at once: the events to write are the
 #: `done` of a cancelled job. KEYS and ARGV: as APPEND (ARGV[9]: the caller, who must own the job).
-#: Returns {'cancelling'} (its worker stops it) | {'cancelled', type, started_ms, owner, expires_ms}
-#: (ended here: the job's type, when it started running, '' if it had not, and as APPEND's) |
+#: Returns {'cancelling'} (its worker stops it) | {'cancelled', type, started_ms, owner, expires_ms,
+#: outbox_ms} (ended here: the job's type, when it started running, '' if it had not, and as APPEND's) |
 #: APPEND's refusals.
 REQUEST_CANCEL = (
     _CHECKED
@@ -186,7 +222,7 @@ if status == 'running' and job_type ~= 'external' then return {'cancelling'} end
 """
     + _WRITE
     + """
-return {'cancelled', job_type, ids[3], ids[4], ids[5]}
+return {'cancelled', job_type, ids[3], ids[4], ids[5], ids[6]}
 """
 )
 

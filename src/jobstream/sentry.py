@@ -119,6 +119,11 @@ def job_breadcrumb(transition: str, job_id: str, **data: Any) -> None:
     sentry_sdk.add_breadcrumb(category="job", message=transition, data={"job_id": job_id, **data})
 
 
+def webhook_breadcrumb(job_id: str, event: str, **data: Any) -> None:
+    """One attempt to deliver a job's webhook, and how it went."""
+    sentry_sdk.add_breadcrumb(category="webhook", message=event, data={"job_id": job_id, **data})
+
+
 @contextmanager
 def job_run(job_id: str, job_type: str, attempt: int, fields: Mapping[str, str]) -> Iterator[None]:
     """A worker's run of a job: its own scope (tags job_id, job_type, attempt) and a transaction

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 import secrets
 from typing import Annotated, Literal
@@ -89,6 +91,18 @@ class Settings(BaseSettings):
     #: take the job off the queue: a failover right after cannot lose how the job ended.
     durable_end_replicas: int = Field(0, ge=0)
     durable_end_timeout_ms: int = Field(1000, ge=1)
+    #: Webhooks: every job's endings go here, unless its create names a webhook of its own.
+    #: The operator's own URL: not checked against private addresses.
+    webhook_url: str | None = None
+    #: Signs deliveries (Standard Webhooks): "whsec_" and the base64 of the key. Unset: unsigned.
+    webhook_secret: str | None = None
+    #: The first retry of a failed delivery waits this long, each next one twice as long (to 1 h).
+    webhook_backoff_s: float = Field(5, gt=0)
+    #: Hosts ("host" or "host:port") a job's webhook may name although they resolve to loopback,
+    #: private, link-local or multicast addresses.
+    webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Deliveries one worker process makes at once.
+    webhook_concurrency: int = Field(16, ge=1)
     log_level: str = "INFO"
     #: "plain" lines, or "json": one object per line, for log pipelines.
     log_format: Literal["plain", "json"] = "plain"
@@ -106,7 +120,7 @@ class Settings(BaseSettings):
             pairs[key.strip()] = user.strip()
         return pairs
 
-    @field_validator("app", "redis_sentinels", "cors_origins", mode="before")
+    @field_validator("app", "redis_sentinels", "cors_origins", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -145,6 +159,32 @@ class Settings(BaseSettings):
             if origin != "*" and not _ORIGIN.match(origin):
                 raise ValueError(f"expected origins such as 'https://app.example.com' or '*', got {origin!r}")
         return origins
+
+    @field_validator("webhook_allowed_hosts")
+    @classmethod
+    def _lower_hosts(cls, hosts: list[str]) -> list[str]:
+        return [host.lower() for host in hosts]
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _check_webhook_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/?#\s]+", value):
+            raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+        return value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        body = value.removeprefix("whsec_")
+        try:
+            key = base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+        except binascii.Error:
+            key = b""
+        if not value.startswith("whsec_") or not key:
+            raise ValueError("expected 'whsec_' followed by the base64 of the signing key")
+        return value
 
     @field_validator("create_rate")
     @classmethod

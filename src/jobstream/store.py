@@ -11,14 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
+from redis.exceptions import RedisError, ResponseError
 
-from jobstream import keys, scripts, sse
+from jobstream import keys, metrics, scripts, sse
 from jobstream.connection import RedisClient
 from jobstream.cursor import is_before
 from jobstream.errors import Forbidden, JobEnded, JobNotFound
 from jobstream.jobindex import JobIndex
 from jobstream.models import SNAPSHOT_EVENT, TERMINAL_EVENT, JobStatus, iso, to_json
+from jobstream.outbox import Outbox
 from jobstream.pipelines import ScriptCall, run_scripts
 from jobstream.settings import Settings
 
@@ -96,6 +97,8 @@ class Appended:
     started_ms: int | None = field(default=None, compare=False)
     #: When the append moved the job's status: its owner and new expiry (epoch ms), for the index.
     moved: tuple[str, int] | None = field(default=None, compare=False)
+    #: When the append wrote a record into the job's outbox: its time (epoch ms), for the nudge.
+    outbox_ms: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +132,12 @@ class JobRecord:
         tags: Sequence[str] = (),
         metadata: Mapping[str, Any] | None = None,
         output_max: int = 0,
+        webhook_url: str = "",
+        webhook_statuses: Sequence[str] = (),
     ) -> JobRecord:
-        """``output_max``: the bound of the job's snapshot text in bytes (0: it keeps none)."""
+        """``output_max``: the bound of the job's snapshot text in bytes (0: it keeps none).
+        ``webhook_statuses``: the statuses whose moves its webhook is told of (none: no webhook),
+        at ``webhook_url`` (empty: the operator's JOBSTREAM_WEBHOOK_URL)."""
         created = now_ms()
         fields = {
             "id": job_id,
@@ -151,6 +158,11 @@ class JobRecord:
             fields["metadata"] = to_json(metadata)
         if output_max:
             fields["output_max"] = str(output_max)
+        if webhook_statuses:
+            # `outbox`: the moves recorded for the outbox's consumers (outbox.py), webhooks' alone so far.
+            fields["outbox"] = fields["webhook_statuses"] = ",".join(webhook_statuses)
+            if webhook_url:
+                fields["webhook_url"] = webhook_url
         return cls(fields)
 
     @property
@@ -357,6 +369,7 @@ class JobStore:
         self._create = client.register_script(scripts.CREATE)
         self._delete = client.register_script(scripts.DELETE)
         self.index = JobIndex(client)
+        self.outbox = Outbox(client)
 
     async def create(self, job: JobRecord) -> None:
         """Store the metadata with its TTL, then queue the job. Both are done before this returns:
@@ -380,13 +393,19 @@ class JobStore:
             expires_ms=int(job.fields["expires_ms"]),
             retention_ms=max(self._settings.retention_s, self._settings.failed_retention_s) * 1000,
         )
+        # A job with an outbox (webhooks) is registered with its consumers before it exists, as
+        # its index entry is: one whose job never came to be is dropped when looked at.
+        first = [index_call]
+        if job.fields.get("outbox"):
+            first += self.outbox.register_calls(job_id, int(job.fields["created_ms"]))
         create_keys = [meta, keys.queue_key] if together else [meta]
         try:
             if isinstance(self._redis, RedisCluster):
-                await self.index.run(index_call)
+                for call in first:
+                    await self.index.run(call)
                 await self._create(keys=create_keys, args=args)
             else:  # one round trip
-                await run_scripts(self._redis, [index_call, (self._create, create_keys, args)])
+                await run_scripts(self._redis, [*first, (self._create, create_keys, args)])
         except ResponseError:
             if together:  # the script stopped after storing the job, before queueing it: undo
                 await self._redis.delete(meta)
@@ -560,12 +579,24 @@ class JobStore:
         return await self._indexed(job_id, _appended(reply))
 
     async def _indexed(self, job_id: str, appended: Appended) -> Appended:
-        """Tell the owner's index a status the write moved (a second step: the index lives in the
-        owner's slot; one left behind by a crash here is repaired when a listing reads the job)."""
+        """Tell the owner's index a status the write moved, and the outbox's consumers a record it
+        wrote (second steps: the index lives in the owner's slot, the consumers' due sets in their
+        own; one left behind by a crash here is repaired when a listing reads the job, and when the
+        consumers look at the job as registered)."""
         if appended.moved is not None:
             owner, expires_ms = appended.moved
-            await self.index.status_changed(owner, job_id, appended.status.value, expires_ms, now_ms())
+            await self._moved(job_id, owner, appended.status, expires_ms, appended.outbox_ms)
         return appended
+
+    async def _moved(self, job_id: str, owner: str, status: JobStatus, expires_ms: int, outbox_ms: int | None) -> None:
+        now = now_ms()
+        await self.index.status_changed(owner, job_id, status.value, expires_ms, now)
+        if outbox_ms is not None:
+            try:
+                await self.outbox.nudge(job_id, outbox_ms, now)
+            except RedisError as exc:
+                metrics.redis_errors.labels("outbox").inc()
+                logger.warning("job %s: its outbox record waits for a consumer's look (%s)", job_id, type(exc).__name__)
 
     async def _append_and_wait(
         self, job_id: str, args: list[str | int], replicas: int, timeout_ms: int
@@ -658,8 +689,8 @@ class JobStore:
             return None
         if reply[0] != "cancelled":
             _appended(reply)  # raises for a job gone, not the owner's, or ended
-        job_type, started, moved_owner, expires = reply[1:5]
-        await self.index.status_changed(moved_owner, job_id, JobStatus.cancelled.value, int(expires), now_ms())
+        job_type, started, moved_owner, expires, outbox_ms = reply[1:6]
+        await self._moved(job_id, moved_owner, JobStatus.cancelled, int(expires), int(outbox_ms) if outbox_ms else None)
         return Cancelled(job_type, int(started) if started else None)
 
     async def start_attempt(self, job_id: str, entry_id: str) -> tuple[str, int]:
@@ -750,14 +781,16 @@ def _job_read(reply: list[Any], cursor: str | None) -> JobRead | None:
 
 
 def _appended(reply: list[str]) -> Appended:
-    """The append script's reply: {'ok', status, started_ms, owner, expires_ms, id...} |
+    """The append script's reply: {'ok', status, started_ms, owner, expires_ms, outbox_ms, id...} |
     {'repeat', status} | {'gone'} |
     {'forbidden'} | {'not_external'} | {'ended', status}."""
     kind = reply[0]
     if kind == "ok":
-        _, status, started, owner, expires, *ids = reply
+        _, status, started, owner, expires, outbox_ms, *ids = reply
         moved = (owner, int(expires)) if owner else None
-        return Appended(ids, JobStatus(status), int(started) if started else None, moved)
+        return Appended(
+            ids, JobStatus(status), int(started) if started else None, moved, int(outbox_ms) if outbox_ms else None
+        )
     if kind == "repeat":
         return Appended([], JobStatus(reply[1]))
     if kind == "gone":

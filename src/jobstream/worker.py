@@ -33,6 +33,7 @@ from jobstream.queue import QueueEntry, WorkQueue
 from jobstream.registry import HandlerSpec, Registry
 from jobstream.settings import Settings
 from jobstream.store import JobRecord, JobStore, OutgoingEvent, done_event
+from jobstream.webhooks import WebhookSender
 
 logger = logging.getLogger("jobstream.worker")
 
@@ -151,10 +152,13 @@ class Worker:
         await self.queue.ensure_group()
         logger.info("worker %s started: concurrency=%d types=%s", self.name, self.concurrency, self.registry.names())
         maintenance = asyncio.create_task(self._maintain())
+        # Webhook deliveries go on beside the jobs; on stop, those under way end first (bounded).
+        webhooks = asyncio.create_task(WebhookSender(self.client, self.settings).run(self._stopping))
         try:
             await self._take_loop()
         finally:
             await self._drain()
+            await asyncio.gather(webhooks, return_exceptions=True)
             maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await maintenance

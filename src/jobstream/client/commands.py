@@ -125,9 +125,9 @@ class Printer:
             self.out.write(json.dumps(event.model_dump(), ensure_ascii=False) + "\n")
         elif event.type == "delta":
             chunk = str(data.get("text", ""))
-            self.out.write(chunk)
-            if chunk:
+            if chunk:  # before the write: a Ctrl-C right after it must still end the line
                 self.open_line = not chunk.endswith("\n")
+            self.out.write(chunk)
         elif event.type == "failure":
             self.finish()
             _error(f"job failed: {data.get('message', '')}")

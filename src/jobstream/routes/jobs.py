@@ -22,12 +22,21 @@ from jobstream.errors import (
     ValidationFailed,
     pydantic_errors,
 )
-from jobstream.models import TERMINAL_EVENT, EventIn, JobCreate, JobStatus, to_json
+from jobstream.models import (
+    DEFAULT_WEBHOOK_EVENTS,
+    TERMINAL_EVENT,
+    WEBHOOK_EVENTS,
+    EventIn,
+    JobCreate,
+    JobStatus,
+    to_json,
+)
 from jobstream.observability import job_transition
 from jobstream.registry import EXTERNAL
 from jobstream.routes._common import authenticate, authorize, check_job, load_job, read_json
 from jobstream.services import Services, services
 from jobstream.store import NOT_EXTERNAL, JobRecord, OutgoingEvent, done_event, now_ms
+from jobstream.webhook_targets import TargetRefused, check_at_create
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_EVENTS_PER_APPEND = 1000
@@ -44,6 +53,7 @@ async def create_job(request: Request) -> Response:
     principal = svc.auth.authenticate(request)
     require_user(principal)
     payload = _validate_create(svc, await read_json(request, svc.settings.max_body_bytes))
+    webhook_url, webhook_statuses = await _webhook_of(svc, payload)
     idem_key = _idempotency_key(request, principal.user)
     fingerprint = _fingerprint(payload) if idem_key is not None else ""
     if idem_key is not None and (earlier := await svc.store.recall_idempotent(idem_key)) is not None:
@@ -68,6 +78,8 @@ async def create_job(request: Request) -> Response:
         tags=payload.tags,
         metadata=payload.metadata,
         output_max=svc.settings.snapshot_max_bytes,
+        webhook_url=webhook_url,
+        webhook_statuses=webhook_statuses,
     )
     # The worker that runs the job continues this request's trace.
     record = JobRecord({**record.fields, **sentry.trace_fields()})
@@ -88,6 +100,22 @@ async def create_job(request: Request) -> Response:
         job_transition("queued", job_id, job_type=payload.type)
     headers = {"Location": body["links"]["self"], **decision.headers()}
     return JSONResponse(body, status_code=201, headers=headers)
+
+
+async def _webhook_of(svc: Services, payload: JobCreate) -> tuple[str, list[str]]:
+    """The job's webhook URL ('' = the operator's) and the statuses it is told of (none: no
+    webhook). A job's own URL must pass the target checks (webhook_targets.py): else 422."""
+    if payload.webhook is None:
+        if svc.settings.webhook_url is None:
+            return "", []
+        return "", [WEBHOOK_EVENTS[name].value for name in DEFAULT_WEBHOOK_EVENTS]
+    try:
+        url = await check_at_create(payload.webhook.url, svc.settings.webhook_allowed_hosts)
+    except TargetRefused as exc:
+        raise ValidationFailed(
+            f"The webhook URL {exc}.", errors=[{"loc": ["webhook", "url"], "msg": str(exc)}]
+        ) from None
+    return url, [WEBHOOK_EVENTS[name].value for name in payload.webhook.events]
 
 
 def _fingerprint(payload: JobCreate) -> str:

@@ -16,6 +16,7 @@ from jobstream.errors import problem_response
 from jobstream.openapi import openapi_document
 from jobstream.queue import queue_stats
 from jobstream.services import services
+from jobstream.webhooks import webhook_stats
 
 
 def static_dir() -> Path:
@@ -42,10 +43,11 @@ async def readyz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     try:
         queue = await queue_stats(services(request).redis)
+        webhooks = await webhook_stats(services(request).store.outbox)
     except (RedisError, RedisClusterException, OSError):
-        queue = None  # the process's own metrics still answer; redis_errors tells why
+        queue, webhooks = None, None  # the process's own metrics still answer; redis_errors tells why
         metrics.redis_errors.labels("metrics").inc()
-    return Response(metrics.exposition(queue), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(queue, webhooks), media_type=CONTENT_TYPE_LATEST)
 
 
 @cache
