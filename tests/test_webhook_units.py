@@ -43,13 +43,22 @@ SECRET = "whsec_" + base64.b64encode(b"unit test key").decode()
         "ff02::1",
         "::ffff:127.0.0.1",
         "::ffff:10.0.0.1",
+        "::7f00:1",  # IPv4-compatible
+        "::ffff:0:7f00:1",  # IPv4-translated
+        "64:ff9b::a9fe:a9fe",  # NAT64 of 169.254.169.254
+        "64:ff9b:1::a00:1",
+        "2002:7f00:1::",  # 6to4 of 127.0.0.1
+        "2001:0:4136:e378:8000:63bf:3fff:fdd2",  # Teredo
+        "fec0::1",  # site-local
     ],
 )
 def test_isPublic_whenLoopbackPrivateLinkLocalOrMulticast_thenFalse(address: str) -> None:
     assert not is_public(address)
 
 
-@pytest.mark.parametrize("address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
+@pytest.mark.parametrize(
+    "address", ["93.184.216.34", "8.8.8.8", "2606:4700:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+)
 def test_isPublic_whenGlobal_thenTrue(address: str) -> None:
     assert is_public(address)
 
@@ -61,12 +70,20 @@ def test_allowedHosts_matchHostOrHostAndPort() -> None:
     assert is_allowed_host(parse("https://Hooks.Internal/x"), ["hooks.internal:443"])
     assert not is_allowed_host(parse("http://hooks.internal/x"), ["hooks.internal:443"])
     assert is_allowed_host(parse("http://[::1]:9000/x"), ["[::1]:9000"])
+    assert is_allowed_host(parse("http://[::1]:9000/x"), ["[::1]"])
+    assert is_allowed_host(parse("http://bücher.example/x"), ["xn--bcher-kva.example"])
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/x", "http://", "/relative", "javascript:alert(1)", "x" * 3000])
 def test_parse_whenNotAnHttpUrlWithHost_thenRefused(url: str) -> None:
     with pytest.raises(TargetRefused):
         parse(url)
+
+
+@pytest.mark.parametrize("url", [f"http://{'a' * 64}.example.com/", "http://a..b/"])
+def test_checkAtCreate_whenHostCannotBeADnsName_thenRefused(url: str) -> None:
+    with pytest.raises(TargetRefused):
+        asyncio.run(check_at_create(url, []))
 
 
 def test_checkAtCreate_whenNameDoesNotResolve_thenAccepted() -> None:

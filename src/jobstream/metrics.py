@@ -69,7 +69,8 @@ webhook_deliveries = Counter(
 )
 webhook_attempts = Counter(
     "jobstream_webhook_attempts_total",
-    "Webhook delivery attempts, by result: ok, http_error (not 2xx), timeout, connection_error, dns_error, refused.",
+    "Webhook delivery attempts, by result: ok, http_error (not 2xx), timeout, connection_error, dns_error, refused,"
+    " error (unexpected).",
     ["result"],
 )
 #: Sampled (one batch in LAG_SAMPLE_EVERY): observing every write would cost more than the write.

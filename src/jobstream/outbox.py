@@ -35,6 +35,18 @@ IDLE_LOOK_MS = 60_000
 #: The consumers of every job's outbox (a job with an outbox is registered with each).
 CONSUMERS = ("webhook",)
 
+#: Open a new job's outbox: an empty stream, so that the script that moves the job's status finds
+#: it where the job's other keys are (it names it without declaring it: see scripts._WRITE), and
+#: the job's consumers, so that the outbox is deleted only once each has finished with it.
+#: KEYS: outbox, state. ARGV: ttl_s, consumers (comma-joined).
+_OPEN = """
+redis.call('XADD', KEYS[1], '*', 'open', '1')
+redis.call('XTRIM', KEYS[1], 'MAXLEN', 0)
+redis.call('HSET', KEYS[2], 'consumers', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[1])
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+"""
+
 #: Register a job with a consumer (NX: never postpone a look already due), or nudge it (due at once,
 #: and in the backlog from the record's time unless there already, with an older one).
 #: KEYS: due, backlog. ARGV: job, due_ms, 'NX' | '', record_ms ('' = none).
@@ -66,14 +78,17 @@ elseif ARGV[4] ~= '-' then redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1]) end
 return 1
 """
 
-#: A consumer claims a job's next record. KEYS: meta, outbox, state. ARGV: consumer, now_ms,
-#: lease_end_ms, token (the claimer's), the outbox's TTL, then the names of every consumer.
+#: A consumer claims a job's next record, leased by Redis's clock (every process's lease is judged
+#: by the same clock). KEYS: meta, outbox, state. ARGV: consumer, lease_ms, token (the claimer's),
+#: the outbox's TTL.
 #: Returns {'record', id, status, record_ms, meta JSON, attempts so far} | {'wait', until_ms} (held
 #: by another, or its retry not due yet) | {'idle'} (nothing to settle; the job goes on) |
 #: {'finished'} (nothing to settle, and the job has ended or is gone: nothing more will come;
-#: once every consumer has finished, the outbox is deleted).
+#: once every consumer of the job has finished, the outbox is deleted).
 _CLAIM = """
-local c, now = ARGV[1], tonumber(ARGV[2])
+local c = ARGV[1]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local st = redis.call('HMGET', KEYS[3], c .. ':pos', c .. ':next', c .. ':lease', c .. ':attempt')
 local held = tonumber(st[3] or '0')
 if held > now then return {'wait', tostring(held)} end
@@ -84,24 +99,25 @@ if not record then
   local status = redis.call('HGET', KEYS[1], 'status')
   if status and status ~= 'completed' and status ~= 'failed' and status ~= 'cancelled' then return {'idle'} end
   redis.call('HSET', KEYS[3], c .. ':finished', '1')
-  for i = 6, #ARGV do
-    if redis.call('HGET', KEYS[3], ARGV[i] .. ':finished') ~= '1' then return {'finished'} end
+  local consumers = redis.call('HGET', KEYS[3], 'consumers') or c
+  for other in string.gmatch(consumers, '[^,]+') do
+    if redis.call('HGET', KEYS[3], other .. ':finished') ~= '1' then return {'finished'} end
   end
   redis.call('DEL', KEYS[2], KEYS[3])
   return {'finished'}
 end
 local fields = {}
 for i = 1, #record[2], 2 do fields[record[2][i]] = record[2][i + 1] end
-redis.call('HSET', KEYS[3], c .. ':lease', ARGV[3], c .. ':token', ARGV[4])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
+redis.call('HSET', KEYS[3], c .. ':lease', now + tonumber(ARGV[2]), c .. ':token', ARGV[3])
+redis.call('EXPIRE', KEYS[3], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[4])
 return {'record', record[1], fields['status'], fields['at'], fields['meta'], st[4] or '0'}
 """
 
 #: Settle a claimed record: 'done' (delivered, or given up: the consumer's position moves past it,
-#: whoever holds the lease now: a record is never settled twice), 'retry' at next_ms (one more
-#: attempt counted) or 'release' (not attempted: a process stopping); both only by the lease's
-#: holder. KEYS: outbox, state. ARGV: consumer, token, record id, outcome, next_ms, the outbox's TTL.
+#: whoever holds the lease now, and the next record starts afresh; a record is never settled
+#: twice), 'retry' at next_ms (one more attempt counted) or 'release' (not attempted); both only by
+#: the lease's holder. KEYS: outbox, state. ARGV: consumer, token, record id, outcome, next_ms, the outbox's TTL.
 _SETTLE = """
 local c = ARGV[1]
 local st = redis.call('HMGET', KEYS[2], c .. ':pos', c .. ':token')
@@ -113,10 +129,10 @@ local function later(a, b)
   return am > bm or (am == bm and tonumber(as) > tonumber(bs))
 end
 if ARGV[4] == 'done' then
-  if not st[1] or later(ARGV[3], st[1]) then redis.call('HSET', KEYS[2], c .. ':pos', ARGV[3]) end
-  if mine then
-    redis.call('HSET', KEYS[2], c .. ':attempt', '0', c .. ':next', '0', c .. ':lease', '0')
+  if not st[1] or later(ARGV[3], st[1]) then
+    redis.call('HSET', KEYS[2], c .. ':pos', ARGV[3], c .. ':attempt', '0', c .. ':next', '0')
   end
+  if mine then redis.call('HSET', KEYS[2], c .. ':lease', '0') end
 elseif mine then
   if ARGV[4] == 'retry' then
     redis.call('HINCRBY', KEYS[2], c .. ':attempt', 1)
@@ -172,12 +188,15 @@ class Outbox:
         self._take = client.register_script(_TAKE)
         self._reschedule = client.register_script(_RESCHEDULE)
         self._claim = client.register_script(_CLAIM)
+        self._open = client.register_script(_OPEN)
         self._settle = client.register_script(_SETTLE)
 
-    def register_calls(self, job_id: str, now_ms: int) -> list[ScriptCall]:
-        """The calls that register a new job with every consumer, to send with the create."""
+    def create_calls(self, job_id: str, now_ms: int, ttl_s: int) -> list[ScriptCall]:
+        """The calls that open a new job's outbox and register the job with every consumer, to
+        send before its create (``ttl_s``: the job's own)."""
         due = now_ms + REGISTERED_LOOK_MS
-        return [(self._nudge, _consumer_keys(consumer), [job_id, due, "NX", ""]) for consumer in CONSUMERS]
+        opening: ScriptCall = (self._open, _job_keys(job_id)[1:], [ttl_s + OUTBOX_TTL_S, ",".join(CONSUMERS)])
+        return [opening] + [(self._nudge, _consumer_keys(consumer), [job_id, due, "NX", ""]) for consumer in CONSUMERS]
 
     async def nudge(self, job_id: str, record_ms: int, now_ms: int) -> None:
         """Tell every consumer that the job has a new record: due at once."""
@@ -196,10 +215,8 @@ class Outbox:
         args: list[str | int] = [job_id, taken_ms, "" if due_ms is None else due_ms, backlog]
         return bool(await self._reschedule(keys=_consumer_keys(consumer), args=args))
 
-    async def claim(self, consumer: str, job_id: str, token: str, now_ms: int, lease_end_ms: int) -> Claim:
-        reply: list[Any] = await self._claim(
-            keys=_job_keys(job_id), args=[consumer, now_ms, lease_end_ms, token, OUTBOX_TTL_S, *CONSUMERS]
-        )
+    async def claim(self, consumer: str, job_id: str, token: str, lease_ms: int) -> Claim:
+        reply: list[Any] = await self._claim(keys=_job_keys(job_id), args=[consumer, lease_ms, token, OUTBOX_TTL_S])
         kind = reply[0]
         if kind == "record":
             _, record_id, status, at_ms, meta, attempts = reply

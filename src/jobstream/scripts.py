@@ -174,19 +174,20 @@ if wanted then
   wanted = ',' .. wanted .. ','
   local passed = {effective}
   if started_here and effective ~= 'running' then passed = {'running', effective} end
-  local doc
+  local written = false
   for _, moved in ipairs(passed) do
     if string.find(wanted, ',' .. moved .. ',', 1, true) then
-      if not doc then
-        local meta, fields = redis.call('HGETALL', KEYS[1]), {}
-        for i = 1, #meta, 2 do if meta[i] ~= 'input' then fields[meta[i]] = meta[i + 1] end end
-        doc = cjson.encode(fields)
+      local meta, fields = redis.call('HGETALL', KEYS[1]), {}
+      for i = 1, #meta, 2 do if meta[i] ~= 'input' then fields[meta[i]] = meta[i + 1] end end
+      if moved ~= effective then  -- started and ended in one step: the job as it was when it started
+        fields['status'], fields['completed_ms'], fields['result'], fields['error'] = moved, nil, nil, nil
       end
-      redis.call('XADD', outbox, '*', 'status', moved, 'at', now, 'meta', doc)
+      redis.call('XADD', outbox, '*', 'status', moved, 'at', now, 'meta', cjson.encode(fields))
       if ids[6] == '' then ids[6] = tostring(now) end
+      written = true
     end
   end
-  if doc then redis.call('EXPIRE', outbox, """
+  if written then redis.call('EXPIRE', outbox, """
     + str(OUTBOX_TTL_S)
     + """) end
 end

@@ -397,7 +397,7 @@ class JobStore:
         # its index entry is: one whose job never came to be is dropped when looked at.
         first = [index_call]
         if job.fields.get("outbox"):
-            first += self.outbox.register_calls(job_id, int(job.fields["created_ms"]))
+            first += self.outbox.create_calls(job_id, int(job.fields["created_ms"]), ttl_s)
         create_keys = [meta, keys.queue_key] if together else [meta]
         try:
             if isinstance(self._redis, RedisCluster):

@@ -13,6 +13,7 @@ only its own jobs' deliveries.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import random
@@ -32,7 +33,7 @@ from jobstream.models import WEBHOOK_EVENTS, iso, to_json
 from jobstream.outbox import IDLE_LOOK_MS, KEEP, Outbox, Record
 from jobstream.settings import Settings
 from jobstream.store import JobRecord, now_ms
-from jobstream.webhook_targets import TargetRefused, check_addresses, is_allowed_host, parse, resolve
+from jobstream.webhook_targets import TargetRefused, check_addresses, host_of, is_allowed_host, parse, resolve
 
 logger = logging.getLogger("jobstream.webhooks")
 
@@ -50,6 +51,11 @@ JITTER = 0.25
 GIVE_UP_AFTER_MS = 24 * 3600 * 1000
 #: A stopping process releases the jobs it holds within this long.
 RELEASE_TIMEOUT_S = 2.0
+#: Attempts one process makes at once to one receiver (host and port): a receiver that hangs
+#: takes at most these slots; its other jobs wait their turn, and other receivers' go on.
+MAX_PER_RECEIVER = 4
+#: A job whose receiver has MAX_PER_RECEIVER attempts under way is looked at again after this.
+RECEIVER_BUSY_MS = 1000
 
 _EVENT_OF_STATUS = {status.value: name for name, status in WEBHOOK_EVENTS.items()}
 
@@ -67,6 +73,12 @@ class Delivery:
     #: webhook-id: the same on every attempt.
     message_id: str
     body: bytes
+
+    @property
+    def receiver(self) -> str:
+        """host:port, as attempts at once are counted."""
+        parts = urlsplit(self.url)
+        return f"{parts.hostname}:{parts.port or parts.scheme}"
 
     @classmethod
     def of(cls, record: Record, operator_url: str | None) -> Delivery | None:
@@ -114,12 +126,19 @@ class WebhookSender:
         self._serving: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
+        #: Attempts under way, by receiver (host:port).
+        self._per_receiver: collections.Counter[str] = collections.Counter()
 
     async def run(self, stopping: asyncio.Event) -> None:
         if self._signer is None:
             logger.warning("JOBSTREAM_WEBHOOK_SECRET is not set: webhook deliveries go unsigned")
         # Not from the environment: a proxy would connect to names, not to the checked addresses.
-        async with httpx.AsyncClient(timeout=ATTEMPT_TIMEOUT_S, follow_redirects=False, trust_env=False) as http:
+        # No kept-alive connections: one opened to a checked address for one host must not serve
+        # another host of the same address (its certificate was checked for the first).
+        limits = httpx.Limits(max_keepalive_connections=0)
+        async with httpx.AsyncClient(
+            timeout=ATTEMPT_TIMEOUT_S, follow_redirects=False, trust_env=False, limits=limits
+        ) as http:
             self._http = http
             try:
                 await self._take_loop(stopping)
@@ -130,6 +149,7 @@ class WebhookSender:
         while not stopping.is_set():
             free = self._settings.webhook_concurrency - len(self._serving)
             taken: list[str] = []
+            self._slot_free.clear()
             if free > 0:
                 now = now_ms()
                 try:
@@ -137,11 +157,12 @@ class WebhookSender:
                 except RedisError as exc:
                     metrics.redis_errors.labels("webhooks").inc()
                     logger.warning("webhooks: cannot read the due deliveries: %s", exc)
+                except Exception:  # never let the sender die quietly: log, and look again
+                    logger.exception("webhooks: cannot read the due deliveries")
                 for job_id in taken:
                     self._serve_soon(job_id, now + LEASE_MS, stopping)
             if free > 0 and len(taken) == free:
                 continue  # more may be due
-            self._slot_free.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(POLL_S):
                     await _first(stopping, self._slot_free)
@@ -179,7 +200,7 @@ class WebhookSender:
         outbox = self._outbox
         while True:
             now = now_ms()
-            claim = await outbox.claim(CONSUMER, job_id, self._token, now, now + LEASE_MS)
+            claim = await outbox.claim(CONSUMER, job_id, self._token, LEASE_MS)
             if claim.kind == "wait":
                 await outbox.reschedule(CONSUMER, job_id, taken_ms, claim.until_ms, KEEP)
                 return
@@ -194,11 +215,25 @@ class WebhookSender:
                 await outbox.settle(CONSUMER, record, self._token, "release")
                 await outbox.reschedule(CONSUMER, job_id, taken_ms, now, KEEP)
                 return
-            delivery = Delivery.of(record, self._settings.webhook_url)
+            try:
+                delivery = Delivery.of(record, self._settings.webhook_url)
+            except Exception:  # a record no attempt could send: never block the job's next ones
+                logger.exception("webhook of job %s given up: its record %s is unreadable", job_id, record.id)
+                metrics.webhook_deliveries.labels("gave_up").inc()
+                delivery = None
             if delivery is None:
                 await outbox.settle(CONSUMER, record, self._token, "done")
                 continue
-            attempt = await self._attempt(delivery)
+            receiver = delivery.receiver
+            if self._per_receiver[receiver] >= MAX_PER_RECEIVER:
+                await outbox.settle(CONSUMER, record, self._token, "release")
+                await outbox.reschedule(CONSUMER, job_id, taken_ms, now + RECEIVER_BUSY_MS, KEEP)
+                return
+            self._per_receiver[receiver] += 1
+            try:
+                attempt = await self._attempt(delivery)
+            finally:
+                self._per_receiver[receiver] -= 1
             if attempt.ok:
                 await outbox.settle(CONSUMER, record, self._token, "done")
                 metrics.webhook_deliveries.labels("delivered").inc()
@@ -235,12 +270,16 @@ class WebhookSender:
             attempt = Attempt("connection_error", type(exc).__name__)
         except OSError as exc:  # the name did not resolve
             attempt = Attempt("dns_error", str(exc) or type(exc).__name__)
+        except Exception as exc:  # retried and given up as any failure, never stuck on its lease
+            logger.exception("webhook %s of job %s: unexpected error", delivery.event, delivery.record.job_id)
+            attempt = Attempt("error", type(exc).__name__)
         self._account(delivery, attempt, time.monotonic() - started)
         return attempt
 
     async def _post(self, delivery: Delivery) -> int:
         assert self._http is not None
         url = parse(delivery.url)
+        host = host_of(url)
         headers = {
             "content-type": "application/json",
             "user-agent": f"jobstream/{__version__}",
@@ -254,7 +293,7 @@ class WebhookSender:
             target = url.copy_with(host=addresses[0])
             headers["host"] = url.netloc.decode("ascii")
             if url.scheme == "https":
-                extensions["sni_hostname"] = url.host
+                extensions["sni_hostname"] = host
         timestamp = int(time.time())
         headers["webhook-timestamp"] = str(timestamp)
         if self._signer is not None:

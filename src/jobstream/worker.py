@@ -157,6 +157,7 @@ class Worker:
         try:
             await self._take_loop()
         finally:
+            self._stopping.set()  # also when the take loop failed: the sender stops with it
             await self._drain()
             await asyncio.gather(webhooks, return_exceptions=True)
             maintenance.cancel()
