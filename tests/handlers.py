@@ -64,3 +64,11 @@ async def tokens(ctx: JobContext, input: TokensInput) -> None:
 @handler("test.timeout", timeout_s=0.3)
 async def too_slow(ctx: JobContext, input: dict[str, Any]) -> None:
     await asyncio.sleep(5)
+
+
+@handler("report.build")
+async def report_build(ctx: JobContext, input: dict[str, Any]) -> dict[str, Any]:
+    """The job type of the README's FastAPI example (tests/test_readme_examples.py)."""
+    for word in ("Sales", "rose", "in", "May."):
+        await ctx.delta(word + " ")
+    return {"pages": 1, "user_id": input.get("user_id")}
