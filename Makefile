@@ -33,7 +33,14 @@ test-deps:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \
 	fi
 
-test: lint test-deps
+# The AI SDK tests run against the real npm packages, pinned by tests/js/package-lock.json.
+JS_STAMP := tests/js/node_modules/.installed
+
+$(JS_STAMP): tests/js/package.json tests/js/package-lock.json
+	cd tests/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $(JS_STAMP)
+
+test: lint test-deps $(JS_STAMP)
 	$(BIN)/pytest
 
 # What bench/ drives besides the venv: wrk for request costs, nginx with Nchan for comparisons.

@@ -72,3 +72,17 @@ async def report_build(ctx: JobContext, input: dict[str, Any]) -> dict[str, Any]
     for word in ("Sales", "rose", "in", "May."):
         await ctx.delta(word + " ")
     return {"pages": 1, "user_id": input.get("user_id")}
+
+
+@handler("test.agent")
+async def agent(ctx: JobContext, input: dict[str, Any]) -> dict[str, Any]:
+    """An agent's turn: reasoning token by token, a tool call and its result, then the answer."""
+    for token in ("Need ", "the ", "weather."):
+        await ctx.reasoning(token)
+    await ctx.tool_call("call-1", "weather", {"city": "Oslo"})
+    await ctx.tool_result("call-1", {"celsius": 4})
+    await ctx.tool_call("call-2", "news", {})
+    await ctx.tool_result("call-2", error="news service down")
+    for token in ("It is ", "4 °C."):
+        await ctx.delta(token)
+    return {"answer": 4}

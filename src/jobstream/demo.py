@@ -1,4 +1,4 @@
-"""Built-in job types for trying jobstream out: ``demo.story`` and ``demo.fail``.
+"""Built-in job types for trying jobstream out: ``demo.story``, ``demo.fail`` and ``demo.chat``.
 
 They register in a registry of their own, `demo_registry`, which a gateway or worker serves only
 when JOBSTREAM_DEMO is on (`jobstream dev` turns it on): importing this module enables nothing.
@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +43,34 @@ class FailInput(BaseModel):
 
     after: int = Field(3, ge=0, le=MAX_WORDS)
     delay_ms: int = Field(20, ge=0, le=MAX_DELAY_MS)
+
+
+#: The longest user message demo.chat answers (longer ones are cut).
+MAX_CHAT_TEXT = 4000
+
+
+class ChatInput(BaseModel):
+    """What an app passes on from the AI SDK's `useChat`: the chat's UI messages."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[dict[str, Any]] = Field(default_factory=list, max_length=1000)
+    delay_ms: int = Field(20, ge=0, le=MAX_DELAY_MS)
+
+
+def chat_reply(messages: list[dict[str, Any]]) -> str:
+    """demo.chat's whole reply: ``You said: `` and the last user message's text."""
+    said = ""
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            parts = message.get("parts")
+            said = "".join(
+                str(part.get("text", ""))
+                for part in (parts if isinstance(parts, list) else [])
+                if isinstance(part, dict) and part.get("type") == "text"
+            )
+            break
+    return f"You said: {said[:MAX_CHAT_TEXT]}"
 
 
 def demo_handler(name: str, *, idempotent: bool = False) -> Callable[[HandlerFunc], HandlerFunc]:
@@ -83,3 +112,14 @@ async def fail(ctx: JobContext, input: FailInput) -> None:
         await ctx.flush()
         await asyncio.sleep(input.delay_ms / 1000)
     raise JobFailed(f"demo.fail failed on purpose after {input.after} deltas")
+
+
+@demo_handler("demo.chat", idempotent=True)
+async def chat(ctx: JobContext, input: ChatInput) -> dict[str, int]:
+    """Answers a chat's last user message, word by word, as a model streams its reply."""
+    words = chat_reply(input.messages).split(" ")
+    for index, word in enumerate(words):
+        await ctx.delta(word if index == 0 else " " + word)
+        await ctx.flush()
+        await asyncio.sleep(input.delay_ms / 1000)
+    return {"words": len(words)}

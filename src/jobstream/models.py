@@ -152,6 +152,29 @@ class DeltaData(BaseModel):
     text: str
 
 
+class ReasoningData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    text: str
+
+
+class ToolCallData(BaseModel):
+    """A tool the job calls (AI SDK readers get a tool part)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=200)
+    name: str = Field(min_length=1, max_length=200)
+    input: JsonValue = None
+
+
+class ToolResultData(BaseModel):
+    """What a tool call gave: its output, or the error it failed with."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=200)
+    output: JsonValue = None
+    error: str | None = Field(default=None, max_length=4000)
+
+
 class FailureData(BaseModel):
     model_config = ConfigDict(extra="forbid")
     message: str = Field(max_length=4000)
@@ -172,6 +195,9 @@ class DoneData(BaseModel):
 #: Event types whose data has a fixed shape.
 EVENT_SCHEMAS: dict[str, type[BaseModel]] = {
     "delta": DeltaData,
+    "reasoning": ReasoningData,
+    "tool-call": ToolCallData,
+    "tool-result": ToolResultData,
     "progress": Progress,
     "failure": FailureData,
     "status": StatusData,

@@ -49,7 +49,8 @@ class EventWriter:
         self.attempt = attempt
         self._flush_s = flush_ms / 1000
         self._flush_bytes = flush_bytes
-        self._pending: list[str] = []
+        #: Text not written yet, by kind (``delta``, ``reasoning``) in the order it came.
+        self._pending: list[tuple[str, list[str]]] = []
         self._pending_bytes = 0
         self._timer: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -59,12 +60,16 @@ class EventWriter:
     def __repr__(self) -> str:
         return f"EventWriter(job_id={self.job_id!r}, attempt={self.attempt})"
 
-    async def delta(self, text: str) -> None:
-        """Add text to the pending batch; written once it is big or old enough."""
+    async def delta(self, text: str, kind: str = "delta") -> None:
+        """Add text (of a ``delta``, or a ``reasoning`` event) to the pending batch; written once
+        it is big or old enough, consecutive text of one kind as one event."""
         self._raise_deferred()
         if not text:
             return
-        self._pending.append(text)
+        if self._pending and self._pending[-1][0] == kind:
+            self._pending[-1][1].append(text)
+        else:
+            self._pending.append((kind, [text]))
         self._pending_bytes += len(text.encode())
         if self._pending_bytes >= self._flush_bytes or self._flush_s == 0:
             await self.flush()
@@ -131,10 +136,13 @@ class EventWriter:
         self._timer = None
         if not self._pending:
             return []
-        text = "".join(self._pending)
+        events = [
+            OutgoingEvent(kind, json.dumps({"text": "".join(parts)}, ensure_ascii=False, separators=(",", ":")))
+            for kind, parts in self._pending
+        ]
         self._pending.clear()
         self._pending_bytes = 0
-        return [OutgoingEvent("delta", json.dumps({"text": text}, ensure_ascii=False, separators=(",", ":")))]
+        return events
 
     async def _flush_later(self) -> None:
         await asyncio.sleep(self._flush_s)
@@ -190,6 +198,39 @@ class JobContext:
         :param text: the text to add; an empty string adds nothing
         """
         await self._writer.delta(text)
+
+    async def reasoning(self, text: str) -> None:
+        """
+        Append to the model's reasoning, shown apart from its answer (a ``reasoning`` event;
+        AI SDK readers get reasoning parts). Coalesced as ``delta`` is.
+
+        :param text: the reasoning text to add; an empty string adds nothing
+        """
+        await self._writer.delta(text, "reasoning")
+
+    async def tool_call(self, call_id: str, name: str, input: JsonValue) -> None:
+        """
+        Tell readers that the job calls a tool: a ``tool-call`` event ``{"id", "name", "input"}``.
+
+        :param call_id: the call's id, unique within the job; its result names it
+        :param name: the tool's name, e.g. ``"search"``
+        :param input: what the tool is called with, any JSON value
+        """
+        await self.emit("tool-call", {"id": call_id, "name": name, "input": input})
+
+    async def tool_result(self, call_id: str, output: JsonValue = None, *, error: str | None = None) -> None:
+        """
+        Tell readers what a tool call gave: a ``tool-result`` event ``{"id", "output"}``, or
+        ``{"id", "error"}`` when the call failed.
+
+        :param call_id: the id given to :meth:`tool_call`
+        :param output: the tool's output, any JSON value
+        :param error: why the call failed, for people (then ``output`` is not sent)
+        """
+        data: dict[str, JsonValue] = (
+            {"id": call_id, "error": error} if error is not None else {"id": call_id, "output": output}
+        )
+        await self.emit("tool-result", data)
 
     async def progress(self, current: float, total: float | None = None, message: str | None = None) -> None:
         """

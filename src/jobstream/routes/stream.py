@@ -16,7 +16,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jobstream import keys, metrics, sentry, sse
+from jobstream import keys, metrics, sentry, sse, uimessage
 from jobstream.auth import Principal, possible_owner
 from jobstream.cursor import NEWEST, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
@@ -30,6 +30,7 @@ from jobstream.sendwatch import EventStreamResponse
 from jobstream.services import Services, services
 from jobstream.store import JobRead, JobRecord, StoredEvent
 from jobstream.subscription import HubClosed, JobGone, SubscriberOverflow
+from jobstream.uimessage import UIMessageRenderer
 
 logger = logging.getLogger("jobstream.stream")
 SSE_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
@@ -66,6 +67,7 @@ async def stream_events(request: Request) -> Response:
     try:
         cursor = resolve_cursor(request.headers.get("last-event-id"), request.query_params.get("last_event_id"))
         snapshot = "snapshot" in request.query_params and _query(SnapshotQuery, request).snapshot
+        renderer = _renderer(request.query_params.get("format"))
     except BadRequest:
         await check_job(request, job_id, principal)  # 404 and 403 come before a bad id's 400
         raise
@@ -80,9 +82,10 @@ async def stream_events(request: Request) -> Response:
         if has_seen_end(job, cursor):
             # 204 is the one answer that makes EventSource stop reconnecting.
             return Response(status_code=204)
+        headers = SSE_HEADERS if renderer is None else {**SSE_HEADERS, **uimessage.HEADERS}
         if follower is None:
             # Headers only: no stream starts, so no connection slot is taken.
-            return Response(headers=SSE_HEADERS, media_type="text/event-stream")
+            return Response(headers=headers, media_type="text/event-stream")
         leases, holder = stream_slots(svc, principal, job.id)
         lease = await leases.acquire(holder)
         if lease is None:
@@ -94,12 +97,24 @@ async def stream_events(request: Request) -> Response:
             )
         # An authorized reader owns the job, so the read brought its events (see possible_owner).
         follower.start(read.after, read.events if follower.joined else None)
-        stream = EventStream(svc, job.id, follower, leases, holder, lease, _head(svc, read))
+        head = _head(svc, read) if renderer is None else _ui_head(svc, read, renderer, cursor)
+        stream = EventStream(svc, job.id, follower, leases, holder, lease, head, renderer)
         follower = None  # the stream's now
     finally:
         if follower is not None:
             follower.close()
-    return EventStreamResponse(stream, headers=SSE_HEADERS, watch=svc.send_watch)
+    return EventStreamResponse(stream, headers=headers, watch=svc.send_watch)
+
+
+def _renderer(format: str | None) -> UIMessageRenderer | None:
+    """The stream's rendering: jobstream's own events (no ``format``), or an AI SDK UI message stream."""
+    if format is None:
+        return None
+    if format == uimessage.FORMAT:
+        return UIMessageRenderer()
+    raise BadRequest(
+        "Invalid query parameters.", errors=[{"loc": ["format"], "msg": f"must be '{uimessage.FORMAT}' or absent"}]
+    )
 
 
 class SnapshotQuery(BaseModel):
@@ -128,6 +143,20 @@ def _head(svc: Services, read: JobRead) -> bytes:
         head += read.snapshot.event(read.job.status).frame
     if read.first_kept is not None:
         head += sse.unnamed_frame("truncated", to_json({"first_id": read.first_kept}))
+    return head
+
+
+def _ui_head(svc: Services, read: JobRead, renderer: UIMessageRenderer, cursor: str | None) -> bytes:
+    """``_head`` as a UI message stream: the retry hint, `start` when read from the job's start,
+    its snapshot's text and the truncation notice as chunks."""
+    head = sse.retry(svc.settings.retry_ms)
+    if cursor is None:
+        head += renderer.start(read.job.id)
+    if read.snapshot is not None:
+        head += renderer.event(read.snapshot.event(read.job.status))
+    if read.first_kept is not None:
+        truncated = to_json({"first_id": read.first_kept})
+        head += renderer.event(StoredEvent(read.first_kept, "truncated", truncated))
     return head
 
 
@@ -173,6 +202,7 @@ class EventStream:
         "_lease",
         "_leases",
         "_next_renew",
+        "_renderer",
         "_state",
         "_svc",
         "_written",
@@ -187,8 +217,11 @@ class EventStream:
         holder: str,
         lease: str,
         head: bytes,
+        renderer: UIMessageRenderer | None = None,
     ) -> None:
         self._svc = svc
+        #: None: jobstream's own events; else how they are rendered (an AI SDK UI message stream).
+        self._renderer = renderer
         #: A single job's follower, or a group of jobs' (ManyStream).
         self._follower = follower
         self._job_id = job_id
@@ -251,7 +284,7 @@ class EventStream:
             return None
         metrics.deliveries.sse += len(batch)
         self._written = batch[-1].id
-        return _encode_batch(batch)
+        return _encode_batch(batch) if self._renderer is None else self._renderer.encode(batch)
 
     def _start(self) -> bytes:
         now = asyncio.get_running_loop().time()
