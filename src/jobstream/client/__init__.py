@@ -14,7 +14,7 @@ the same methods. Both drive one implementation of the protocol (`protocol`, `fo
 from jobstream.client.aio import AsyncClient
 from jobstream.client.errors import ClientError, FollowError, ProblemError
 from jobstream.client.follow import RetryPolicy, Transport
-from jobstream.client.models import CreatedJob, Event, JobPage, JobStatus, Progress
+from jobstream.client.models import CreatedJob, Event, JobPage, JobStatus, Progress, ReadToken
 from jobstream.client.sync import Client
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "JobStatus",
     "Progress",
     "ProblemError",
+    "ReadToken",
     "RetryPolicy",
     "Transport",
 ]

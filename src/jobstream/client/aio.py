@@ -14,7 +14,7 @@ from httpx_sse import SSEError, aconnect_sse
 from jobstream.client import protocol
 from jobstream.client.base import ClientBase, ClientOptions, http_arguments
 from jobstream.client.follow import Follower, Transport
-from jobstream.client.models import CreatedJob, Event, JobPage, JobStatus
+from jobstream.client.models import CreatedJob, Event, JobPage, JobStatus, ReadToken
 
 T = TypeVar("T")
 
@@ -53,6 +53,11 @@ class AsyncClient(ClientBase):
 
     async def cancel(self, id: str) -> str:
         return await self._call(protocol.cancel(id))
+
+    async def read_token(
+        self, jobs: Iterable[str] | None = None, *, tag: str | None = None, ttl: int | None = None
+    ) -> ReadToken:
+        return await self._call(protocol.read_token(jobs, tag=tag, ttl=ttl))
 
     async def delete(self, id: str) -> None:
         await self._call(protocol.delete(id))

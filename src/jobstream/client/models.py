@@ -48,6 +48,13 @@ class CreatedJob(_Document):
     metadata: dict[str, Any] = {}
 
 
+class ReadToken(_Document):
+    """A read token of several jobs, or of a tag (``POST /v1/read-tokens``), for a browser."""
+
+    token: str
+    expires_at: str | None = None
+
+
 class JobStatus(_Document):
     """A job's status document (``GET /v1/jobs/{id}``)."""
 

@@ -11,7 +11,7 @@ from typing import Any, Generic, TypedDict, TypeVar, Unpack
 from urllib.parse import quote
 
 from jobstream.client.errors import ProblemError
-from jobstream.client.models import CreatedJob, JobPage, JobStatus
+from jobstream.client.models import CreatedJob, JobPage, JobStatus, ReadToken
 
 T = TypeVar("T")
 
@@ -158,6 +158,13 @@ def append(job_id: str, events: Mapping[str, Any] | Iterable[Mapping[str, Any]])
     """Append one event ``{"type", "data"}`` or several; answers their ids."""
     body = dict(events) if isinstance(events, Mapping) else [dict(event) for event in events]
     return Call(Request("POST", job_path(job_id, "events"), json=body), lambda answer: [str(i) for i in answer["ids"]])
+
+
+def read_token(jobs: Iterable[str] | None = None, *, tag: str | None = None, ttl: int | None = None) -> Call[ReadToken]:
+    body: dict[str, Any] = {"jobs": list(jobs)} if jobs is not None else {"tag": tag}
+    if ttl is not None:
+        body["ttl"] = ttl
+    return Call(Request("POST", "/v1/read-tokens", json=body), ReadToken.model_validate)
 
 
 def client_headers(api_key: str | None, token: str | None) -> dict[str, str]:

@@ -14,7 +14,7 @@ from httpx_sse import SSEError, connect_sse
 from jobstream.client import protocol
 from jobstream.client.base import ClientBase, ClientOptions, http_arguments
 from jobstream.client.follow import Follower, Transport
-from jobstream.client.models import CreatedJob, Event, JobPage, JobStatus
+from jobstream.client.models import CreatedJob, Event, JobPage, JobStatus, ReadToken
 
 T = TypeVar("T")
 
@@ -53,6 +53,13 @@ class Client(ClientBase):
     def cancel(self, id: str) -> str:
         """Ask the job to stop (it ends ``cancelled``); ProblemError 409 once it has ended."""
         return self._call(protocol.cancel(id))
+
+    def read_token(
+        self, jobs: Iterable[str] | None = None, *, tag: str | None = None, ttl: int | None = None
+    ) -> ReadToken:
+        """A read token of several of the caller's jobs, or of every job with ``tag`` (``ttl``
+        seconds, at most 3600), to hand to a browser."""
+        return self._call(protocol.read_token(jobs, tag=tag, ttl=ttl))
 
     def delete(self, id: str) -> None:
         """Remove the job and its events."""
