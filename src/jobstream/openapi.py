@@ -42,6 +42,15 @@ _SNAPSHOT = {
     " Ignored when a resume point is given. A job with no event yet, or one that keeps no snapshot, is read"
     " from its first event.",
 }
+_FORMAT = {
+    "name": "format",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string", "enum": ["ui-message-stream"]},
+    "description": "`ui-message-stream`: the job as an AI SDK UI message stream (protocol v1: header"
+    " `x-vercel-ai-ui-message-stream: v1`, one chunk per `data:` line, `data: [DONE]` last), for `useChat`."
+    " Absent: jobstream's own events.",
+}
 _AUTH_ERRORS = {
     "401": _problem("Missing or invalid credentials"),
     "403": _problem("Another user's job"),
@@ -337,11 +346,14 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
                     _TOKEN,
                     *_RESUME,
                     _SNAPSHOT,
+                    _FORMAT,
                 ],
                 "responses": {
                     "200": _event_stream("Event stream"),
                     "204": {"description": "The reader has already seen `done`"},
-                    "400": _problem("Malformed event id, or one nothing can follow, or a `snapshot` not boolean"),
+                    "400": _problem(
+                        "Malformed event id, or one nothing can follow, a `snapshot` not boolean, an unknown `format`"
+                    ),
                     "429": _problem("Too many streams: per user, or per job for readers with its read token"),
                     **_AUTH_ERRORS,
                 },
