@@ -29,17 +29,20 @@ export class JobstreamChatTransport {
     const origin = typeof location !== "undefined" ? location.origin : "";
     this.gateway = (gateway ?? origin).replace(/\/+$/, "");
     this.headers = headers;
-    this.fetch = fetchImpl ?? ((...args) => globalThis.fetch(...args));
+    // Called without a `this` of ours: a browser's fetch refuses any `this` but its window.
+    const send = fetchImpl ?? globalThis.fetch;
+    this.fetch = (...args) => send(...args);
     // A resumed stream is the reply from its start: the AI SDK rebuilds the message from it.
     this.resumeStreamIsReplay = true;
   }
 
   async sendMessages({ chatId, messages, abortSignal, trigger, messageId, headers, body }) {
+    // Not aborted by stop(): the app may have started the job already, and only once it has
+    // answered can the job be cancelled (the stream below does so when stop() came first).
     const response = await this.fetch(this.api, {
       method: "POST",
       headers: await this.#headers(headers, { "Content-Type": "application/json" }),
       body: JSON.stringify({ ...body, id: chatId, messages, trigger, messageId }),
-      signal: abortSignal,
     });
     if (!response.ok) throw new Error(await failure(response, "could not start the reply"));
     const job = await response.json();
@@ -80,13 +83,19 @@ export class JobstreamChatTransport {
 
   // The job's reply as a stream of UI message chunks. A dropped connection is read again from
   // the start (the rendering of a job's events is the same every time) and what was already
-  // handed on is skipped, so the reader sees each chunk once. stop() cancels the job.
+  // handed on is skipped, up to the last event id handed on; if that id is no longer there (the
+  // job's oldest events were trimmed), reading resumes after it instead. stop() cancels the job.
   #follow(chatId, job, abortSignal, headers) {
     const url = `${this.gateway}/v1/jobs/${encodeURIComponent(job.id)}/events?format=ui-message-stream`;
     const transport = this;
-    let forwarded = 0;
+    let token = job.token;
+    // Handed on so far: up to the chunk carrying lastId, then afterLast chunks more.
+    let lastId = null;
+    let afterLast = 0;
+    let resumeAfter = null; // set: read with Last-Event-ID instead of from the start
     let stopped = false;
     let connection = null;
+    let onAbort = null;
 
     const cancelJob = async () => {
       try {
@@ -105,6 +114,7 @@ export class JobstreamChatTransport {
         const finish = (chunk) => {
           if (stopped) return;
           stopped = true;
+          if (onAbort) abortSignal.removeEventListener("abort", onAbort);
           connection?.abort();
           try {
             if (chunk) controller.enqueue(chunk);
@@ -113,8 +123,15 @@ export class JobstreamChatTransport {
             // the reader is gone
           }
         };
+        const fail = (error) => {
+          if (stopped) return;
+          stopped = true;
+          if (onAbort) abortSignal.removeEventListener("abort", onAbort);
+          controller.error(error);
+        };
         if (abortSignal) {
-          const onAbort = () => {
+          onAbort = () => {
+            if (stopped) return;
             cancelJob();
             finish({ type: "abort" });
           };
@@ -122,49 +139,98 @@ export class JobstreamChatTransport {
           abortSignal.addEventListener("abort", onAbort, { once: true });
         }
         (async () => {
-          for (let attempt = 0; !stopped; attempt += 1) {
+          let attempt = 0;
+          while (!stopped) {
             connection = new AbortController();
-            let seen = 0;
+            let waitMs = BACKOFF_MS[Math.min(attempt, BACKOFF_MS.length - 1)];
             try {
-              const response = await transport.fetch(url, {
-                headers: { Accept: "text/event-stream", Authorization: `Bearer ${job.token}` },
-                signal: connection.signal,
-              });
+              const requestHeaders = { Accept: "text/event-stream", Authorization: `Bearer ${token}` };
+              if (resumeAfter) requestHeaders["Last-Event-ID"] = resumeAfter;
+              const response = await transport.fetch(url, { headers: requestHeaders, signal: connection.signal });
               if (response.status === 204) return finish();
-              if (!response.ok && response.status !== 429 && response.status < 500) {
-                throw Object.assign(new Error(await failure(response, "could not read the reply")), { final: true });
+              if (response.status === 401 || response.status === 403) {
+                // A read token that lapsed: the app hands out a fresh one for the chat's reply.
+                await response.body?.cancel();
+                const fresh = await transport.#latest(chatId, headers, connection.signal);
+                if (!fresh || fresh.id !== job.id || fresh.token === token) {
+                  return fail(new Error(`could not read the reply: ${response.status}`));
+                }
+                token = fresh.token;
+                continue;
               }
-              if (response.ok) {
-                for await (const data of eventData(response.body)) {
+              if (!response.ok) {
+                await response.body?.cancel();
+                if (response.status !== 429 && response.status < 500) {
+                  return fail(new Error(`could not read the reply: ${response.status}`));
+                }
+                const retryAfter = Number(response.headers.get("Retry-After"));
+                if (retryAfter > 0) waitMs = Math.max(waitMs, retryAfter * 1000);
+              } else {
+                // Replayed from the start: skip to where the last connection left off.
+                let aligned = resumeAfter !== null || (lastId === null && afterLast === 0);
+                let skip = aligned ? 0 : lastId === null ? afterLast : -1;
+                for await (const { id, data } of eventData(response.body)) {
                   if (stopped) return;
                   if (data === "[DONE]") return finish();
-                  seen += 1;
-                  if (seen <= forwarded) continue; // handed on before the connection dropped
+                  if (!aligned) {
+                    if (skip > 0) {
+                      skip -= 1;
+                      if (skip === 0 && lastId === null) aligned = true;
+                      continue;
+                    }
+                    if (id === lastId) {
+                      skip = afterLast;
+                      aligned = skip === 0;
+                      continue;
+                    }
+                    if (id !== null && isAfter(id, lastId)) {
+                      // Trimmed away: read on after the last event handed on.
+                      resumeAfter = lastId;
+                      afterLast = 0;
+                      connection.abort();
+                      break;
+                    }
+                    continue;
+                  }
                   controller.enqueue(JSON.parse(data));
-                  forwarded += 1;
+                  if (id !== null) {
+                    lastId = id;
+                    afterLast = 0;
+                  } else {
+                    afterLast += 1;
+                  }
+                  resumeAfter = null;
                   attempt = 0;
                 }
+                if (resumeAfter !== null && lastId === resumeAfter) continue; // at once, after the trim
               }
             } catch (error) {
               if (stopped) return;
-              if (error?.final) {
-                stopped = true;
-                return controller.error(error);
+              if (error?.name !== "AbortError" && !(error instanceof TypeError) && !(error instanceof SyntaxError)) {
+                return fail(error);
               }
             }
-            if (attempt >= BACKOFF_MS.length) {
-              stopped = true;
-              return controller.error(new Error("lost the reply's stream"));
-            }
-            await new Promise((resolve) => setTimeout(resolve, BACKOFF_MS[attempt]));
+            attempt += 1;
+            if (attempt > BACKOFF_MS.length) return fail(new Error("lost the reply's stream"));
+            await new Promise((resolve) => setTimeout(resolve, waitMs));
           }
         })();
       },
       cancel() {
         stopped = true;
+        if (onAbort) abortSignal.removeEventListener("abort", onAbort);
         connection?.abort();
       },
     });
+  }
+
+  async #latest(chatId, headers, signal) {
+    const response = await this.fetch(`${this.api}/${encodeURIComponent(chatId)}/job`, {
+      headers: await this.#headers(headers),
+      signal,
+    });
+    if (!response.ok || response.status === 204) return null;
+    return response.json();
   }
 }
 
@@ -187,7 +253,14 @@ async function failure(response, what) {
   return `${what}: ${response.status}${detail ? ` ${detail}` : ""}`;
 }
 
-// The data of each event of a text/event-stream body, as the events arrive.
+// Stream ids ("<ms>-<seq>"): whether a comes after b.
+function isAfter(a, b) {
+  const [am, as] = a.split("-").map(Number);
+  const [bm, bs] = b.split("-").map(Number);
+  return am > bm || (am === bm && as > bs);
+}
+
+// The id (null: none) and data of each event of a text/event-stream body, as they arrive.
 async function* eventData(body) {
   const reader = body.getReader();
   const decoder = new TextDecoder();
@@ -201,11 +274,14 @@ async function* eventData(body) {
       while ((end = buffer.indexOf("\n\n")) >= 0) {
         const block = buffer.slice(0, end);
         buffer = buffer.slice(end + 2);
-        const data = block
-          .split("\n")
-          .filter((line) => line.startsWith("data:"))
-          .map((line) => line.slice(line.startsWith("data: ") ? 6 : 5));
-        if (data.length) yield data.join("\n");
+        const lines = block.split("\n");
+        const value = (line) => {
+          const colon = line.indexOf(":");
+          return line.slice(line[colon + 1] === " " ? colon + 2 : colon + 1);
+        };
+        const data = lines.filter((line) => line.startsWith("data:")).map(value);
+        const id = lines.find((line) => line.startsWith("id:"));
+        if (data.length) yield { id: id === undefined ? null : value(id), data: data.join("\n") };
       }
     }
   } finally {

@@ -48,13 +48,27 @@ class ServedApp:
         self._thread.join(10)
 
 
+Backend = tuple[str, LiveStack]
+
+
 @pytest.fixture
 def chat_backend(
     make_stack: Callable[..., LiveStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[tuple[str, LiveStack]]:
+) -> Iterator[Backend]:
     """The README's chat routes (as written) on their own port, in front of a gateway and worker
     with demo.chat; yields the routes' base URL (`api` is it + /api/chat) and the stack."""
-    stack = make_stack(demo=True)
+    yield from serve_backend(make_stack(demo=True), tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def trimming_backend(
+    make_stack: Callable[..., LiveStack], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
+    """``chat_backend`` with jobs' streams capped short: a long reply's oldest events are trimmed."""
+    yield from serve_backend(make_stack(demo=True, stream_maxlen=10), tmp_path, monkeypatch)
+
+
+def serve_backend(stack: LiveStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
     monkeypatch.setenv("JOBSTREAM_URL", stack.base_url)
     monkeypatch.setenv("JOBSTREAM_API_KEY", "key-alice")
     backend: ModuleType = load_module(
@@ -153,3 +167,13 @@ def test_readmeRoutes_answerAsTheTransportExpects(chat_backend: tuple[str, LiveS
     created = httpx.post(f"{url}/api/chat", json=body).json()
     latest = httpx.get(f"{url}/api/chat/{chat_id}/job").json()
     assert latest["id"] == created["id"] and latest["token"]
+
+
+def test_droppedConnection_whenItsPlaceWasTrimmedMeanwhile_thenReadsOnAfterIt(trimming_backend: Backend) -> None:
+    chat_id = str(uuid.uuid4())
+    text = long_text(300)  # ~6 s of reply: its first hundred events are trimmed while the reader is away
+    outcome = session("drop-late", trimming_backend, chat_id, text)
+    assert outcome["error"] is None and outcome["status"] == "ready"
+    assert outcome["reply"].endswith("word298 word299")
+    assert len(outcome["reply"]) < len(f"You said: {text}")  # what was trimmed is gone, not repeated
+    assert outcome["reply"].count("word299") == 1

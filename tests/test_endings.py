@@ -266,10 +266,22 @@ def test_endings_whenEveryKind_thenEachWrittenLoggedCountedTimedAndBreadcrumbed(
 
 def test_jobContext_whenHandlerAuthorsLook_thenOnlyTheirApiWithDocstrings() -> None:
     public = {name for name in dir(JobContext) if not name.startswith("_")}
-    assert public == {"job_id", "job_type", "attempt", "delta", "progress", "log", "emit", "flush"}
+    assert public == {
+        "job_id",
+        "job_type",
+        "attempt",
+        "delta",
+        "reasoning",
+        "tool_call",
+        "tool_result",
+        "progress",
+        "log",
+        "emit",
+        "flush",
+    }
     for name in public:
         assert getattr(JobContext, name).__doc__, name
-    for name in ("delta", "progress", "log", "emit"):
+    for name in ("delta", "reasoning", "tool_call", "tool_result", "progress", "log", "emit"):
         assert ":param" in (getattr(JobContext, name).__doc__ or ""), name
     # A handler ends its job by returning or raising: `done` is the worker's to write.
     ctx = JobContext(EventWriter(None, "job-x"), "test.echo")  # type: ignore[arg-type]

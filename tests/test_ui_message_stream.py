@@ -88,6 +88,7 @@ def test_everyEventKind_thenItsChunksInOrder_validAndRebuiltByTheAiPackage(http:
     first_text, second_text = f"text-{ids[0]}", f"text-{ids[7]}"
     assert chunks_of(body) == [
         {"type": "start", "messageId": job["id"]},
+        {"type": "start-step"},
         {"type": "text-start", "id": first_text},
         {"type": "text-delta", "id": first_text, "delta": "Let me "},
         {"type": "text-end", "id": first_text},
@@ -96,14 +97,22 @@ def test_everyEventKind_thenItsChunksInOrder_validAndRebuiltByTheAiPackage(http:
         {"type": "reasoning-end", "id": f"reasoning-{ids[1]}"},
         {"type": "tool-input-available", "toolCallId": "call-1", "toolName": "weather", "input": {"city": "Oslo"}},
         {"type": "tool-output-available", "toolCallId": "call-1", "output": {"celsius": 4}},
-        {"type": "data-progress", "data": {"current": 1, "total": 2, "message": None, "percent": 50.0}},
+        {
+            "type": "data-progress",
+            "id": "progress",
+            "data": {"current": 1, "total": 2, "message": None, "percent": 50.0},
+        },
         {"type": "data-chart.point", "data": {"x": 1}},
         {"type": "data-log", "data": {"message": "fetched"}},
+        # Output after tool results: a step of its own, as a model's answer after its tools is.
+        {"type": "finish-step"},
+        {"type": "start-step"},
         {"type": "text-start", "id": second_text},
         {"type": "text-delta", "id": second_text, "delta": "check: "},
         {"type": "text-delta", "id": second_text, "delta": "4 °C."},
-        {"type": "text-end", "id": second_text},
         {"type": "data-result", "data": {"answer": 4}},
+        {"type": "text-end", "id": second_text},
+        {"type": "finish-step"},
         {"type": "finish", "finishReason": "stop"},
     ]
     # The last chunk of each event carries the event's id (`status` renders nothing); then [DONE].
@@ -136,9 +145,11 @@ def test_resume_fromAnId_thenNoStartAndTextGoesOnInAPartOfItsOwn(http: httpx.Cli
     append(http, job, [{"type": "done", "data": {"status": "completed"}}])
     body = http.get(job["links"]["events"], params=UI, headers={**ALICE, "Last-Event-ID": ids[0]}).text
     assert chunks_of(body) == [
+        {"type": "start-step"},
         {"type": "text-start", "id": f"text-{ids[1]}"},
         {"type": "text-delta", "id": f"text-{ids[1]}", "delta": "two"},
         {"type": "text-end", "id": f"text-{ids[1]}"},
+        {"type": "finish-step"},
         {"type": "finish", "finishReason": "stop"},
     ]
 
@@ -154,8 +165,9 @@ def test_cancelled_thenAbortThenFinish(http: httpx.Client) -> None:
     append(http, job, [{"type": "delta", "data": {"text": "half"}}])
     assert http.post(job["links"]["cancel"], headers=ALICE).status_code == 202
     body = read_ui(http, job).text
-    assert [c["type"] for c in chunks_of(body)][-3:] == ["text-end", "abort", "finish"]
-    assert check_with_ai_package(body)["message"]["parts"][0]["text"] == "half"
+    assert [c["type"] for c in chunks_of(body)][-4:] == ["text-end", "finish-step", "abort", "finish"]
+    parts = check_with_ai_package(body)["message"]["parts"]
+    assert [p["text"] for p in parts if p["type"] == "text"] == ["half"]
 
 
 def test_failed_thenErrorWithItsMessage(http: httpx.Client) -> None:
@@ -187,8 +199,9 @@ def test_snapshot_thenOneTextDeltaWithEverythingSoFar(http: httpx.Client) -> Non
             if "text-delta" in head:
                 break
     chunks = chunks_of(head)
-    assert chunks[:3] == [
+    assert chunks[:4] == [
         {"type": "start", "messageId": job["id"]},
+        {"type": "start-step"},
         {"type": "text-start", "id": f"text-{ids[-1]}"},
         {"type": "text-delta", "id": f"text-{ids[-1]}", "delta": "a" * 30},
     ]
@@ -246,16 +259,84 @@ def test_handlerReasoningAndTools_thenTheirPartsInTheMessage(stack: LiveStack) -
         "done",
     ]
     parts = check_with_ai_package(body)["message"]["parts"]
-    assert [p["type"] for p in parts] == ["reasoning", "tool-weather", "tool-news", "text", "data-result"]
-    assert parts[0]["text"] == "Need the weather."
-    assert (parts[1]["state"], parts[1]["input"], parts[1]["output"]) == (
+    # Each call after a result, and the answer after them, a step of its own (as a model's).
+    assert [p["type"] for p in parts] == [
+        "step-start",
+        "reasoning",
+        "tool-weather",
+        "step-start",
+        "tool-news",
+        "step-start",
+        "text",
+        "data-result",
+    ]
+    assert parts[1]["text"] == "Need the weather."
+    assert (parts[2]["state"], parts[2]["input"], parts[2]["output"]) == (
         "output-available",
         {"city": "Oslo"},
         {"celsius": 4},
     )
-    assert (parts[2]["state"], parts[2]["errorText"]) == ("output-error", "news service down")
-    assert parts[3]["text"] == "It is 4 °C."
+    assert (parts[4]["state"], parts[4]["errorText"]) == ("output-error", "news service down")
+    assert parts[6]["text"] == "It is 4 °C."
 
 
 def poll_types(http: httpx.Client, job: dict[str, Any]) -> list[str]:
     return [event["type"] for event in http.get(job["links"]["poll"], headers=ALICE).json()["events"]]
+
+
+def test_toolResultOfACallNeverShown_thenADataPartNotAToolPart(http: httpx.Client) -> None:
+    job = create_job(http)
+    append(http, job, [{"type": "tool-result", "data": {"id": "ghost", "output": 1}}, *DONE])
+    body = read_ui(http, job).text
+    assert {"type": "data-tool-result", "data": {"id": "ghost", "output": 1}} in chunks_of(body)
+    check_with_ai_package(body)  # the ai package reads it to its end
+
+
+def test_manyProgressEvents_thenOnePartInTheMessage(http: httpx.Client) -> None:
+    job = create_job(http)
+    steps = [{"type": "progress", "data": {"current": n, "total": 3}} for n in (1, 2, 3)]
+    append(
+        http, job, [{"type": "delta", "data": {"text": "a"}}, *steps, {"type": "delta", "data": {"text": "b"}}, *DONE]
+    )
+    parts = check_with_ai_package(read_ui(http, job).text)["message"]["parts"]
+    assert [p["type"] for p in parts] == ["step-start", "text", "data-progress"]
+    assert parts[1]["text"] == "ab" and parts[2]["data"]["current"] == 3
+
+
+def test_toolsThenAnswer_isNotAwaitingItsTools(http: httpx.Client) -> None:
+    """The AI SDK's lastAssistantMessageIsCompleteWithToolCalls (what apps resend on) is false for
+    a reply that answered after its tools: the answer is a step of its own."""
+    job = create_job(http)
+    append(
+        http,
+        job,
+        [
+            {"type": "tool-call", "data": {"id": "c", "name": "t", "input": {}}},
+            {"type": "tool-result", "data": {"id": "c", "output": 2}},
+            {"type": "delta", "data": {"text": "done"}},
+            *DONE,
+        ],
+    )
+    message = check_with_ai_package(read_ui(http, job).text)["message"]
+    assert check_complete_with_tool_calls(message) is False
+
+
+def check_complete_with_tool_calls(message: dict[str, Any]) -> bool:
+    script = (
+        "import { lastAssistantMessageIsCompleteWithToolCalls } from 'ai';"
+        "const message = JSON.parse(process.argv[1]);"
+        "console.log(JSON.stringify(lastAssistantMessageIsCompleteWithToolCalls({ messages: [message] })));"
+    )
+    result = subprocess.run(
+        ["node", "--input-type=module", "-e", script, json.dumps(message)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=JS,
+    )
+    assert result.returncode == 0, result.stderr
+    answer: bool = json.loads(result.stdout)
+    return answer
+
+
+DONE = [{"type": "done", "data": {"status": "completed"}}]

@@ -114,7 +114,8 @@ async def fail(ctx: JobContext, input: FailInput) -> None:
     raise JobFailed(f"demo.fail failed on purpose after {input.after} deltas")
 
 
-@demo_handler("demo.chat", idempotent=True)
+# Not idempotent: a second run would write its whole reply again after the first's start.
+@demo_handler("demo.chat")
 async def chat(ctx: JobContext, input: ChatInput) -> dict[str, int]:
     """Answers a chat's last user message, word by word, as a model streams its reply."""
     words = chat_reply(input.messages).split(" ")

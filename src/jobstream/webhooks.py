@@ -126,12 +126,11 @@ class WebhookSender:
         self._serving: set[asyncio.Task[None]] = set()
         self._slot_free = asyncio.Event()
         self._http: httpx.AsyncClient | None = None
+        self._warned_unsigned = False
         #: Attempts under way, by receiver (host:port).
         self._per_receiver: collections.Counter[str] = collections.Counter()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        if self._signer is None:
-            logger.warning("JOBSTREAM_WEBHOOK_SECRET is not set: webhook deliveries go unsigned")
         # Not from the environment: a proxy would connect to names, not to the checked addresses.
         # No kept-alive connections: one opened to a checked address for one host must not serve
         # another host of the same address (its certificate was checked for the first).
@@ -299,6 +298,9 @@ class WebhookSender:
         if self._signer is not None:
             when = datetime.fromtimestamp(timestamp, UTC)
             headers["webhook-signature"] = self._signer.sign(delivery.message_id, when, delivery.body.decode())
+        elif not self._warned_unsigned:
+            self._warned_unsigned = True
+            logger.warning("JOBSTREAM_WEBHOOK_SECRET is not set: webhook deliveries go unsigned")
         request = self._http.build_request(
             "POST", target, headers=headers, content=delivery.body, extensions=extensions
         )

@@ -5,6 +5,7 @@
 //   stop    send <text>, stop() once some of the reply has come
 //   resume  resume the chat's reply in progress (a new page would)
 //   drop    send <text>, with the reply's first connection cut after its first chunks
+//   drop-late  the same, read again only 4 s later (by when a job's oldest events may be trimmed)
 import { Chat } from "@ai-sdk/react";
 import { JobstreamChatTransport } from "../../static/ai-sdk.js";
 
@@ -12,8 +13,10 @@ const [scenario, api, gateway, chatId, text] = process.argv.slice(2);
 
 let cut = false;
 const cutting = async (url, init) => {
+  if (cut && scenario === "drop-late") return late(url, init);
   const response = await fetch(url, init);
-  if (scenario !== "drop" || cut || !String(url).includes("format=ui-message-stream")) return response;
+  if (!scenario.startsWith("drop") || !String(url).includes("format=ui-message-stream")) return response;
+  if (cut) return response;
   cut = true;
   // Hand on the first 3 events, then fail as a dropped connection does.
   const reader = response.body.getReader();
@@ -33,6 +36,10 @@ const cutting = async (url, init) => {
   return new Response(body, { status: response.status, headers: response.headers });
 };
 
+const late = async (url, init) => {
+  if (!init.headers["Last-Event-ID"]) await new Promise((resolve) => setTimeout(resolve, 4000));
+  return fetch(url, init);
+};
 const transport = new JobstreamChatTransport({ api, gateway, fetch: cutting });
 let finished = null;
 const chat = new Chat({

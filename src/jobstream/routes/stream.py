@@ -155,8 +155,7 @@ def _ui_head(svc: Services, read: JobRead, renderer: UIMessageRenderer, cursor: 
     if read.snapshot is not None:
         head += renderer.event(read.snapshot.event(read.job.status))
     if read.first_kept is not None:
-        truncated = to_json({"first_id": read.first_kept})
-        head += renderer.event(StoredEvent(read.first_kept, "truncated", truncated))
+        head += renderer.notice("truncated", {"first_id": read.first_kept})
     return head
 
 
