@@ -48,13 +48,20 @@ def kill(process: subprocess.Popen[bytes]) -> None:
 
 
 def test_workerKilledBetweenRetries_thenNextWorkerDeliversWithSameId(
-    gateway_for: httpx.Client, receiver: Receiver, worker_process: Start
+    gateway_for: httpx.Client, receiver: Receiver, worker_process: Start, rdb: Any
 ) -> None:
     failing = True
     receiver.answer = lambda path, n: Answer(500 if failing else 200)
-    ended_job(gateway_for, receiver)  # ended before any worker runs: its delivery waits
+    job = ended_job(gateway_for, receiver)  # ended before any worker runs: its delivery waits
     first = start_worker(worker_process, receiver)
-    wait_until(lambda: len(receiver.at()) >= 2, timeout_s=20, message="the first worker never retried")
+    state = keys.outbox_state_key(job["id"])
+
+    def between_retries() -> bool:
+        # Two failures settled, and no attempt under way (one would keep its lease after a kill).
+        attempt, lease = rdb.hmget(state, "webhook:attempt", "webhook:lease")
+        return int(attempt or 0) >= 2 and lease == "0"
+
+    wait_until(between_retries, timeout_s=20, message="the first worker never retried")
     kill(first)
     failing = False
     attempts = len(receiver.at())
