@@ -4,38 +4,13 @@ no longer works fails here, not in a user's app."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
 
 from tests.conftest import LiveStack
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-def python_block_after(heading_text: str) -> str:
-    """The first ```python block after the line that starts with ``heading_text``."""
-    text = README.read_text()
-    start = text.index(heading_text)
-    match = re.search(r"```python\n(.*?)```", text[start:], re.S)
-    assert match, f"no python block after {heading_text!r}"
-    return match.group(1)
-
-
-def load_module(name: str, source: str, tmp_path: Path) -> ModuleType:
-    path = tmp_path / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.helpers import load_module, readme_block
 
 
 def test_fastApiExample_createsAwaitsAndStreamsJobs(
@@ -43,7 +18,7 @@ def test_fastApiExample_createsAwaitsAndStreamsJobs(
 ) -> None:
     monkeypatch.setenv("JOBSTREAM_URL", stack.base_url)
     monkeypatch.setenv("JOBSTREAM_API_KEY", "key-alice")
-    example = load_module("readme_fastapi_example", python_block_after("An app that starts jobs"), tmp_path)
+    example = load_module("readme_fastapi_example", readme_block("An app that starts jobs"), tmp_path)
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=example.app)
