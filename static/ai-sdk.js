@@ -35,11 +35,12 @@ export class JobstreamChatTransport {
   }
 
   async sendMessages({ chatId, messages, abortSignal, trigger, messageId, headers, body }) {
+    // Not aborted by stop(): the app may have started the job already, and only once it has
+    // answered can the job be cancelled (the stream below does so when stop() came first).
     const response = await this.fetch(this.api, {
       method: "POST",
       headers: await this.#headers(headers, { "Content-Type": "application/json" }),
       body: JSON.stringify({ ...body, id: chatId, messages, trigger, messageId }),
-      signal: abortSignal,
     });
     if (!response.ok) throw new Error(await failure(response, "could not start the reply"));
     const job = await response.json();
