@@ -92,16 +92,6 @@ def chat_app(
     server.stop()
 
 
-@pytest.fixture
-def errors(page: Page) -> Iterator[list[str]]:
-    """What the page throws or logs as an error; a test ends with none."""
-    seen: list[str] = []
-    page.on("pageerror", lambda error: seen.append(f"uncaught: {error}"))
-    page.on("console", lambda msg: seen.append(f"{msg.text} {msg.location}") if msg.type == "error" else None)
-    yield seen
-    assert seen == []
-
-
 def open_chat(page: Page, app: ChatApp, chat_id: str, *, reload: bool = False) -> None:
     """Load (or reload) the chat, and wait for useChat's look for a reply to resume (`resume: true`)."""
     with page.expect_response(lambda response: response.url.endswith(f"/api/chat/{chat_id}/job")):
@@ -127,7 +117,7 @@ def assistant_text(page: Page) -> str:
     return page.locator(ASSISTANT).inner_text()
 
 
-def test_useChat_whenSent_thenTheWholeReplyAppears(page: Page, chat_app: ChatApp, errors: list[str]) -> None:
+def test_useChat_whenSent_thenTheWholeReplyAppears(page: Page, chat_app: ChatApp, page_errors: list[str]) -> None:
     chat_id = f"c{uuid.uuid4().hex[:12]}"
     open_chat(page, chat_app, chat_id)
     send(page, "hello from the browser")
@@ -138,7 +128,7 @@ def test_useChat_whenSent_thenTheWholeReplyAppears(page: Page, chat_app: ChatApp
 
 
 def test_useChat_whenReloadedMidReply_thenTheReplyResumesToItsEnd(
-    page: Page, chat_app: ChatApp, errors: list[str]
+    page: Page, chat_app: ChatApp, page_errors: list[str]
 ) -> None:
     chat_id = f"c{uuid.uuid4().hex[:12]}"
     open_chat(page, chat_app, chat_id)
@@ -155,7 +145,7 @@ def test_useChat_whenReloadedMidReply_thenTheReplyResumesToItsEnd(
 
 
 def test_useChat_whenStopped_thenTheJobIsCancelledAndThePageStopsGrowing(
-    page: Page, chat_app: ChatApp, errors: list[str]
+    page: Page, chat_app: ChatApp, page_errors: list[str]
 ) -> None:
     chat_id = f"c{uuid.uuid4().hex[:12]}"
     open_chat(page, chat_app, chat_id)
@@ -176,7 +166,7 @@ def test_useChat_whenStopped_thenTheJobIsCancelledAndThePageStopsGrowing(
 
 
 def test_useChat_whenAResumedReplyIsStopped_thenTheJobIsCancelled(
-    page: Page, chat_app: ChatApp, errors: list[str]
+    page: Page, chat_app: ChatApp, page_errors: list[str]
 ) -> None:
     chat_id = f"c{uuid.uuid4().hex[:12]}"
     open_chat(page, chat_app, chat_id)
@@ -192,7 +182,7 @@ def test_useChat_whenAResumedReplyIsStopped_thenTheJobIsCancelled(
 
 
 def test_useChat_whenStoppedBeforeTheAppAnswered_thenTheJobItStartedIsCancelled(
-    page: Page, chat_app: ChatApp, errors: list[str]
+    page: Page, chat_app: ChatApp, page_errors: list[str]
 ) -> None:
     chat_id = f"c{uuid.uuid4().hex[:12]}"
     open_chat(page, chat_app, chat_id)
