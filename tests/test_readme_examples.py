@@ -12,13 +12,20 @@ import pytest
 from tests.conftest import LiveStack
 from tests.helpers import load_module, readme_block
 
+__all__ = ["load_module", "python_block_after"]  # what other test modules import from here
+
+
+def python_block_after(heading_text: str) -> str:
+    """The first ```python block of README.md after the line that starts with ``heading_text``."""
+    return readme_block(heading_text, "python")
+
 
 def test_fastApiExample_createsAwaitsAndStreamsJobs(
     stack: LiveStack, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("JOBSTREAM_URL", stack.base_url)
     monkeypatch.setenv("JOBSTREAM_API_KEY", "key-alice")
-    example = load_module("readme_fastapi_example", readme_block("An app that starts jobs"), tmp_path)
+    example = load_module("readme_fastapi_example", python_block_after("An app that starts jobs"), tmp_path)
 
     async def scenario() -> None:
         transport = httpx.ASGITransport(app=example.app)
