@@ -1,7 +1,8 @@
 // The demo page: start demo.story jobs and follow one with followJob, list the caller's jobs from
-// the gateway, and follow all running ones on one connection (demo-all.js).
+// the gateway, follow all running ones on one connection (demo-all.js), and chat (demo-chat.js).
 import { followJob, forgetJob } from "/static/jobstream.js";
 import { setUpAllJobs } from "/static/demo-all.js";
+import { setUpChat } from "/static/demo-chat.js";
 import { $, DEMO_TAG, api, apiKey, badge, problemText, readJson } from "/static/demo-shared.js";
 
 const VIEW_PREFIX = "jobstream-demo:view:";
@@ -260,16 +261,19 @@ function switchTransport() {
   allJobs.restart();
 }
 
+/** Under `jobstream dev`, its own throwaway key: true when there is one. */
 async function useDevKey() {
   try {
     const response = await fetch("/dev.json", { cache: "no-store" });
     if (response.ok) {
       $("key").value = (await response.json()).api_key;
-      $("key-field").hidden = true; // jobstream dev: its own throwaway key
+      $("key-field").hidden = true;
+      return true;
     }
   } catch {
     // not served: the page asks for a key
   }
+  return false;
 }
 
 async function init() {
@@ -279,8 +283,9 @@ async function init() {
   $("transport").addEventListener("change", switchTransport);
   $("recent-refresh").addEventListener("click", refreshRecent);
   $("key").value = sessionStorage.getItem(KEY_KEY) || "";
-  await useDevKey();
+  const dev = await useDevKey();
   allJobs = setUpAllJobs({ transport: () => $("transport").value, changed: refreshRecent });
+  setUpChat({ dev });
   refreshRecent();
   const wanted = new URLSearchParams(location.hash.slice(1)).get("job");
   if (wanted) return openJob(wanted);

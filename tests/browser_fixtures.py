@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, sync_playwright
 
 from tests.browser_helpers import STORY_TIMEOUT_MS
 from tests.conftest import LiveStack
@@ -60,6 +60,21 @@ def context(browser: Browser) -> Iterator[BrowserContext]:
 @pytest.fixture
 def page(context: BrowserContext) -> Page:
     return context.new_page()
+
+
+@pytest.fixture
+def page_errors(page: Page) -> Iterator[list[str]]:
+    """What ``page`` throws or logs as an error (but a missing favicon); a test ends with none."""
+    seen: list[str] = []
+
+    def console(message: ConsoleMessage) -> None:
+        if message.type == "error" and not message.location.get("url", "").endswith("/favicon.ico"):
+            seen.append(f"{message.text} ({message.location.get('url')})")
+
+    page.on("pageerror", lambda error: seen.append(f"uncaught: {error}"))
+    page.on("console", console)
+    yield seen
+    assert seen == []
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ left only where time passing is what the test is about (a quiet period, a slow c
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import inspect
 import os
 import re
@@ -18,6 +19,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any, TypeVar, overload
 
 import httpx
@@ -102,6 +104,32 @@ def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
     assert body["status"] == status
     assert {"type", "title", "status", "detail"} <= body.keys()
     return body
+
+
+# ---- the README's code examples, run as written
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_block(heading_text: str, language: str = "python") -> str:
+    """The first ```<language> block of README.md after the line that starts with ``heading_text``."""
+    text = README.read_text()
+    start = text.index(heading_text)
+    match = re.search(rf"```{re.escape(language)}\n(.*?)```", text[start:], re.S)
+    assert match, f"no {language} block after {heading_text!r}"
+    return match.group(1)
+
+
+def load_module(name: str, source: str, tmp_path: Path) -> ModuleType:
+    """``source`` imported as the module ``name`` (from a file in ``tmp_path``)."""
+    path = tmp_path / f"{name}.py"
+    path.write_text(source)
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # ---- jobstream as real processes

@@ -4,38 +4,20 @@ no longer works fails here, not in a user's app."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
-import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import httpx
 import pytest
 
 from tests.conftest import LiveStack
+from tests.helpers import load_module, readme_block
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+__all__ = ["load_module", "python_block_after"]  # what other test modules import from here
 
 
 def python_block_after(heading_text: str) -> str:
-    """The first ```python block after the line that starts with ``heading_text``."""
-    text = README.read_text()
-    start = text.index(heading_text)
-    match = re.search(r"```python\n(.*?)```", text[start:], re.S)
-    assert match, f"no python block after {heading_text!r}"
-    return match.group(1)
-
-
-def load_module(name: str, source: str, tmp_path: Path) -> ModuleType:
-    path = tmp_path / f"{name}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """The first ```python block of README.md after the line that starts with ``heading_text``."""
+    return readme_block(heading_text, "python")
 
 
 def test_fastApiExample_createsAwaitsAndStreamsJobs(

@@ -10,7 +10,7 @@ from starlette.routing import Match, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from jobstream.routes import jobs, lists, many, ops, stream, tokens
+from jobstream.routes import devchat, jobs, lists, many, ops, stream, tokens
 
 _JOB = "/v1/jobs/{job_id}"
 
@@ -79,6 +79,9 @@ def build_routes() -> list[Route | Mount]:
         Route("/openapi.json", ops.openapi, methods=["GET"]),
         Route("/", ops.index, methods=["GET"]),
         Route("/dev.json", ops.dev_info, methods=["GET"]),
+        Route("/dev/chat", devchat.reply, methods=["POST"]),
+        Route("/dev/chat/{chat_id}/job", devchat.latest_job, methods=["GET"]),
+        Route("/dev/chat/{chat_id}/cancel", devchat.cancel, methods=["POST"]),
         Mount("/static", StaticFiles(directory=ops.static_dir()), name="static"),
         NoRoute(),
     ]

@@ -32,6 +32,7 @@ from jobstream.models import (
     to_json,
 )
 from jobstream.observability import job_transition
+from jobstream.ratelimit import RateDecision
 from jobstream.registry import EXTERNAL
 from jobstream.routes._common import authenticate, authorize, check_job, load_job, read_json
 from jobstream.services import Services, services
@@ -53,7 +54,7 @@ async def create_job(request: Request) -> Response:
     principal = svc.auth.authenticate(request)
     require_user(principal)
     payload = _validate_create(svc, await read_json(request, svc.settings.max_body_bytes))
-    webhook_url, webhook_statuses = await _webhook_of(svc, payload)
+    webhook = await _webhook_of(svc, payload)
     idem_key = _idempotency_key(request, principal.user)
     fingerprint = _fingerprint(payload) if idem_key is not None else ""
     if idem_key is not None and (earlier := await svc.store.recall_idempotent(idem_key)) is not None:
@@ -62,29 +63,10 @@ async def create_job(request: Request) -> Response:
         # Its job was deleted: the key is free again, as if it had never been used.
         await svc.store.forget_idempotent(idem_key)
 
-    decision = await svc.limiter.hit(principal.user)
-    if not decision.allowed:
-        metrics.rate_limited.labels("create").inc()
-        raise RateLimited("Too many jobs created; retry after the time in Retry-After.", headers=decision.headers())
-
-    job_id = str(uuid.uuid4())
-    ttl_s = payload.ttl or svc.settings.job_ttl_s
-    record = JobRecord.new(
-        job_id=job_id,
-        owner=principal.user,
-        job_type=payload.type,
-        input=payload.input,
-        ttl_s=ttl_s,
-        tags=payload.tags,
-        metadata=payload.metadata,
-        output_max=svc.settings.snapshot_max_bytes,
-        webhook_url=webhook_url,
-        webhook_statuses=webhook_statuses,
-    )
-    # The worker that runs the job continues this request's trace.
-    record = JobRecord({**record.fields, **sentry.trace_fields()})
-    body = {**record.created_view(), "token": svc.auth.issue_read_token(job_id, principal.user), "links": links(job_id)}
+    decision = await _rate_limit(svc, principal.user)
+    record, body = _new_job(svc, principal.user, payload, webhook)
     if idem_key is not None:
+        ttl_s = payload.ttl or svc.settings.job_ttl_s
         earlier = await svc.store.remember_idempotent(idem_key, {"fingerprint": fingerprint, "body": body}, ttl_s)
         if earlier is not None:  # a concurrent retry won the race
             return _replay(earlier, fingerprint)
@@ -94,12 +76,61 @@ async def create_job(request: Request) -> Response:
         if idem_key is not None:
             await svc.store.forget_idempotent(idem_key)
         raise
-    metrics.jobs_created.labels(payload.type).inc()
-    job_transition("created", job_id, job_type=payload.type)
-    if payload.type != EXTERNAL:
-        job_transition("queued", job_id, job_type=payload.type)
+    _created(record.id, payload.type)
     headers = {"Location": body["links"]["self"], **decision.headers()}
     return JSONResponse(body, status_code=201, headers=headers)
+
+
+async def start_job(svc: Services, user: str, raw: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """A job created for ``user`` from ``raw``, a create request's body, as POST /v1/jobs creates
+    one (422 when not valid, 429 past the rate limit), without its Idempotency-Key: the create
+    answer's body, and the rate limit's headers."""
+    payload = _validate_create(svc, raw)
+    webhook = await _webhook_of(svc, payload)
+    decision = await _rate_limit(svc, user)
+    record, body = _new_job(svc, user, payload, webhook)
+    await svc.store.create(record)
+    _created(record.id, payload.type)
+    return body, decision.headers()
+
+
+async def _rate_limit(svc: Services, user: str) -> RateDecision:
+    decision = await svc.limiter.hit(user)
+    if not decision.allowed:
+        metrics.rate_limited.labels("create").inc()
+        raise RateLimited("Too many jobs created; retry after the time in Retry-After.", headers=decision.headers())
+    return decision
+
+
+def _new_job(
+    svc: Services, user: str, payload: JobCreate, webhook: tuple[str, list[str]]
+) -> tuple[JobRecord, dict[str, Any]]:
+    """The record of a new job of ``user``'s, and the body of its create answer."""
+    job_id = str(uuid.uuid4())
+    webhook_url, webhook_statuses = webhook
+    record = JobRecord.new(
+        job_id=job_id,
+        owner=user,
+        job_type=payload.type,
+        input=payload.input,
+        ttl_s=payload.ttl or svc.settings.job_ttl_s,
+        tags=payload.tags,
+        metadata=payload.metadata,
+        output_max=svc.settings.snapshot_max_bytes,
+        webhook_url=webhook_url,
+        webhook_statuses=webhook_statuses,
+    )
+    # The worker that runs the job continues this request's trace.
+    record = JobRecord({**record.fields, **sentry.trace_fields()})
+    body = {**record.created_view(), "token": svc.auth.issue_read_token(job_id, user), "links": links(job_id)}
+    return record, body
+
+
+def _created(job_id: str, job_type: str) -> None:
+    metrics.jobs_created.labels(job_type).inc()
+    job_transition("created", job_id, job_type=job_type)
+    if job_type != EXTERNAL:
+        job_transition("queued", job_id, job_type=job_type)
 
 
 async def _webhook_of(svc: Services, payload: JobCreate) -> tuple[str, list[str]]:
@@ -214,12 +245,18 @@ async def cancel_job(request: Request) -> Response:
     job_id, principal = authenticate(request, write=True)
     if principal.read_only:
         await check_job(request, job_id, principal, write=True)  # 404, else 403: a read token never cancels
-    ended = await services(request).store.request_cancel(job_id, owner=principal.user)
+    await request_cancel(services(request), job_id, principal.user)
+    return JSONResponse({"status": "cancelling"}, status_code=202)
+
+
+async def request_cancel(svc: Services, job_id: str, owner: str) -> None:
+    """Accept a cancel of ``owner``'s job (raises JobEnded once it has ended, JobNotFound if it is
+    gone, Forbidden if it is not ``owner``'s)."""
+    ended = await svc.store.request_cancel(job_id, owner=owner)
     if ended is not None:
         # Ended here, not by a worker: accounted here, as a worker accounts for the endings it writes.
         run_time_s = _run_time_s(ended.started_ms)
         metrics.job_ended(ended.job_type, job_id, JobStatus.cancelled.value, run_time_s, ending="cancelled_by_gateway")
-    return JSONResponse({"status": "cancelling"}, status_code=202)
 
 
 def _run_time_s(started_ms: int | None) -> float:
