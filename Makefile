@@ -22,12 +22,14 @@ lint: install
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
-# Browser tests drive Debian's Chromium and the proxy test Debian's nginx; without them those
-# tests fail, never skip. Installed with apt when missing (as root, on Debian).
+# Browser tests drive Debian's Chromium, the proxy test Debian's nginx and the archive tests
+# Debian's PostgreSQL; without them those tests fail, never skip. Installed with apt when missing
+# (as root, on Debian).
 test-deps:
 	@missing=""; \
 	[ -x /usr/lib/chromium/chromium ] || command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	[ -x /usr/sbin/nginx ] || command -v nginx >/dev/null 2>&1 || missing="$$missing nginx-light"; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing for the tests"; \
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing; \

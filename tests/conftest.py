@@ -33,6 +33,7 @@ from jobstream.devredis import EmbeddedRedis, EmbeddedRedisCluster, free_port
 from jobstream.registry import registry_for
 from jobstream.settings import Settings
 from jobstream.worker import Worker
+from tests.pgserver import PostgresServer
 from tests.webhook_receiver import Receiver
 
 # In CI, property tests run the same examples every time: a landing is never blocked by chance.
@@ -113,6 +114,14 @@ def redis_url(request: pytest.FixtureRequest, redis_backend: str) -> str:
     with redis.Redis.from_url(server.url) as client:
         client.flushall()
     return server.url
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL (Debian's binaries; missing: the tests fail, saying how to install)."""
+    server = PostgresServer().start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
-"""`jobstream serve | worker | dev | tail | submit`: parse arguments, build Settings, hand over to the app or worker."""
+"""`jobstream serve | worker | dev | tail | submit | archive migrate`: parse arguments, build
+Settings, hand over to the app or worker."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import functools
 import logging
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -20,6 +22,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from jobstream import __version__, httplimits, metrics, sentry, supervisor
 from jobstream.app import create_app, tune_gc
+from jobstream.archive import ArchiveError, open_archive
 from jobstream.client import commands as client_commands
 from jobstream.connection import create_client, wait_for_redis
 from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
@@ -47,6 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run jobs from the queue")
     worker.add_argument("--concurrency", type=int, default=None)
     worker.add_argument("--app", action="append", default=[], help="module with job handlers (repeatable)")
+    archive = commands.add_parser("archive", help="manage the archive of ended jobs")
+    archive_commands = archive.add_subparsers(dest="archive_command", required=True)
+    migrate = archive_commands.add_parser("migrate", help="create or update the archive's schema")
+    migrate.add_argument("--url", default=None, help="archive URL (default: JOBSTREAM_ARCHIVE_URL)")
     client_commands.add_commands(commands)
     return parser
 
@@ -55,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command in client_commands.COMMANDS:
         sys.exit(client_commands.run(args))  # a client of a gateway: no server settings to load
+    if args.command == "archive":
+        sys.exit(_archive_migrate(args.url or os.environ.get("JOBSTREAM_ARCHIVE_URL")))
     try:
         settings = load_settings()
         if args.app:
@@ -78,6 +87,34 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"jobstream dev: {exc}")
     except OSError as exc:
         sys.exit(f"jobstream {args.command}: {exc}")
+
+
+def _archive_migrate(url: str | None) -> str | None:
+    """`jobstream archive migrate`: the archive's schema up to date (None: done, else why not)."""
+    if not url:
+        return "jobstream archive migrate: no archive: set JOBSTREAM_ARCHIVE_URL or pass --url"
+    try:
+        store = open_archive(url)
+    except ValueError as exc:
+        return f"jobstream archive migrate: {exc}"
+
+    async def migrate() -> None:
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(migrate())
+    except ArchiveError as exc:
+        return f"jobstream archive migrate: {exc}"
+    print(f"jobstream archive migrate: the archive's schema is up to date ({_redacted(url)})")
+    return None
+
+
+def _redacted(url: str) -> str:
+    """``url`` without its password, for a line that may end up in logs."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)
 
 
 def _run(main: Coroutine[None, None, None]) -> None:

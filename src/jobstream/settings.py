@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     webhook_allowed_hosts: Annotated[list[str], NoDecode] = Field(default_factory=list)
     #: Deliveries one worker process makes at once.
     webhook_concurrency: int = Field(16, ge=1)
+    #: Where ended jobs are kept after Redis forgets them: sqlite:///<relative path>,
+    #: sqlite:////<absolute path> or postgresql://... (archive/); None: no archive.
+    archive_url: str | None = None
+    #: How long the archive keeps a job after it ended.
+    archive_retention_days: float = Field(30, gt=0)
     log_level: str = "INFO"
     #: "plain" lines, or "json": one object per line, for log pipelines.
     log_format: Literal["plain", "json"] = "plain"
@@ -209,6 +214,16 @@ class Settings(BaseSettings):
     def _check_redis_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"expected a redis://, rediss:// or unix:// URL, got {value!r}")
+        return value
+
+    @field_validator("archive_url")
+    @classmethod
+    def _check_archive_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            # Imported here: the archive package imports the store, which imports this module.
+            from jobstream.archive import parse_url
+
+            parse_url(value)
         return value
 
     @property

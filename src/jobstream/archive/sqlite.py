@@ -1,0 +1,147 @@
+"""The archive in one SQLite file (aiosqlite): embedded, for `jobstream dev` and small deployments.
+
+One connection, in WAL mode (readers of other processes never wait for its writes); its
+operations take turns under one lock, so a coroutine never reads another's open transaction.
+Transactions are explicit (``BEGIN IMMEDIATE``: the write lock up front, so two processes
+migrating at once queue on it, within the busy timeout, instead of failing mid-way)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import aiosqlite
+
+from jobstream.archive import ArchivedJob, ArchiveError, Before, queries
+from jobstream.archive.migrations import VERSION_TABLE, pending
+from jobstream.store import StoredEvent, now_ms
+
+#: How long a statement waits for another process's write lock.
+BUSY_TIMEOUT_S = 30.0
+
+
+def _q(statement: str) -> str:
+    return queries.fill(statement, lambda n: "?")
+
+
+class SqliteArchive:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
+        """The connection (opened on first use), held alone for the caller's operation."""
+        async with self._lock:
+            if self._db is None:
+                try:
+                    db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+                except sqlite3.Error as exc:
+                    raise ArchiveError(f"cannot open the SQLite archive {self.path!r}: {exc}") from exc
+                try:
+                    await db.execute("PRAGMA journal_mode=WAL")
+                    await db.execute("PRAGMA synchronous=NORMAL")
+                except sqlite3.Error as exc:
+                    await db.close()
+                    raise ArchiveError(f"cannot use the SQLite archive {self.path!r}: {exc}") from exc
+                self._db = db
+            yield self._db
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        async with self._connection() as db:
+            await db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                await db.execute("ROLLBACK")
+                raise
+            await db.execute("COMMIT")
+
+    async def migrate(self) -> None:
+        try:
+            await self._migrate()
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"cannot migrate the SQLite archive {self.path!r}: {exc}") from exc
+
+    async def _migrate(self) -> None:
+        async with self._transaction() as db:
+            await db.execute(VERSION_TABLE)
+            async with db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version") as cursor:
+                row = await cursor.fetchone()
+            current = int(row[0]) if row else 0
+            for version, statements in pending(current, "sqlite"):
+                for statement in statements:
+                    await db.execute(statement)
+                await db.execute("INSERT INTO schema_version (version, applied_ms) VALUES (?, ?)", (version, now_ms()))
+
+    async def close(self) -> None:
+        async with self._lock:
+            if self._db is not None:
+                await self._db.close()
+                self._db = None
+
+    async def store(self, jobs: Sequence[ArchivedJob]) -> None:
+        if not jobs:
+            return
+        rows = [queries.job_row(job) for job in jobs]
+        events = [(job.id, *queries.split_id(e.id), e.type, e.data) for job in jobs for e in job.events]
+        async with self._transaction() as db:
+            await db.executemany(_q(queries.UPSERT_JOB), rows)
+            await db.executemany(_q(queries.DELETE_TAGS), [(job.id,) for job in jobs])
+            await db.executemany(_q(queries.INSERT_TAG), [(job.id, tag) for job in jobs for tag in job.tags])
+            await db.executemany(_q(queries.INSERT_EVENT), events)
+
+    async def get(self, job_id: str) -> ArchivedJob | None:
+        async with self._connection() as db, db.execute(_q(queries.GET_JOB), (job_id,)) as cursor:
+            row = await cursor.fetchone()
+        return queries.from_fields(row[0]) if row else None
+
+    async def events(self, job_id: str, after: str | None, limit: int) -> list[StoredEvent]:
+        ms, seq = queries.split_id(after) if after is not None else (-1, -1)
+        async with self._connection() as db, db.execute(_q(queries.EVENTS), (job_id, ms, seq, limit)) as cursor:
+            rows = await cursor.fetchall()
+        return [StoredEvent(f"{row[0]}-{row[1]}", row[2], row[3]) for row in rows]
+
+    async def delete(self, job_id: str) -> bool:
+        async with self._transaction() as db:
+            return await self._delete(db, [job_id]) > 0
+
+    async def _delete(self, db: aiosqlite.Connection, job_ids: list[str]) -> int:
+        deleted = 0
+        for job_id in job_ids:
+            for statement in queries.DELETE_JOB:
+                async with db.execute(_q(statement), (job_id,)) as cursor:
+                    pass
+            deleted += cursor.rowcount  # of the last statement: the job's own row
+        return deleted
+
+    async def delete_expired(self, now_ms: int, batch: int) -> int:
+        total = 0
+        while True:
+            async with self._transaction() as db:
+                async with db.execute(_q(queries.EXPIRED), (now_ms, batch)) as cursor:
+                    job_ids = [row[0] for row in await cursor.fetchall()]
+                total += await self._delete(db, job_ids)
+            if len(job_ids) < batch:
+                return total
+
+    async def list_owner(
+        self,
+        owner: str,
+        *,
+        status: set[str] | None = None,
+        type: str | None = None,
+        tag: str | None = None,
+        before: Before | None = None,
+        limit: int = 50,
+    ) -> list[ArchivedJob]:
+        sql, args = queries.list_owner(
+            lambda n: "?", owner, status=status, type=type, tag=tag, before=before, limit=limit
+        )
+        async with self._connection() as db, db.execute(sql, args) as cursor:
+            rows = await cursor.fetchall()
+        return [queries.from_fields(row[0]) for row in rows]

@@ -1,0 +1,307 @@
+"""The archive's stores (SQLite file, real PostgreSQL) behind one protocol: schema migrations,
+idempotent batches, events in stream id order with their bytes kept, listing, deletion, retention;
+and `jobstream archive migrate` as an operator runs it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import subprocess
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from jobstream.archive import Archive, ArchivedJob, open_archive, parse_url
+from jobstream.devredis import free_port
+from jobstream.settings import SettingsError, load_settings
+from jobstream.store import StoredEvent
+from tests.helpers import clean_env
+from tests.pgserver import PostgresServer
+
+Scenario = Callable[[Archive], Awaitable[None]]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def archive_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty archive database per test, on each store."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'archive.db'}"  # an absolute path: sqlite:////tmp/...
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    name = f"t_{uuid.uuid4().hex}"
+
+    async def create() -> None:
+        conn = await asyncpg.connect(server.url)
+        try:
+            await conn.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(create())
+    return server.url_of(name)
+
+
+def run(url: str, scenario: Scenario) -> None:
+    async def main() -> None:
+        archive = open_archive(url)
+        try:
+            await archive.migrate()
+            await scenario(archive)
+        finally:
+            await archive.close()
+
+    asyncio.run(main())
+
+
+def job(
+    job_id: str,
+    *,
+    owner: str = "alice",
+    status: str = "completed",
+    type: str = "test.echo",
+    created_ms: int = 1_000,
+    expires_ms: int = 10_000,
+    tags: str | None = None,
+    events: list[StoredEvent] | None = None,
+    **extra: str,
+) -> ArchivedJob:
+    fields = {
+        "id": job_id,
+        "owner": owner,
+        "status": status,
+        "type": type,
+        "created_ms": str(created_ms),
+        "expires_ms": str(expires_ms),
+        **extra,
+    }
+    if tags is not None:
+        fields["tags"] = tags
+    return ArchivedJob(fields, events or [])
+
+
+def ids(events: list[StoredEvent]) -> list[str]:
+    return [event.id for event in events]
+
+
+def schema_versions(url: str) -> list[int]:
+    dialect, address = parse_url(url)
+    if dialect == "sqlite":
+        with sqlite3.connect(address) as db:
+            return [row[0] for row in db.execute("SELECT version FROM schema_version ORDER BY version")]
+
+    async def read() -> list[int]:
+        conn = await asyncpg.connect(address)
+        try:
+            return [row[0] for row in await conn.fetch("SELECT version FROM schema_version ORDER BY version")]
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
+
+
+def test_migrate_whenRunTwiceAndByTwoConnectionsAtOnce_thenEachVersionAppliesOnce(archive_url: str) -> None:
+    async def scenario() -> None:
+        first, second = open_archive(archive_url), open_archive(archive_url)
+        try:
+            await asyncio.gather(first.migrate(), second.migrate())
+            await first.migrate()
+            await second.store([job("j1")])
+            assert (await first.get("j1")) == job("j1")
+        finally:
+            await first.close()
+            await second.close()
+
+    asyncio.run(scenario())
+    assert schema_versions(archive_url) == [1]
+
+
+def test_store_whenRead_thenFieldsComeBackExactlyAsGiven(archive_url: str) -> None:
+    given = job(
+        "j-ü",
+        owner="ålice ✓",
+        tags='["chat:1","b"]',
+        input='{"prompt":"héllo \\u00e9 \\"quoted\\"","n":[1, 2]}',
+        metadata='{"k": "v"}',
+        note="line\nbreak\ttab 🎉",
+    )
+
+    async def scenario(archive: Archive) -> None:
+        await archive.store([given])
+        got = await archive.get("j-ü")
+        assert got is not None and got.fields == given.fields and got.events == []
+        assert (got.id, got.owner, got.status, got.type) == ("j-ü", "ålice ✓", "completed", "test.echo")
+        assert (got.created_ms, got.expires_ms, got.tags) == (1_000, 10_000, ["chat:1", "b"])
+        assert await archive.get("missing") is None
+
+    run(archive_url, scenario)
+
+
+def test_events_whenIdsDifferInDigits_thenNumericStreamOrderWithAfterExclusiveAndLimit(archive_url: str) -> None:
+    unordered = ["10-0", "5-10", "9-0", "5-2", "100-1", "5-0"]
+    events = [StoredEvent(event_id, "delta", f'{{"text":"{event_id}"}}') for event_id in unordered]
+
+    async def scenario(archive: Archive) -> None:
+        await archive.store([job("j1", events=events)])
+        assert ids(await archive.events("j1", None, 100)) == ["5-0", "5-2", "5-10", "9-0", "10-0", "100-1"]
+        assert ids(await archive.events("j1", "5-2", 2)) == ["5-10", "9-0"]
+        assert ids(await archive.events("j1", "9-0", 100)) == ["10-0", "100-1"]
+        assert ids(await archive.events("j1", "5-3", 1)) == ["5-10"]
+        assert await archive.events("j1", "100-1", 10) == []
+        assert await archive.events("other", None, 10) == []
+        assert (await archive.events("j1", "9-0", 1))[0] == StoredEvent("10-0", "delta", '{"text":"10-0"}')
+
+    run(archive_url, scenario)
+
+
+def test_store_whenABatchIsRetried_thenNothingIsStoredTwice(archive_url: str) -> None:
+    first = [StoredEvent("1-0", "delta", '{"text":"a"}'), StoredEvent("2-0", "done", '{"status":"completed"}')]
+    batch = [job("j1", tags='["x"]', events=first), job("j2", created_ms=2_000)]
+
+    async def scenario(archive: Archive) -> None:
+        await archive.store(batch)
+        await archive.store(batch)
+        # A retry that overlaps what is stored, and a job whose status changed since.
+        await archive.store(
+            [job("j1", status="failed", tags='["x"]', events=[*first, StoredEvent("3-0", "log", "{}")])]
+        )
+        assert ids(await archive.events("j1", None, 100)) == ["1-0", "2-0", "3-0"]
+        assert [j.id for j in await archive.list_owner("alice")] == ["j2", "j1"]
+        assert [j.id for j in await archive.list_owner("alice", tag="x")] == ["j1"]
+        stored = await archive.get("j1")
+        assert stored is not None and stored.status == "failed"
+
+    run(archive_url, scenario)
+
+
+def test_events_whenDataHasOddSpacingAndUnicode_thenItComesBackByteForByte(archive_url: str) -> None:
+    odd = '{"a": 1,  "b":"é"}'
+    escaped = '{"b":"\\u00e9",   "c" : [ ]}'
+
+    async def scenario(archive: Archive) -> None:
+        await archive.store([job("j1", events=[StoredEvent("1-0", "result", odd), StoredEvent("1-1", "x", escaped)])])
+        got = await archive.events("j1", None, 10)
+        assert [event.data for event in got] == [odd, escaped]
+        assert got[0].data.encode() == odd.encode()
+
+    run(archive_url, scenario)
+
+
+def test_listOwner_whenFiltered_thenNewestFirstWithStatusTypeTagAndLimit(archive_url: str) -> None:
+    jobs = [
+        job("a", created_ms=1_000, status="completed", type="t.one", tags='["red","blue"]'),
+        job("b", created_ms=3_000, status="failed", type="t.two", tags='["red"]'),
+        job("c", created_ms=2_000, status="cancelled", type="t.one"),
+        job("d", created_ms=3_000, status="completed", type="t.one", tags='["blue"]'),
+        job("e", created_ms=9_000, owner="bob", tags='["red"]'),
+    ]
+
+    async def scenario(archive: Archive) -> None:
+        await archive.store(jobs)
+
+        async def listed(**filters: object) -> list[str]:
+            return [j.id for j in await archive.list_owner("alice", **filters)]  # type: ignore[arg-type]
+
+        assert await listed() == ["d", "b", "c", "a"]
+        assert await listed(limit=2) == ["d", "b"]
+        assert await listed(before=(3_000, "b"), limit=2) == ["c", "a"]
+        assert await listed(status={"completed", "cancelled"}) == ["d", "c", "a"]
+        assert await listed(type="t.one") == ["d", "c", "a"]
+        assert await listed(tag="red") == ["b", "a"]
+        assert await listed(tag="blue", status={"completed"}, type="t.one", limit=1) == ["d"]
+        assert await listed(tag="green") == []
+        assert [j.id for j in await archive.list_owner("bob")] == ["e"]
+        assert [j.id for j in await archive.list_owner("nobody")] == []
+
+    run(archive_url, scenario)
+
+
+def test_delete_whenJobIsArchived_thenItAndItsEventsAreGone(archive_url: str) -> None:
+    async def scenario(archive: Archive) -> None:
+        events = [StoredEvent("1-0", "delta", "{}")]
+        await archive.store([job("j1", tags='["t"]', events=events), job("j2", events=events)])
+        assert await archive.delete("j1") is True
+        assert await archive.delete("j1") is False
+        assert await archive.get("j1") is None and await archive.events("j1", None, 10) == []
+        assert await archive.list_owner("alice", tag="t") == []
+        assert ids(await archive.events("j2", None, 10)) == ["1-0"]
+
+    run(archive_url, scenario)
+
+
+def test_deleteExpired_whenManyExpired_thenRemovedInBatchesAndUnexpiredStay(archive_url: str) -> None:
+    async def scenario(archive: Archive) -> None:
+        expired = [job(f"old{i}", expires_ms=100 + i, events=[StoredEvent("1-0", "x", "{}")]) for i in range(7)]
+        await archive.store([*expired, job("edge", expires_ms=500), job("new", expires_ms=501)])
+        assert await archive.delete_expired(500, 3) == 8
+        assert await archive.delete_expired(500, 3) == 0
+        assert [j.id for j in await archive.list_owner("alice")] == ["new"]
+        assert await archive.events("old0", None, 10) == []
+
+    run(archive_url, scenario)
+
+
+def test_openArchive_whenUrlsGiven_thenStoreAndAddressOrOneLineError() -> None:
+    assert parse_url("sqlite:///data/archive.db") == ("sqlite", "data/archive.db")
+    assert parse_url("sqlite:////var/lib/jobstream/archive.db") == ("sqlite", "/var/lib/jobstream/archive.db")
+    assert parse_url("postgresql://u:p@db:5432/js") == ("postgresql", "postgresql://u:p@db:5432/js")
+    assert parse_url("postgres://db/js") == ("postgresql", "postgres://db/js")
+    assert type(open_archive("sqlite:///a.db")).__name__ == "SqliteArchive"
+    assert type(open_archive("postgres://db/js")).__name__ == "PostgresArchive"
+    for bad in ("mysql://db/js", "sqlite://a.db", "sqlite:///", "archive.db", ""):
+        with pytest.raises(ValueError, match="expected sqlite:///") as caught:
+            open_archive(bad)
+        assert "\n" not in str(caught.value)
+
+
+def test_settings_whenArchiveConfigured_thenUrlSchemeAndRetentionAreChecked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOBSTREAM_ARCHIVE_URL", "sqlite:///archive.db")
+    monkeypatch.setenv("JOBSTREAM_ARCHIVE_RETENTION_DAYS", "0.5")
+    settings = load_settings()
+    assert (settings.archive_url, settings.archive_retention_days) == ("sqlite:///archive.db", 0.5)
+    monkeypatch.setenv("JOBSTREAM_ARCHIVE_URL", "mysql://db")
+    with pytest.raises(SettingsError, match="JOBSTREAM_ARCHIVE_URL"):
+        load_settings()
+    monkeypatch.delenv("JOBSTREAM_ARCHIVE_URL")
+    monkeypatch.setenv("JOBSTREAM_ARCHIVE_RETENTION_DAYS", "0")
+    with pytest.raises(SettingsError, match="JOBSTREAM_ARCHIVE_RETENTION_DAYS"):
+        load_settings()
+    monkeypatch.delenv("JOBSTREAM_ARCHIVE_RETENTION_DAYS")
+    assert (load_settings().archive_url, load_settings().archive_retention_days) == (None, 30)
+
+
+def migrate_command(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobstream", "archive", "migrate", *args],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_migrateCommand_whenArchiveReachable_thenExitsZeroWithOneLine(archive_url: str) -> None:
+    for _ in range(2):
+        done = migrate_command(JOBSTREAM_ARCHIVE_URL=archive_url)
+        assert done.returncode == 0, done.stderr
+        assert len(done.stdout.splitlines()) == 1 and "up to date" in done.stdout
+    assert schema_versions(archive_url) == [1]
+    assert migrate_command("--url", archive_url).returncode == 0
+
+
+def test_migrateCommand_whenUrlBadOrDatabaseUnreachable_thenOneLineErrorAndNonZeroExit(tmp_path: Path) -> None:
+    cases = {
+        "mysql://db/js": "expected sqlite:///",
+        f"postgresql://postgres@127.0.0.1:{free_port()}/js": "cannot connect to the PostgreSQL archive",
+        f"sqlite:///{tmp_path}/missing/dir/archive.db": "SQLite archive",
+    }
+    for url, message in cases.items():
+        done = migrate_command("--url", url)
+        assert done.returncode != 0, url
+        assert done.stdout == "" and len(done.stderr.strip().splitlines()) == 1, done.stderr
+        assert done.stderr.startswith("jobstream archive migrate: ") and message in done.stderr
+        assert "Traceback" not in done.stderr
+    done = migrate_command()
+    assert done.returncode != 0 and "JOBSTREAM_ARCHIVE_URL" in done.stderr
