@@ -8,6 +8,7 @@ migrating at once queue on it, within the busy timeout, instead of failing mid-w
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -20,6 +21,21 @@ from jobstream.store import StoredEvent, now_ms
 
 #: How long a statement waits for another process's write lock.
 BUSY_TIMEOUT_S = 30.0
+
+
+async def _wal(db: aiosqlite.Connection) -> None:
+    """WAL mode. Switching to it takes the file's exclusive lock, and SQLite answers "locked" at
+    once, busy timeout or not, while another process holds a lock: asked again until it passes."""
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + BUSY_TIMEOUT_S
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or loop.time() >= give_up:
+                raise
+            await asyncio.sleep(0.05)
 
 
 def _q(statement: str) -> str:
@@ -37,18 +53,26 @@ class SqliteArchive:
         """The connection (opened on first use), held alone for the caller's operation."""
         async with self._lock:
             if self._db is None:
-                try:
-                    db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
-                except sqlite3.Error as exc:
-                    raise ArchiveError(f"cannot open the SQLite archive {self.path!r}: {exc}") from exc
-                try:
-                    await db.execute("PRAGMA journal_mode=WAL")
-                    await db.execute("PRAGMA synchronous=NORMAL")
-                except sqlite3.Error as exc:
-                    await db.close()
-                    raise ArchiveError(f"cannot use the SQLite archive {self.path!r}: {exc}") from exc
-                self._db = db
+                self._db = await self._open()
             yield self._db
+
+    async def _open(self) -> aiosqlite.Connection:
+        # Checked first: a failed connect leaves aiosqlite's thread to report back to a loop that a
+        # command line tool has closed by then (a traceback on stderr).
+        folder = os.path.dirname(os.path.abspath(self.path))
+        if not os.path.isdir(folder):
+            raise ArchiveError(f"cannot open the SQLite archive {self.path!r}: no directory {folder!r}")
+        try:
+            db = await aiosqlite.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ArchiveError(f"cannot open the SQLite archive {self.path!r}: {exc}") from exc
+        try:
+            await _wal(db)
+            await db.execute("PRAGMA synchronous=NORMAL")
+        except sqlite3.Error as exc:
+            await db.close()
+            raise ArchiveError(f"cannot use the SQLite archive {self.path!r}: {exc}") from exc
+        return db
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
