@@ -29,7 +29,7 @@ from jobstream.devredis import EmbeddedRedis, EmbeddedRedisUnavailable
 from jobstream.observability import configure_logging
 from jobstream.registry import load_modules, registry_for
 from jobstream.server import GatewayServer
-from jobstream.settings import Settings, SettingsError, load_settings
+from jobstream.settings import Settings, SettingsError, default_data_dir, load_settings
 from jobstream.worker import Worker
 
 logger = logging.getLogger("jobstream.cli")
@@ -229,6 +229,8 @@ def _dev(settings: Settings, host: str, port: int) -> None:
     if settings.redis_url is None:
         embedded = EmbeddedRedis().start()
         updates["redis_url"] = embedded.url
+    if settings.archive_url is None:
+        updates["archive_url"] = _dev_archive(settings)
     settings = settings.model_copy(update=updates)
     try:
         _print_banner(settings, host, port, embedded)
@@ -236,6 +238,13 @@ def _dev(settings: Settings, host: str, port: int) -> None:
     finally:
         if embedded is not None:
             embedded.stop()
+
+
+def _dev_archive(settings: Settings) -> str:
+    """`jobstream dev` archives to archive.db in its data directory (made if missing)."""
+    folder = os.path.abspath(settings.data_dir or default_data_dir())
+    os.makedirs(folder, exist_ok=True)
+    return f"sqlite:///{os.path.join(folder, 'archive.db')}"
 
 
 def _print_banner(settings: Settings, host: str, port: int, embedded: EmbeddedRedis | None) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -32,8 +33,10 @@ OUTBOX_TTL_S = 3 * 86400
 REGISTERED_LOOK_MS = 60_000
 #: A job that has not ended, with nothing to settle, is looked at again this long after.
 IDLE_LOOK_MS = 60_000
-#: The consumers of every job's outbox (a job with an outbox is registered with each).
-CONSUMERS = ("webhook",)
+WEBHOOK_CONSUMER = "webhook"
+ARCHIVE_CONSUMER = "archive"
+#: Every consumer of outboxes (a job's own are named in its meta field ``consumers``).
+CONSUMERS = (WEBHOOK_CONSUMER, ARCHIVE_CONSUMER)
 
 #: Open a new job's outbox: an empty stream, so that the script that moves the job's status finds
 #: it where the job's other keys are (it names it without declaring it: see scripts._WRITE), and
@@ -84,9 +87,12 @@ return 1
 #: Returns {'record', id, status, record_ms, meta JSON, attempts so far} | {'wait', until_ms} (held
 #: by another, or its retry not due yet) | {'idle'} (nothing to settle; the job goes on) |
 #: {'finished'} (nothing to settle, and the job has ended or is gone: nothing more will come;
-#: once every consumer of the job has finished, the outbox is deleted).
+#: once every consumer of the job has finished, the outbox is deleted; also for a consumer that
+#: is not the job's).
 _CLAIM = """
 local c = ARGV[1]
+local consumers = redis.call('HGET', KEYS[3], 'consumers')
+if consumers and not string.find(',' .. consumers .. ',', ',' .. c .. ',', 1, true) then return {'finished'} end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local st = redis.call('HMGET', KEYS[3], c .. ':pos', c .. ':next', c .. ':lease', c .. ':attempt')
@@ -99,8 +105,7 @@ if not record then
   local status = redis.call('HGET', KEYS[1], 'status')
   if status and status ~= 'completed' and status ~= 'failed' and status ~= 'cancelled' then return {'idle'} end
   redis.call('HSET', KEYS[3], c .. ':finished', '1')
-  local consumers = redis.call('HGET', KEYS[3], 'consumers') or c
-  for other in string.gmatch(consumers, '[^,]+') do
+  for other in string.gmatch(consumers or c, '[^,]+') do
     if redis.call('HGET', KEYS[3], other .. ':finished') ~= '1' then return {'finished'} end
   end
   redis.call('DEL', KEYS[2], KEYS[3])
@@ -191,16 +196,16 @@ class Outbox:
         self._open = client.register_script(_OPEN)
         self._settle = client.register_script(_SETTLE)
 
-    def create_calls(self, job_id: str, now_ms: int, ttl_s: int) -> list[ScriptCall]:
-        """The calls that open a new job's outbox and register the job with every consumer, to
+    def create_calls(self, job_id: str, now_ms: int, ttl_s: int, consumers: Sequence[str]) -> list[ScriptCall]:
+        """The calls that open a new job's outbox and register the job with its consumers, to
         send before its create (``ttl_s``: the job's own)."""
         due = now_ms + REGISTERED_LOOK_MS
-        opening: ScriptCall = (self._open, _job_keys(job_id)[1:], [ttl_s + OUTBOX_TTL_S, ",".join(CONSUMERS)])
-        return [opening] + [(self._nudge, _consumer_keys(consumer), [job_id, due, "NX", ""]) for consumer in CONSUMERS]
+        opening: ScriptCall = (self._open, _job_keys(job_id)[1:], [ttl_s + OUTBOX_TTL_S, ",".join(consumers)])
+        return [opening] + [(self._nudge, _consumer_keys(consumer), [job_id, due, "NX", ""]) for consumer in consumers]
 
-    async def nudge(self, job_id: str, record_ms: int, now_ms: int) -> None:
-        """Tell every consumer that the job has a new record: due at once."""
-        for consumer in CONSUMERS:
+    async def nudge(self, job_id: str, record_ms: int, now_ms: int, consumers: Sequence[str]) -> None:
+        """Tell the job's consumers that it has a new record: due at once."""
+        for consumer in consumers:
             await self._nudge(keys=_consumer_keys(consumer), args=[job_id, now_ms, "", record_ms])
 
     async def take(self, consumer: str, n: int, now_ms: int, lease_end_ms: int) -> list[str]:

@@ -154,11 +154,22 @@ elseif effective == 'failed' then
 else
   ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s'))
 end
+local expires = now + ttl * 1000
+-- A job to archive that ends is kept until the archive holds it (archiver.py then gives it back
+-- the expiry it would have had: kept_ms), at most as long as its outbox record lives.
+if effective ~= status and (effective == 'completed' or effective == 'failed' or effective == 'cancelled')
+    and redis.call('HGET', KEYS[1], 'archived') == '0' then
+  redis.call('HSET', KEYS[1], 'kept_ms', expires)
+  ttl = math.max(ttl, """
+    + str(OUTBOX_TTL_S)
+    + """)
+  expires = now + ttl * 1000
+end
 if status == 'pending' and effective == 'running' then
   redis.call('HSET', KEYS[1], 'started_ms', now)
 end
 redis.call('HSET', KEYS[1], 'status', effective, 'updated_ms', now, 'last_event_id', last,
-  'expires_ms', now + ttl * 1000)
+  'expires_ms', expires)
 redis.call('EXPIRE', KEYS[1], ttl)
 redis.call('EXPIRE', KEYS[2], ttl)
 if out_max > 0 then redis.call('EXPIRE', KEYS[3], ttl) end
@@ -183,7 +194,8 @@ if wanted then
         fields['status'], fields['completed_ms'], fields['result'], fields['error'] = moved, nil, nil, nil
       end
       redis.call('XADD', outbox, '*', 'status', moved, 'at', now, 'meta', cjson.encode(fields))
-      if ids[6] == '' then ids[6] = tostring(now) end
+      -- Whom to nudge (a job from before `consumers` was kept had webhooks alone).
+      if ids[6] == '' then ids[6] = now .. ':' .. (redis.call('HGET', KEYS[1], 'consumers') or 'webhook') end
       written = true
     end
   end
@@ -196,7 +208,7 @@ ids[2] = effective
 ids[3] = redis.call('HGET', KEYS[1], 'started_ms') or ''
 if effective ~= status then  -- for the owner's job index (jobindex.py), kept in the owner's slot
   ids[4] = redis.call('HGET', KEYS[1], 'owner')
-  ids[5] = tostring(now + ttl * 1000)
+  ids[5] = tostring(expires)
 end
 """
 )

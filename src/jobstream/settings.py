@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import os
 import re
 import secrets
 from typing import Annotated, Literal
@@ -108,6 +109,9 @@ class Settings(BaseSettings):
     archive_url: str | None = None
     #: How long the archive keeps a job after it ended.
     archive_retention_days: float = Field(30, gt=0)
+    #: Where `jobstream dev` keeps its files (its archive.db); None: $XDG_DATA_HOME/jobstream, or
+    #: ~/.local/share/jobstream.
+    data_dir: str | None = None
     log_level: str = "INFO"
     #: "plain" lines, or "json": one object per line, for log pipelines.
     log_format: Literal["plain", "json"] = "plain"
@@ -243,3 +247,9 @@ def load_settings(**overrides: object) -> Settings:
             f"JOBSTREAM_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}" for err in exc.errors()
         )
         raise SettingsError(f"invalid settings: {problems}") from None
+
+
+def default_data_dir() -> str:
+    """$XDG_DATA_HOME/jobstream (~/.local/share/jobstream when unset)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "jobstream")

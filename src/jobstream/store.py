@@ -19,7 +19,7 @@ from jobstream.cursor import is_before
 from jobstream.errors import Forbidden, JobEnded, JobNotFound
 from jobstream.jobindex import JobIndex
 from jobstream.models import SNAPSHOT_EVENT, TERMINAL_EVENT, JobStatus, iso, to_json
-from jobstream.outbox import Outbox
+from jobstream.outbox import ARCHIVE_CONSUMER, WEBHOOK_CONSUMER, Outbox
 from jobstream.pipelines import ScriptCall, run_scripts
 from jobstream.settings import Settings
 
@@ -88,6 +88,22 @@ class OutgoingEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class Nudge:
+    """Who must hear of a record a write put in the job's outbox, and the record's time (epoch ms)."""
+
+    record_ms: int
+    consumers: tuple[str, ...]
+
+    @classmethod
+    def of(cls, reply: str) -> Nudge | None:
+        """From the write script's "<ms>:<consumer>,<consumer>" ('' = no record)."""
+        if not reply:
+            return None
+        record_ms, _, consumers = reply.partition(":")
+        return cls(int(record_ms), tuple(consumers.split(",")))
+
+
+@dataclass(frozen=True, slots=True)
 class Appended:
     """What an append wrote: the new events' ids (none for a repeated batch) and the job's status
     after it; and when the job started running (epoch ms; None if it has not, or not told)."""
@@ -97,8 +113,9 @@ class Appended:
     started_ms: int | None = field(default=None, compare=False)
     #: When the append moved the job's status: its owner and new expiry (epoch ms), for the index.
     moved: tuple[str, int] | None = field(default=None, compare=False)
-    #: When the append wrote a record into the job's outbox: its time (epoch ms), for the nudge.
-    outbox_ms: int | None = field(default=None, compare=False)
+    #: When the append wrote a record into the job's outbox: its time (epoch ms) and the job's
+    #: consumers, for the nudge.
+    outbox: Nudge | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,10 +151,12 @@ class JobRecord:
         output_max: int = 0,
         webhook_url: str = "",
         webhook_statuses: Sequence[str] = (),
+        archived: bool = False,
     ) -> JobRecord:
         """``output_max``: the bound of the job's snapshot text in bytes (0: it keeps none).
         ``webhook_statuses``: the statuses whose moves its webhook is told of (none: no webhook),
-        at ``webhook_url`` (empty: the operator's JOBSTREAM_WEBHOOK_URL)."""
+        at ``webhook_url`` (empty: the operator's JOBSTREAM_WEBHOOK_URL). ``archived``: the job is
+        copied to the archive once it ends (its status document says when: ``archived``)."""
         created = now_ms()
         fields = {
             "id": job_id,
@@ -158,11 +177,23 @@ class JobRecord:
             fields["metadata"] = to_json(metadata)
         if output_max:
             fields["output_max"] = str(output_max)
+        # `outbox`: the moves recorded for the outbox's consumers (outbox.py), `consumers`: who they are.
+        wanted: list[str] = []
+        consumers: list[str] = []
         if webhook_statuses:
-            # `outbox`: the moves recorded for the outbox's consumers (outbox.py), webhooks' alone so far.
-            fields["outbox"] = fields["webhook_statuses"] = ",".join(webhook_statuses)
+            fields["webhook_statuses"] = ",".join(webhook_statuses)
             if webhook_url:
                 fields["webhook_url"] = webhook_url
+            wanted += webhook_statuses
+            consumers.append(WEBHOOK_CONSUMER)
+        if archived:
+            # "0" until the archive holds the job; also what makes Redis keep it until then (scripts._WRITE).
+            fields["archived"] = "0"
+            wanted += [s.value for s in JobStatus if s.terminal and s.value not in wanted]
+            consumers.append(ARCHIVE_CONSUMER)
+        if consumers:
+            fields["outbox"] = ",".join(dict.fromkeys(wanted))
+            fields["consumers"] = ",".join(consumers)
         return cls(fields)
 
     @property
@@ -229,7 +260,13 @@ class JobRecord:
             "last_event_id": self.last_event_id,
             "tags": self.tags,
             "metadata": self.metadata,
+            **self._archived(),
         }
+
+    def _archived(self) -> dict[str, bool]:
+        """``archived``, for a job created with an archive configured (else absent)."""
+        stored = self.fields.get("archived")
+        return {} if stored is None else {"archived": stored == "1"}
 
     def view_json(self) -> bytes:
         """``view()`` encoded as ``to_json`` encodes it, byte for byte, without decoding and encoding
@@ -250,7 +287,8 @@ class JobRecord:
             f',"expires_at":{_iso_json(fields.get("expires_ms"))}'
             f',"error":{fields.get("error") or "null"},"result":{fields.get("result") or "null"}'
             f',"last_event_id":{last}'
-            f',"tags":{fields.get("tags") or "[]"},"metadata":{fields.get("metadata") or "{}"}}}'
+            f',"tags":{fields.get("tags") or "[]"},"metadata":{fields.get("metadata") or "{}"}'
+            f"{_archived_json(fields.get('archived'))}}}"
         ).encode()
 
     def created_view(self) -> dict[str, Any]:
@@ -263,6 +301,10 @@ class JobRecord:
             "tags": self.tags,
             "metadata": self.metadata,
         }
+
+
+def _archived_json(stored: str | None) -> str:
+    return "" if stored is None else ',"archived":true' if stored == "1" else ',"archived":false'
 
 
 def _iso_json(ms: str | None) -> str:
@@ -329,6 +371,7 @@ _VIEW_FIELDS = (
     "last_event_id",
     "tags",
     "metadata",
+    "archived",
 )
 #: Index pages one listing reads at most, when entries that fell behind left a page short.
 _LIST_ROUNDS = 4
@@ -396,8 +439,9 @@ class JobStore:
         # A job with an outbox (webhooks) is registered with its consumers before it exists, as
         # its index entry is: one whose job never came to be is dropped when looked at.
         first = [index_call]
-        if job.fields.get("outbox"):
-            first += self.outbox.create_calls(job_id, int(job.fields["created_ms"]), ttl_s)
+        consumers = job.fields.get("consumers")
+        if consumers:
+            first += self.outbox.create_calls(job_id, int(job.fields["created_ms"]), ttl_s, consumers.split(","))
         create_keys = [meta, keys.queue_key] if together else [meta]
         try:
             if isinstance(self._redis, RedisCluster):
@@ -585,15 +629,15 @@ class JobStore:
         consumers look at the job as registered)."""
         if appended.moved is not None:
             owner, expires_ms = appended.moved
-            await self._moved(job_id, owner, appended.status, expires_ms, appended.outbox_ms)
+            await self._moved(job_id, owner, appended.status, expires_ms, appended.outbox)
         return appended
 
-    async def _moved(self, job_id: str, owner: str, status: JobStatus, expires_ms: int, outbox_ms: int | None) -> None:
+    async def _moved(self, job_id: str, owner: str, status: JobStatus, expires_ms: int, outbox: Nudge | None) -> None:
         now = now_ms()
         await self.index.status_changed(owner, job_id, status.value, expires_ms, now)
-        if outbox_ms is not None:
+        if outbox is not None:
             try:
-                await self.outbox.nudge(job_id, outbox_ms, now)
+                await self.outbox.nudge(job_id, outbox.record_ms, now, outbox.consumers)
             except RedisError as exc:
                 metrics.redis_errors.labels("outbox").inc()
                 logger.warning("job %s: its outbox record waits for a consumer's look (%s)", job_id, type(exc).__name__)
@@ -690,7 +734,7 @@ class JobStore:
         if reply[0] != "cancelled":
             _appended(reply)  # raises for a job gone, not the owner's, or ended
         job_type, started, moved_owner, expires, outbox_ms = reply[1:6]
-        await self._moved(job_id, moved_owner, JobStatus.cancelled, int(expires), int(outbox_ms) if outbox_ms else None)
+        await self._moved(job_id, moved_owner, JobStatus.cancelled, int(expires), Nudge.of(outbox_ms))
         return Cancelled(job_type, int(started) if started else None)
 
     async def start_attempt(self, job_id: str, entry_id: str) -> tuple[str, int]:
@@ -788,9 +832,7 @@ def _appended(reply: list[str]) -> Appended:
     if kind == "ok":
         _, status, started, owner, expires, outbox_ms, *ids = reply
         moved = (owner, int(expires)) if owner else None
-        return Appended(
-            ids, JobStatus(status), int(started) if started else None, moved, int(outbox_ms) if outbox_ms else None
-        )
+        return Appended(ids, JobStatus(status), int(started) if started else None, moved, Nudge.of(outbox_ms))
     if kind == "repeat":
         return Appended([], JobStatus(reply[1]))
     if kind == "gone":

@@ -30,14 +30,14 @@ from standardwebhooks.webhooks import Webhook
 from jobstream import __version__, metrics, observability, sentry
 from jobstream.connection import RedisClient
 from jobstream.models import WEBHOOK_EVENTS, iso, to_json
-from jobstream.outbox import IDLE_LOOK_MS, KEEP, Outbox, Record
+from jobstream.outbox import IDLE_LOOK_MS, KEEP, WEBHOOK_CONSUMER, Outbox, Record
 from jobstream.settings import Settings
 from jobstream.store import JobRecord, now_ms
 from jobstream.webhook_targets import TargetRefused, check_addresses, host_of, is_allowed_host, parse, resolve
 
 logger = logging.getLogger("jobstream.webhooks")
 
-CONSUMER = "webhook"
+CONSUMER = WEBHOOK_CONSUMER
 #: One attempt, name lookup to answer, is given this long.
 ATTEMPT_TIMEOUT_S = 10.0
 #: A claimed job is left alone by other processes this long: more than an attempt can take.

@@ -23,6 +23,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from jobstream import metrics, observability, sentry
+from jobstream.archive import open_archive
+from jobstream.archiver import Archiver
 from jobstream.connection import RedisClient
 from jobstream.errors import JobEnded, JobNotFound, ValidationFailed
 from jobstream.fairness import SWEEP_EVERY_S, UserSlots
@@ -152,14 +154,19 @@ class Worker:
         await self.queue.ensure_group()
         logger.info("worker %s started: concurrency=%d types=%s", self.name, self.concurrency, self.registry.names())
         maintenance = asyncio.create_task(self._maintain())
-        # Webhook deliveries go on beside the jobs; on stop, those under way end first (bounded).
-        webhooks = asyncio.create_task(WebhookSender(self.client, self.settings).run(self._stopping))
+        # Webhook deliveries and archiving go on beside the jobs; on stop, those under way end first (bounded).
+        beside = [asyncio.create_task(WebhookSender(self.client, self.settings).run(self._stopping))]
+        archive = open_archive(self.settings.archive_url) if self.settings.archive_url else None
+        if archive is not None:
+            beside.append(asyncio.create_task(Archiver(self.client, self.settings, archive).run(self._stopping)))
         try:
             await self._take_loop()
         finally:
             self._stopping.set()  # also when the take loop failed: the sender stops with it
             await self._drain()
-            await asyncio.gather(webhooks, return_exceptions=True)
+            await asyncio.gather(*beside, return_exceptions=True)
+            if archive is not None:
+                await archive.close()
             maintenance.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await maintenance

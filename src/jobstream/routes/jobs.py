@@ -119,6 +119,7 @@ def _new_job(
         output_max=svc.settings.snapshot_max_bytes,
         webhook_url=webhook_url,
         webhook_statuses=webhook_statuses,
+        archived=svc.settings.archive_url is not None,
     )
     # The worker that runs the job continues this request's trace.
     record = JobRecord({**record.fields, **sentry.trace_fields()})
