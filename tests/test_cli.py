@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -33,11 +34,12 @@ def children_of(parent: int) -> list[tuple[int, str]]:
     return found
 
 
-def test_dev_whenStarted_thenServesAStoryEndToEndAndStopsEverything() -> None:
+def test_dev_whenStarted_thenServesAStoryEndToEndArchivesItAndStopsEverything(tmp_path: Path) -> None:
     port = free_port()
+    data_dir = tmp_path / "data" / "jobstream"  # made by `dev`, parents and all
     process = subprocess.Popen(
         [sys.executable, "-m", "jobstream", "dev", "--port", str(port)],
-        env=clean_env(),
+        env=clean_env(XDG_DATA_HOME=str(tmp_path / "data")),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -63,6 +65,13 @@ def test_dev_whenStarted_thenServesAStoryEndToEndAndStopsEverything() -> None:
             with http.stream("GET", body["links"]["events"], params={"token": body["token"]}) as stream:
                 text = "".join(stream.iter_text())
             assert "event: done" in text and '"status":"completed"' in text
+            # Archived by default, into archive.db in its data directory ($XDG_DATA_HOME/jobstream).
+            wait_until(
+                lambda: http.get(f"/v1/jobs/{body['id']}", headers=auth).json()["archived"],
+                timeout_s=20,
+                interval_s=0.1,
+            )
+            assert (data_dir / "archive.db").is_file()
             assert http.get("/").status_code == 200
             assert http.get("/dev.json").json() == {"api_key": key.group(1)}
         process.send_signal(signal.SIGINT)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -134,11 +135,12 @@ def test_worker_whenDemoUnset_thenHasNoDemoHandlersAndFailsADemoJob(
     assert "test.echo" in started and "demo." not in started
 
 
-def test_dev_whenStarted_thenServesTheDemoTypesEndToEndWithTheirBounds() -> None:
+def test_dev_whenStarted_thenServesTheDemoTypesEndToEndWithTheirBounds(tmp_path: Path) -> None:
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "jobstream", "dev", "--port", str(port)],
-        env=clean_env(),  # no JOBSTREAM_DEMO: `dev` turns it on by itself
+        # No JOBSTREAM_DEMO: `dev` turns it on by itself. Its archive goes in the test's directory.
+        env=clean_env(JOBSTREAM_DATA_DIR=str(tmp_path)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
