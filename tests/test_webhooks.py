@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +16,7 @@ from standardwebhooks.webhooks import Webhook
 
 from jobstream import keys, outbox, webhooks
 from jobstream.outbox import Outbox
-from tests.conftest import ALICE, LiveStack, append, create_job
+from tests.conftest import ALICE, LiveStack, SyncRedis, append, create_job
 from tests.helpers import wait_until
 from tests.webhook_receiver import Answer, Receiver
 
@@ -313,3 +314,18 @@ def test_delete_whenDeliveryPending_thenStillDelivered(hooked: Callable[..., htt
         attempts = len(receiver.at())
         wait_until(lambda: len(receiver.at()) > attempts, message="withdrawn by the delete")
     assert receiver.at()[-1].json["data"]["id"] == job["id"]
+
+
+def test_webhookAndArchive_onOneJob_thenBothDone_andTheOutboxDeleted(
+    hooked: Callable[..., httpx.Client], receiver: Receiver, rdb: SyncRedis, tmp_path: Path
+) -> None:
+    with hooked(archive_url=f"sqlite:///{tmp_path / 'archive.db'}") as http:
+        job = create_job(http, webhook=hook(receiver, events=["job.started", "job.completed"]))
+        append(http, job, [{"type": "delta", "data": {"text": "hi"}}])
+        append(http, job, DONE_COMPLETED)
+        wait_until(lambda: len(receiver.at()) == 2, message="not both deliveries")
+        wait_until(lambda: http.get(f"/v1/jobs/{job['id']}", headers=ALICE).json()["archived"], timeout_s=20)
+        wait_until(lambda: not rdb.exists(keys.outbox_key(job["id"]), keys.outbox_state_key(job["id"])))
+    assert receiver.events() == ["job.started", "job.completed"]
+    # The webhook told the job as it was when it ended: not archived yet.
+    assert receiver.at()[1].json["data"]["archived"] is False
