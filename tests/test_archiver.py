@@ -131,12 +131,17 @@ def test_archiveDown_jobStaysInRedisPastItsRetention_thenArchivedWhenItReturns(
         assert document["status"] == "completed" and document["archived"] is False
         assert rdb.ttl(keys.meta_key(job["id"])) > 86_400
         assert redis_events(rdb, job["id"])[-1].type == "done"
+        text = http.get("/metrics").text
+        assert "jobstream_archive_pending_jobs 1.0" in text
+        assert float(text.split("\njobstream_archive_oldest_pending_age_seconds ")[1].split()[0]) >= 3
+        assert float(text.split("\njobstream_archive_failures_total ")[1].split()[0]) >= 1
         folder.mkdir()  # the archive is back
         wait_until(lambda: archived(url, job["id"]) is not None, timeout_s=60, interval_s=0.1)
         # Archived, its Redis retention long past: Redis lets it go at once.
         wait_until(
             lambda: not rdb.exists(keys.meta_key(job["id"]), keys.events_key(job["id"])), timeout_s=10, interval_s=0.1
         )
+        wait_until(lambda: "jobstream_archive_pending_jobs 0.0" in http.get("/metrics").text)
     stored = archived(url, job["id"])
     assert stored is not None and [e.type for e in stored.events][-1] == "done"
 

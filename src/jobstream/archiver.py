@@ -46,6 +46,9 @@ POLL_S = 0.5
 FIRST_BACKOFF_S = 1.0
 MAX_BACKOFF_S = 20.0
 JITTER = 0.25
+#: A batch's write to the archive (and the schema check before the first) is given this long: a
+#: hung archive must not hold the worker's shutdown.
+STORE_TIMEOUT_S = 30.0
 #: How often a worker deletes the jobs whose archive retention ended, and how many per transaction.
 SWEEP_EVERY_S = 600.0
 SWEEP_BATCH = 500
@@ -163,10 +166,11 @@ class Archiver:
         found = await self._read_jobs([record.job_id for record in records])
         jobs = [job for job in found if job is not None]
         try:
-            if not self._migrated:
-                await self._archive.migrate()
-                self._migrated = True
-            await self._archive.store(jobs)
+            async with asyncio.timeout(STORE_TIMEOUT_S):
+                if not self._migrated:
+                    await self._archive.migrate()
+                    self._migrated = True
+                await self._archive.store(jobs)
         except Exception as exc:  # the archive is down or refused: every record is retried
             archive_failures.inc()
             logger.warning("archiver: %d jobs wait for the archive: %s", len(records), exc)

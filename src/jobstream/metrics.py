@@ -134,18 +134,26 @@ class QueueStats:
 
 
 @dataclass(frozen=True, slots=True)
-class WebhookStats:
-    """Webhook deliveries not settled yet, as one scrape sees them."""
+class BacklogStats:
+    """An outbox consumer's records not settled yet (webhook deliveries, archive copies), as one
+    scrape sees them."""
 
-    #: Jobs with deliveries pending.
+    #: Jobs with records pending.
     pending_jobs: int
     oldest_pending_age_s: float
 
 
+#: Each outbox consumer's backlog gauges: name prefix, and what its records are.
+_BACKLOG_GAUGES = {
+    "webhook": ("jobstream_webhook", "webhook deliveries"),
+    "archive": ("jobstream_archive", "archive copies"),
+}
+
+
 class _QueueCollector(Collector):
-    def __init__(self, stats: QueueStats, webhooks: WebhookStats | None) -> None:
+    def __init__(self, stats: QueueStats, backlogs: dict[str, BacklogStats]) -> None:
         self._stats = stats
-        self._webhooks = webhooks
+        self._backlogs = backlogs
 
     def collect(self) -> list[GaugeMetricFamily]:
         depth = GaugeMetricFamily("jobstream_queue_depth", "Jobs in the work queue.", labels=["state"])
@@ -155,22 +163,23 @@ class _QueueCollector(Collector):
             "jobstream_queue_oldest_waiting_age_seconds", "Age of the oldest job no worker has taken yet (0: none)."
         )
         age.add_metric([], self._stats.oldest_waiting_age_s)
-        if self._webhooks is None:
-            return [depth, age]
-        pending = GaugeMetricFamily("jobstream_webhook_pending_jobs", "Jobs with webhook deliveries not settled yet.")
-        pending.add_metric([], self._webhooks.pending_jobs)
-        oldest = GaugeMetricFamily(
-            "jobstream_webhook_oldest_pending_age_seconds",
-            "Age of the oldest webhook delivery not settled yet (0: none).",
-        )
-        oldest.add_metric([], self._webhooks.oldest_pending_age_s)
-        return [depth, age, pending, oldest]
+        families = [depth, age]
+        for consumer, backlog in self._backlogs.items():
+            prefix, what = _BACKLOG_GAUGES[consumer]
+            pending = GaugeMetricFamily(f"{prefix}_pending_jobs", f"Jobs with {what} not settled yet.")
+            pending.add_metric([], backlog.pending_jobs)
+            oldest = GaugeMetricFamily(
+                f"{prefix}_oldest_pending_age_seconds", f"Age of the oldest of the {what} not settled yet (0: none)."
+            )
+            oldest.add_metric([], backlog.oldest_pending_age_s)
+            families += [pending, oldest]
+        return families
 
 
-def exposition(queue: QueueStats | None = None, webhooks: WebhookStats | None = None) -> bytes:
+def exposition(queue: QueueStats | None = None, backlogs: dict[str, BacklogStats] | None = None) -> bytes:
     """The text a scrape gets: this process's metrics, or every process's under --workers N, and
-    the queue and the webhook backlog read from Redis for this scrape (the same whichever process
-    answers)."""
+    the queue and the outbox consumers' backlogs read from Redis for this scrape (the same
+    whichever process answers)."""
     deliveries.flush()
     if MULTIPROC_DIR_ENV not in os.environ:
         text = generate_latest(REGISTRY)
@@ -180,6 +189,6 @@ def exposition(queue: QueueStats | None = None, webhooks: WebhookStats | None = 
         text = generate_latest(registry)
     if queue is not None:
         extra = CollectorRegistry()
-        extra.register(_QueueCollector(queue, webhooks))
+        extra.register(_QueueCollector(queue, backlogs or {}))
         text += generate_latest(extra)
     return text

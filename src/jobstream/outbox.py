@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import enum
 import json
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from jobstream import keys
+from jobstream import keys, metrics
 from jobstream.connection import RedisClient
 from jobstream.pipelines import ScriptCall
 
@@ -236,6 +237,15 @@ class Outbox:
         await self._settle(
             keys=_job_keys(record.job_id)[1:], args=[consumer, token, record.id, outcome, next_ms, OUTBOX_TTL_S]
         )
+
+    async def stats(self, consumers: Sequence[str]) -> dict[str, metrics.BacklogStats]:
+        """Each consumer's backlog, for a scrape."""
+        found = {}
+        for consumer in consumers:
+            pending, oldest_ms = await self.backlog(consumer)
+            age_s = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else 0.0
+            found[consumer] = metrics.BacklogStats(pending_jobs=pending, oldest_pending_age_s=round(age_s, 3))
+        return found
 
     async def backlog(self, consumer: str) -> tuple[int, int | None]:
         """Jobs with records not settled yet, and the oldest such record's time (epoch ms; None: none)."""

@@ -328,13 +328,6 @@ class WebhookSender:
         )
 
 
-async def webhook_stats(outbox: Outbox) -> metrics.WebhookStats:
-    """The webhook backlog, for a scrape."""
-    pending, oldest_ms = await outbox.backlog(CONSUMER)
-    age_s = max(0.0, time.time() - oldest_ms / 1000) if oldest_ms is not None else 0.0
-    return metrics.WebhookStats(pending_jobs=pending, oldest_pending_age_s=round(age_s, 3))
-
-
 async def _first(*events: asyncio.Event) -> None:
     """Until any of the events is set."""
     waits = [asyncio.create_task(event.wait()) for event in events]

@@ -14,9 +14,9 @@ from jobstream import metrics
 from jobstream.connection import ping
 from jobstream.errors import problem_response
 from jobstream.openapi import openapi_document
+from jobstream.outbox import ARCHIVE_CONSUMER, WEBHOOK_CONSUMER
 from jobstream.queue import queue_stats
 from jobstream.services import services
-from jobstream.webhooks import webhook_stats
 
 
 def static_dir() -> Path:
@@ -43,11 +43,14 @@ async def readyz(request: Request) -> Response:
 async def metrics_endpoint(request: Request) -> Response:
     try:
         queue = await queue_stats(services(request).redis)
-        webhooks = await webhook_stats(services(request).store.outbox)
+        svc = services(request)
+        # The archive's backlog where one is configured; the webhooks' always (any job may have one).
+        consumers = [WEBHOOK_CONSUMER] + ([ARCHIVE_CONSUMER] if svc.settings.archive_url else [])
+        backlogs = await svc.store.outbox.stats(consumers)
     except (RedisError, RedisClusterException, OSError):
-        queue, webhooks = None, None  # the process's own metrics still answer; redis_errors tells why
+        queue, backlogs = None, None  # the process's own metrics still answer; redis_errors tells why
         metrics.redis_errors.labels("metrics").inc()
-    return Response(metrics.exposition(queue, webhooks), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.exposition(queue, backlogs), media_type=CONTENT_TYPE_LATEST)
 
 
 @cache
