@@ -28,7 +28,10 @@ def test_compose_whenJobstreamServicesConfigured_thenEverySettingExists() -> Non
         variables = services[name]["environment"]
         settings = {key.removeprefix("JOBSTREAM_").lower() for key in variables if key.startswith("JOBSTREAM_")}
         assert settings <= set(Settings.model_fields), f"{name}: unknown {settings - set(Settings.model_fields)}"
-        assert {"redis_url", "token_secret"} <= settings
+        assert {"redis_url", "token_secret", "archive_url"} <= settings
+        # Gateways and workers share the archive (workers write it, gateways read it).
+        assert variables["JOBSTREAM_ARCHIVE_URL"].split("@")[1] == "postgres:5432/jobstream"
+    assert "postgres" in services and services["postgres"]["healthcheck"]["test"][1] == "pg_isready"
     assert services["worker"]["command"] == ["worker"]
     assert services["worker"]["healthcheck"] == {"disable": True}
 
