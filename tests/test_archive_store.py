@@ -8,7 +8,6 @@ import asyncio
 import sqlite3
 import subprocess
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -20,28 +19,8 @@ from jobstream.devredis import free_port
 from jobstream.settings import SettingsError, load_settings
 from jobstream.store import StoredEvent
 from tests.helpers import clean_env
-from tests.pgserver import PostgresServer
 
 Scenario = Callable[[Archive], Awaitable[None]]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def archive_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty archive database per test, on each store."""
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'archive.db'}"  # an absolute path: sqlite:////tmp/...
-    server: PostgresServer = request.getfixturevalue("postgres_server")
-    name = f"t_{uuid.uuid4().hex}"
-
-    async def create() -> None:
-        conn = await asyncpg.connect(server.url)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-
-    asyncio.run(create())
-    return server.url_of(name)
 
 
 def run(url: str, scenario: Scenario) -> None:
