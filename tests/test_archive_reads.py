@@ -194,6 +194,10 @@ def test_reads_whenOnlyTheArchiveHoldsTheJob_thenEveryAnswerIsTheSame(site: Site
     assert json.loads(in_archive["poll after done"][2])["done"] is True
     assert [in_archive[name][0] for name in ("bad id", "other user", "other user many")] == [400, 403, 403]
 
+    # A long-poll of an archived job answers at once: it has ended.
+    started = time.monotonic()
+    waited = site.http.get(f"/v1/jobs/{job['id']}/poll", params={"wait": "20"}, headers=ALICE)
+    assert waited.json()["done"] is True and time.monotonic() - started < 5
     status = site.http.get(f"/v1/jobs/{job['id']}", headers=ALICE)
     assert without_expiry(status) == without_expiry(status_redis)
     assert status.json()["archived"] is True and status.json()["status"] == "completed"
