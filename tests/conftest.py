@@ -128,7 +128,8 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 def archive_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh, empty archive database per test, on each store."""
+    """A fresh, empty archive database per test, on each store: a SQLite file, or a database of
+    its own on the session's PostgreSQL."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'archive.db'}"  # an absolute path: sqlite:////tmp/...
     server: PostgresServer = request.getfixturevalue("postgres_server")

@@ -284,3 +284,105 @@ def test_migrateCommand_whenUrlBadOrDatabaseUnreachable_thenOneLineErrorAndNonZe
         assert "Traceback" not in done.stderr
     done = migrate_command()
     assert done.returncode != 0 and "JOBSTREAM_ARCHIVE_URL" in done.stderr
+
+
+def numbered(*event_ids: str) -> list[StoredEvent]:
+    return [StoredEvent(event_id, "delta", f'{{"text":"{event_id}"}}') for event_id in event_ids]
+
+
+def test_read_whenCursorAndLimitGiven_thenJobEventsAfterAndOldestIdInOneAnswer(archive_url: str) -> None:
+    events = numbered("10-0", "5-10", "9-0", "5-2", "100-1")
+
+    async def scenario(archive: Archive) -> None:
+        await archive.store([job("j1", tags='["t"]', input='{"big":"x"}', events=events), job("j2")])
+        first = await archive.read("j1", None, 2)
+        assert first is not None and first.job.fields == job("j1", tags='["t"]', input='{"big":"x"}').fields
+        assert (ids(first.job.events), first.first_id, first.snapshot_id) == (["5-2", "5-10"], "5-2", None)
+        later = await archive.read("j1", "5-10", 100)
+        assert later is not None and ids(later.job.events) == ["9-0", "10-0", "100-1"] and later.first_id == "5-2"
+        assert later.job.events[0] == StoredEvent("9-0", "delta", '{"text":"9-0"}')
+        fields_only = await archive.read("j1", None, 0)
+        assert fields_only is not None and fields_only.job.events == [] and fields_only.first_id == "5-2"
+        # Past the last event, and past anything a store's integers hold (a cursor may be 2^64-1): nothing.
+        for beyond in ("100-1", "100-2", "18446744073709551615-0", "5-18446744073709551615"):
+            found = await archive.read("j1", beyond, 10)
+            assert found is not None and ids(found.job.events) == (["9-0", "10-0", "100-1"] if beyond[0] == "5" else [])
+        empty = await archive.read("j2", None, 10)
+        assert empty is not None and (empty.job.events, empty.first_id) == ([], None)
+        assert await archive.read("missing", None, 10) is None
+        assert ids(await archive.events("j1", "18446744073709551615-0", 10)) == []
+
+    run(archive_url, scenario)
+
+
+def test_read_whenSnapshotAsked_thenEventsStartAfterAUsableSnapshotElseAtTheCursor(archive_url: str) -> None:
+    events = numbered("1-0", "2-0", "3-0", "4-0")
+    # As archiver.archived_job keeps them: output_text only when the text was whole and not empty.
+    snapshots = {
+        "whole": {"output_max": "100", "output_id": "3-0", "output_len": "4", "output_text": "héé\x00"},
+        "empty": {"output_max": "100", "output_id": "2-0", "output_len": "0"},
+        "empty-no-len": {"output_max": "100", "output_id": "2-0"},
+        "text-lost": {"output_max": "100", "output_id": "3-0", "output_len": "9"},
+        "covers-nothing": {"output_max": "100"},
+        "keeps-none": {"output_id": "3-0", "output_len": "0"},
+        # Text that looks like the fields, in a job's input (as written, quotes and all), fools nothing.
+        "lookalike": {"input": '{"x":"\\\\","output_max":"9","output_id":"1-0"}\\', "note": ',"output_id":"2-0"\x00'},
+        "real-after-lookalike": {"a": ',"output_id":"1-0"', "output_max": "9", "output_id": "3-0", "output_len": "0"},
+    }
+    expected = {
+        "whole": ("3-0", ["4-0"]),
+        "empty": ("2-0", ["3-0", "4-0"]),
+        "empty-no-len": ("2-0", ["3-0", "4-0"]),
+        "text-lost": (None, ["1-0", "2-0", "3-0", "4-0"]),
+        "covers-nothing": (None, ["1-0", "2-0", "3-0", "4-0"]),
+        "keeps-none": (None, ["1-0", "2-0", "3-0", "4-0"]),
+        "lookalike": (None, ["1-0", "2-0", "3-0", "4-0"]),
+        "real-after-lookalike": ("3-0", ["4-0"]),
+    }
+
+    async def scenario(archive: Archive) -> None:
+        await archive.store([job(name, events=events, **extra) for name, extra in snapshots.items()])
+        for name, (snapshot_id, after) in expected.items():
+            found = await archive.read(name, None, 10, snapshot=True)
+            assert found is not None, name
+            assert (found.snapshot_id, ids(found.job.events)) == (snapshot_id, after), name
+            assert found.job.fields == job(name, events=events, **snapshots[name]).fields, name
+            assert found.first_id == "1-0", name
+            limited = await archive.read(name, None, 1, snapshot=True)
+            assert limited is not None and ids(limited.job.events) == after[:1], name
+            fields_only = await archive.read(name, None, 0, snapshot=True)
+            assert fields_only is not None and fields_only.snapshot_id == snapshot_id, name
+            plain = await archive.read(name, None, 10)
+            assert plain is not None and (plain.snapshot_id, ids(plain.job.events)) == (None, ids(events)), name
+        assert await archive.read("missing", None, 10, snapshot=True) is None
+
+    run(archive_url, scenario)
+
+
+def test_readMany_whenSeveralJobsAsked_thenEachFromItsOwnPositionInOneAnswer(archive_url: str) -> None:
+    async def scenario(archive: Archive) -> None:
+        await archive.store(
+            [
+                job("a", events=numbered("1-0", "2-0", "3-0")),
+                job("b", owner="bob", events=numbered("1-5", "7-0")),
+                job("c"),
+            ]
+        )
+        found = await archive.read_many([("a", "1-0"), ("b", None), ("c", None), ("missing", None)], 1)
+        assert sorted(found) == ["a", "b", "c"]
+        assert (ids(found["a"].job.events), found["a"].first_id) == (["2-0"], "1-0")
+        assert (ids(found["b"].job.events), found["b"].job.owner) == (["1-5"], "bob")
+        assert (found["c"].job.events, found["c"].first_id) == ([], None)
+        everything = await archive.read_many([("a", None), ("b", "1-5")], 100)
+        assert ids(everything["a"].job.events) == ["1-0", "2-0", "3-0"] and ids(everything["b"].job.events) == ["7-0"]
+        owners = await archive.read_many([("a", None), ("b", None), ("nope", None)], 0)
+        assert {job_id: read.job.owner for job_id, read in owners.items()} == {"a": "alice", "b": "bob"}
+        assert all(read.job.events == [] for read in owners.values())
+        assert await archive.read_many([], 10) == {}
+        # A hundred jobs, as GET /v1/events may name: still one statement.
+        many = [job(f"m{i}", events=numbered("1-0", "2-0")) for i in range(100)]
+        await archive.store(many)
+        pages = await archive.read_many([(f"m{i}", "1-0") for i in range(100)], 500)
+        assert len(pages) == 100 and all(ids(read.job.events) == ["2-0"] for read in pages.values())
+
+    run(archive_url, scenario)

@@ -13,6 +13,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
 from jobstream import keys, metrics, requestid
+from jobstream.archive import open_archive
+from jobstream.archive.bounded import BoundedArchive
 from jobstream.auth import Authenticator
 from jobstream.connection import create_client
 from jobstream.errors import EXCEPTION_HANDLERS
@@ -68,6 +70,8 @@ def build_services(settings: Settings, registry: Registry) -> Services:
             client, settings.max_long_polls_per_user, math.ceil(settings.poll_max_wait_s) + 5, keys.long_poll_leases_key
         ),
         send_watch=SendWatch(settings.send_timeout_s),
+        # Connected and migrated at start-up if it answers, else when a read first needs it.
+        archive=BoundedArchive(open_archive(settings.archive_url)) if settings.archive_url else None,
     )
 
 
@@ -109,15 +113,23 @@ def create_app(settings: Settings, registry: Registry | None = None, *, dev_key:
         await svc.feed.start()
         await svc.send_watch.start()
         flusher = asyncio.create_task(_flush_metrics())
+        # In the background: an archive that is down or slow never holds the gateway's start back.
+        archive_start = asyncio.create_task(svc.archive.start()) if isinstance(svc.archive, BoundedArchive) else None
         try:
             yield
         finally:
             flusher.cancel()
+            if archive_start is not None:
+                archive_start.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await archive_start
             metrics.deliveries.flush()
             svc.begin_shutdown()
             await svc.send_watch.close()
             await svc.feed.close()
             await svc.redis.aclose()
+            if svc.archive is not None:
+                await svc.archive.close()
 
     return Starlette(
         routes=build_routes(),

@@ -90,6 +90,16 @@ class RateLimited(ProblemError):
     status, title, slug = 429, "Too Many Requests", "rate-limited"
 
 
+class ArchiveUnavailable(ProblemError):
+    """The archive is down or slow, and the request needs it (a job Redis no longer holds): as
+    Redis being down is answered, 503 with Retry-After."""
+
+    status, title, slug = 503, "Service Unavailable", "unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The archive of ended jobs is unavailable; retry shortly.", headers={"Retry-After": "2"})
+
+
 def problem_response(
     status: int,
     detail: str,

@@ -51,11 +51,13 @@ _FORMAT = {
     " `x-vercel-ai-ui-message-stream: v1`, one chunk per `data:` line, `data: [DONE]` last), for `useChat`."
     " Absent: jobstream's own events.",
 }
+#: A job Redis has forgotten is read from the archive (when one is configured), which may be down.
+_UNAVAILABLE = _problem("Redis unavailable, or the archive, for a job only it holds")
 _AUTH_ERRORS = {
     "401": _problem("Missing or invalid credentials"),
     "403": _problem("Another user's job"),
     "404": _problem("No such job"),
-    "503": _problem("Redis unavailable"),
+    "503": _UNAVAILABLE,
 }
 
 _LIST_PARAMETERS = [
@@ -276,13 +278,15 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
         "/v1/jobs": {
             "get": {
                 "summary": "The caller's jobs, newest first",
+                "description": "The jobs Redis holds, newest first; then, with an archive, those only the archive"
+                " holds, newest first by creation.",
                 "parameters": _LIST_PARAMETERS,
                 "responses": {
                     "200": _json("A page of jobs", _ref("JobPage")),
                     "400": _problem("Unknown status, bad tag, limit or cursor"),
                     "401": _problem("Missing or invalid credentials"),
                     "403": _problem("A read token cannot list jobs"),
-                    "503": _problem("Redis unavailable"),
+                    "503": _problem("Redis unavailable, or the archive, for the page of the jobs only it holds"),
                 },
             },
             "post": {
@@ -427,7 +431,7 @@ def _paths(max_wait_s: float) -> dict[str, Any]:
                     "413": _problem("Body too large"),
                     "415": _problem("Not JSON"),
                     "422": _problem("Invalid request: neither or both of jobs and tag, a bad ttl"),
-                    "503": _problem("Redis unavailable"),
+                    "503": _UNAVAILABLE,
                 },
             }
         },

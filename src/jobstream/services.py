@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
+from jobstream.archive import Archive
 from jobstream.auth import Authenticator
 from jobstream.connection import RedisClient
 from jobstream.feed import Feed
@@ -33,6 +34,8 @@ class Services:
     shutdown: asyncio.Event = field(default_factory=asyncio.Event)
     #: The API key `jobstream dev` made up, for its demo page; None everywhere else.
     dev_key: str | None = None
+    #: Where jobs Redis has forgotten are read (archived.py): a BoundedArchive; None without one.
+    archive: Archive | None = None
 
     def begin_shutdown(self) -> None:
         """End open streams and waiting long-polls now; their readers reconnect elsewhere."""

@@ -345,13 +345,15 @@ class JobRead:
     ``last_event_id`` and ``tags`` only: what authorization and the end check use), where reading starts (an
     exclusive stream id), the oldest kept event id when the reader's cursor is older (events were
     trimmed away), and the events from there (none unless asked for, and only for its owner); and,
-    when asked for, its snapshot, after which reading then starts."""
+    when asked for, its snapshot, after which reading then starts. ``archived``: read from the
+    archive (archived.py), Redis having forgotten the job: every field, and nothing live follows."""
 
     job: JobRecord
     after: str
     first_kept: str | None
     events: list[StoredEvent]
     snapshot: Snapshot | None = None
+    archived: bool = False
 
 
 #: What a status document shows of a job's metadata hash (``id`` first: absent means no job).
@@ -467,6 +469,11 @@ class JobStore:
         # (its arguments), unless the input is tens of KiB.
         fields = cast(dict[str, str], await self._redis.hgetall(keys.meta_key(job_id)))
         return JobRecord(fields) if fields else None
+
+    async def archived_flag(self, job_id: str) -> str | None:
+        """The job's ``archived`` field: None (no such job, or created without an archive), "0" (not
+        archived yet), "1"."""
+        return cast(str | None, await self._redis.hget(keys.meta_key(job_id), "archived"))
 
     async def get_with_output(self, job_id: str) -> tuple[JobRecord, Snapshot | None] | None:
         """The job and its snapshot (None: it keeps none), in one step; None if there is no such job."""

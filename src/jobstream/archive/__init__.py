@@ -17,6 +17,8 @@ from jobstream.store import StoredEvent
 Dialect = Literal["sqlite", "postgresql"]
 #: What ``list_owner`` pages by: (created_ms, job id) of the last job of the previous page.
 Before = tuple[int, str]
+#: Where a reader stands in one job: its id, and the stream id to read after (None: from the start).
+Position = tuple[str, str | None]
 
 
 class ArchiveError(Exception):
@@ -63,6 +65,18 @@ class ArchivedJob:
         return cast(list[str], json.loads(stored)) if stored else []
 
 
+@dataclass(frozen=True)
+class ArchivedRead:
+    """A job as one reader's query found it: its fields, with ``events`` the page after where the
+    reader starts (not every event); the oldest event the archive holds of it (None: none); and,
+    when the reader asked for its snapshot, the id of the last event that snapshot covers (reading
+    then started after it; None: it keeps no usable snapshot, and reading started at the cursor)."""
+
+    job: ArchivedJob
+    first_id: str | None = None
+    snapshot_id: str | None = None
+
+
 class Archive(Protocol):
     async def migrate(self) -> None:
         """Bring the schema to the newest version; idempotent, safe from several processes at once."""
@@ -81,6 +95,16 @@ class Archive(Protocol):
     async def events(self, job_id: str, after: str | None, limit: int) -> list[StoredEvent]:
         """Up to ``limit`` events after the stream id ``after`` (exclusive; None: from the start),
         in stream id order."""
+        ...
+
+    async def read(self, job_id: str, after: str | None, limit: int, *, snapshot: bool = False) -> ArchivedRead | None:
+        """The job and up to ``limit`` of its events after ``after`` (None: from the start; with
+        ``snapshot``, after the job's snapshot when it keeps a usable one), with its oldest event's
+        id, in one statement; None if it is not archived."""
+        ...
+
+    async def read_many(self, positions: Sequence[Position], limit: int) -> dict[str, ArchivedRead]:
+        """``read`` (without snapshots) for several jobs in one statement: those archived, by id."""
         ...
 
     async def delete(self, job_id: str) -> bool:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from jobstream.archive import ArchivedJob, ArchiveError, Before, queries
+from jobstream.archive import ArchivedJob, ArchivedRead, ArchiveError, Before, Position, queries
 from jobstream.archive.migrations import VERSION_TABLE, pending
 from jobstream.store import StoredEvent, now_ms
 
@@ -86,10 +86,21 @@ class PostgresArchive:
         return queries.from_fields(fields) if fields is not None else None
 
     async def events(self, job_id: str, after: str | None, limit: int) -> list[StoredEvent]:
-        ms, seq = queries.split_id(after) if after is not None else (-1, -1)
+        ms, seq = queries.cursor_of(after)
         pool = await self._get_pool()
         rows = await pool.fetch(_q(queries.EVENTS), job_id, ms, seq, limit)
         return [StoredEvent(f"{row[0]}-{row[1]}", row[2], row[3]) for row in rows]
+
+    async def read(self, job_id: str, after: str | None, limit: int, *, snapshot: bool = False) -> ArchivedRead | None:
+        return (await self._read([(job_id, after)], limit, snapshot)).get(job_id)
+
+    async def read_many(self, positions: Sequence[Position], limit: int) -> dict[str, ArchivedRead]:
+        return await self._read(positions, limit, False) if positions else {}
+
+    async def _read(self, positions: Sequence[Position], limit: int, snapshot: bool) -> dict[str, ArchivedRead]:
+        sql, args = queries.read_jobs(lambda n: f"${n}", "postgresql", positions, limit, snapshot=snapshot)
+        pool = await self._get_pool()
+        return queries.read_rows(await pool.fetch(sql, *args))
 
     async def delete(self, job_id: str) -> bool:
         pool = await self._get_pool()

@@ -6,10 +6,11 @@ placeholder style (``?`` for SQLite, ``$n`` for PostgreSQL)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import cast
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, cast
 
-from jobstream.archive import ArchivedJob, Before
+from jobstream.archive import ArchivedJob, ArchivedRead, Before, Dialect, Position
+from jobstream.store import StoredEvent
 
 #: A placeholder for the n-th parameter (1-based).
 Placeholder = Callable[[int], str]
@@ -34,6 +35,9 @@ DELETE_JOB = (
     "DELETE FROM jobs WHERE job_id = {}",
 )
 EXPIRED = "SELECT job_id FROM jobs WHERE expires_ms <= {} ORDER BY expires_ms LIMIT {}"
+#: The largest integer either store keeps (BIGINT). A cursor beyond it reads as it: no stream id
+#: comes near (its milliseconds would be 292 million years away).
+MAX_BIGINT = 2**63 - 1
 
 
 def fill(statement: str, placeholder: Placeholder) -> str:
@@ -48,8 +52,18 @@ def split_id(event_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
+def cursor_of(after: str | None) -> tuple[int, int]:
+    """Where reading starts, as (ms, seq) to read after: (-1, -1) from the start; ids past what the
+    stores hold clamped (the parser lets ids up to 2^64-1 through, as Redis does)."""
+    if after is None:
+        return -1, -1
+    ms, seq = split_id(after)
+    return (MAX_BIGINT, MAX_BIGINT) if ms > MAX_BIGINT else (ms, min(seq, MAX_BIGINT))
+
+
 def job_row(job: ArchivedJob) -> tuple[str, str, str, str, int, int, str]:
-    """The jobs table's columns for ``job``: the indexed ones, then the whole hash as JSON."""
+    """The jobs table's columns for ``job``: the indexed ones, then the whole hash as compact JSON
+    (a flat object of strings, which ``_field`` relies on)."""
     return (
         job.id,
         job.owner,
@@ -96,3 +110,101 @@ def list_owner(
         f" ORDER BY created_ms DESC, job_id DESC LIMIT {param(limit)}"
     )
     return sql, args
+
+
+def _field(dialect: Dialect, name: str) -> str:
+    """A field of the job's hash (column ``f``) as SQL text, NULL when absent. PostgreSQL's JSON
+    functions refuse a document holding a \\u0000 anywhere (a job's input or text may), so there
+    it is found in the text: ``job_row`` writes a flat object of strings, compactly, where a key
+    is the one place a quote follows ``{`` or ``,`` (a quote inside a string is escaped). Only
+    for fields whose values need no escaping (digits, stream ids)."""
+    if dialect == "sqlite":
+        return f"json_extract(f, '$.{name}')"
+    return f'substring(f from \'[{{,]"{name}":"([^"]*)"\')'
+
+
+def _has_field(dialect: Dialect, name: str) -> str:
+    """Whether the hash has the field, without decoding its value (the snapshot's text may be large)."""
+    if dialect == "sqlite":
+        return f"json_type(f, '$.{name}') IS NOT NULL"
+    return f"f ~ '[{{,]\"{name}\":'"
+
+
+def _id_part(dialect: Dialect, expr: str, part: int) -> str:
+    """The milliseconds (part 1) or sequence (part 2) of the stream id ``expr``, as an integer."""
+    if dialect == "postgresql":
+        return f"split_part({expr}, '-', {part})::bigint"
+    if part == 1:
+        return f"CAST(substr({expr}, 1, instr({expr}, '-') - 1) AS INTEGER)"
+    return f"CAST(substr({expr}, instr({expr}, '-') + 1) AS INTEGER)"
+
+
+def _snapshot_id(dialect: Dialect) -> str:
+    """The id of the last event the job's snapshot covers, when it keeps one whose text is whole
+    (as Redis reads it: scripts._SNAPSHOT; the archive keeps the text as ``output_text``, absent
+    when it was not all there, or when it is empty), else NULL. Over ``f``, the fields as JSON."""
+    return (
+        f"CASE WHEN {_field(dialect, 'output_max')} IS NOT NULL"
+        f" AND ({_has_field(dialect, 'output_text')} OR COALESCE({_field(dialect, 'output_len')}, '0') = '0')"
+        f" THEN NULLIF({_field(dialect, 'output_id')}, '') END"
+    )
+
+
+def read_jobs(
+    placeholder: Placeholder, dialect: Dialect, positions: Sequence[Position], limit: int, *, snapshot: bool = False
+) -> tuple[str, list[object]]:
+    """One statement for readers of jobs: a row per archived job (part 0: its id, its oldest
+    event's ms and seq, its snapshot's id when asked for, its fields), then each job's events
+    after its position (part 1: job id, ms, seq, type, data), at most ``limit`` each. With
+    ``snapshot`` (one job only), its events start after its snapshot if it keeps a usable one."""
+    if snapshot and len(positions) != 1:
+        raise ValueError("a snapshot is read for one job at a time")
+    args: list[object] = []
+
+    def param(value: object) -> str:
+        args.append(value)
+        return placeholder(len(args))
+
+    sql = ""
+    if snapshot:
+        sql = (
+            f"WITH snap AS (SELECT {_snapshot_id(dialect)} AS id"
+            f" FROM (SELECT fields AS f FROM jobs WHERE job_id = {param(positions[0][0])}) AS j) "
+        )
+    oldest = "FROM events e WHERE e.job_id = jobs.job_id ORDER BY e.ms, e.seq LIMIT 1"
+    sql += (
+        f"SELECT 0 AS part, job_id, (SELECT e.ms {oldest}) AS ms, (SELECT e.seq {oldest}) AS seq,"
+        f" {'(SELECT id FROM snap)' if snapshot else 'CAST(NULL AS TEXT)'} AS type, fields AS data"
+        f" FROM jobs WHERE job_id IN ({', '.join(param(job_id) for job_id, _ in positions)})"
+    )
+    if limit <= 0:
+        return sql, args
+    for index, (job_id, after) in enumerate(positions):
+        ms, seq = cursor_of(after)
+        branch = f"SELECT 1 AS part, job_id, ms, seq, type, data FROM events WHERE job_id = {param(job_id)}"
+        if snapshot:
+            # After the snapshot's id, if usable, else after the cursor.
+            start_ms = f"COALESCE({_id_part(dialect, 'id', 1)}, {param(ms)})"
+            start_seq = f"COALESCE({_id_part(dialect, 'id', 2)}, {param(seq)})"
+            branch += f" AND (ms, seq) > (SELECT {start_ms}, {start_seq} FROM snap)"
+        else:
+            branch += f" AND (ms, seq) > ({param(ms)}, {param(seq)})"
+        sql += f" UNION ALL SELECT * FROM ({branch} ORDER BY ms, seq LIMIT {param(limit)}) AS page{index}"
+    return sql, args
+
+
+def read_rows(rows: Iterable[Sequence[Any]]) -> dict[str, ArchivedRead]:
+    """What ``read_jobs`` returned, by job id (events in stream id order, whatever order the
+    branches of the union came back in)."""
+    jobs: dict[str, tuple[str, str | None, str | None]] = {}
+    events: dict[str, list[tuple[int, int, str, str]]] = {}
+    for part, job_id, ms, seq, kind, data in rows:
+        if part == 0:
+            jobs[job_id] = (data, None if ms is None else f"{ms}-{seq}", kind)
+        else:
+            events.setdefault(job_id, []).append((ms, seq, kind, data))
+    found: dict[str, ArchivedRead] = {}
+    for job_id, (fields_json, first_id, snapshot_id) in jobs.items():
+        page = [StoredEvent(f"{ms}-{seq}", kind, data) for ms, seq, kind, data in sorted(events.get(job_id, ()))]
+        found[job_id] = ArchivedRead(ArchivedJob(json.loads(fields_json), page), first_id, snapshot_id)
+    return found

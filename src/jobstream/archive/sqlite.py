@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 
 import aiosqlite
 
-from jobstream.archive import ArchivedJob, ArchiveError, Before, queries
+from jobstream.archive import ArchivedJob, ArchivedRead, ArchiveError, Before, Position, queries
 from jobstream.archive.migrations import VERSION_TABLE, pending
 from jobstream.store import StoredEvent, now_ms
 
@@ -125,10 +125,22 @@ class SqliteArchive:
         return queries.from_fields(row[0]) if row else None
 
     async def events(self, job_id: str, after: str | None, limit: int) -> list[StoredEvent]:
-        ms, seq = queries.split_id(after) if after is not None else (-1, -1)
+        ms, seq = queries.cursor_of(after)
         async with self._connection() as db, db.execute(_q(queries.EVENTS), (job_id, ms, seq, limit)) as cursor:
             rows = await cursor.fetchall()
         return [StoredEvent(f"{row[0]}-{row[1]}", row[2], row[3]) for row in rows]
+
+    async def read(self, job_id: str, after: str | None, limit: int, *, snapshot: bool = False) -> ArchivedRead | None:
+        return (await self._read([(job_id, after)], limit, snapshot)).get(job_id)
+
+    async def read_many(self, positions: Sequence[Position], limit: int) -> dict[str, ArchivedRead]:
+        return await self._read(positions, limit, False) if positions else {}
+
+    async def _read(self, positions: Sequence[Position], limit: int, snapshot: bool) -> dict[str, ArchivedRead]:
+        sql, args = queries.read_jobs(lambda n: "?", "sqlite", positions, limit, snapshot=snapshot)
+        async with self._connection() as db, db.execute(sql, args) as cursor:
+            rows = await cursor.fetchall()
+        return queries.read_rows(rows)
 
     async def delete(self, job_id: str) -> bool:
         async with self._transaction() as db:

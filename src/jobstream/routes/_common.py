@@ -10,9 +10,10 @@ from typing import Any
 from pydantic_core import from_json
 from starlette.requests import Request
 
+from jobstream import archived
 from jobstream.auth import Principal, authorize_read, authorize_write
 from jobstream.errors import JobNotFound, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
-from jobstream.services import services
+from jobstream.services import Services, services
 from jobstream.store import JobRecord
 
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -50,16 +51,22 @@ def authorize(principal: Principal, job: JobRecord | None, *, write: bool = Fals
     return job
 
 
+async def find_job(svc: Services, job_id: str) -> JobRecord | None:
+    """The job from Redis, else from the archive (every field either way), else None."""
+    job = await svc.store.get(job_id)
+    return job if job is not None else await archived.find(svc, job_id)
+
+
 async def load_job(request: Request, *, write: bool = False) -> tuple[Principal, JobRecord]:
     """Authenticate, load and authorize: 404 for a bad id, 401, then 404 if gone, then 403."""
     job_id, principal = authenticate(request, write=write)
-    return principal, authorize(principal, await services(request).store.get(job_id), write=write)
+    return principal, authorize(principal, await find_job(services(request), job_id), write=write)
 
 
 async def check_job(request: Request, job_id: str, principal: Principal, *, write: bool = False) -> JobRecord:
     """Load and authorize a job for an answer that must come after 404 and 403 (a bad query or
     body found before the job's own round trip): raises for those, returns the job otherwise."""
-    return authorize(principal, await services(request).store.get(job_id), write=write)
+    return authorize(principal, await find_job(services(request), job_id), write=write)
 
 
 async def read_json(request: Request, max_bytes: int) -> Any:

@@ -11,11 +11,12 @@ from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from jobstream import keys, metrics, sentry
+from jobstream import archived, keys, metrics, sentry
 from jobstream.auth import require_user
 from jobstream.errors import (
     BadRequest,
     JobEnded,
+    JobNotFound,
     NoSnapshot,
     ProblemError,
     RateLimited,
@@ -220,7 +221,8 @@ async def _get_job_with_output(request: Request) -> Response:
     if request.query_params.getlist("include") != ["output"]:
         await check_job(request, job_id, principal)  # 404 and 403 come before a bad query's 400
         raise BadRequest("Invalid query parameters.", errors=[{"loc": ["include"], "msg": "the one value is 'output'"}])
-    found = await services(request).store.get_with_output(job_id)
+    svc = services(request)
+    found = await svc.store.get_with_output(job_id) or await archived.find_with_output(svc, job_id)
     job = authorize(principal, found[0] if found else None)
     snapshot = found[1] if found else None
     if snapshot is None:
@@ -246,7 +248,11 @@ async def cancel_job(request: Request) -> Response:
     job_id, principal = authenticate(request, write=True)
     if principal.read_only:
         await check_job(request, job_id, principal, write=True)  # 404, else 403: a read token never cancels
-    await request_cancel(services(request), job_id, principal.user)
+    svc = services(request)
+    try:
+        await request_cancel(svc, job_id, principal.user)
+    except JobNotFound:
+        await archived.refuse_write(svc, job_id, principal.user)  # 404, 403, or 409: an archived job has ended
     return JSONResponse({"status": "cancelling"}, status_code=202)
 
 
@@ -281,7 +287,12 @@ async def append_events(request: Request) -> Response:
             raise JobEnded(NOT_EXTERNAL) from None
         raise
     outgoing = [OutgoingEvent(event.type, to_json(event.data)) for event in events]
-    appended = await svc.store.write(job_id, outgoing + _implied_done(events), owner=principal.user, external_only=True)
+    try:
+        appended = await svc.store.write(
+            job_id, outgoing + _implied_done(events), owner=principal.user, external_only=True
+        )
+    except JobNotFound:
+        await archived.refuse_write(svc, job_id, principal.user, external_only=True)
     if appended.status.terminal:  # this append ended it (one to a job already ended answers 409)
         metrics.job_ended(EXTERNAL, job_id, appended.status.value, _run_time_s(appended.started_ms), ending="external")
     return JSONResponse({"ids": appended.ids[: len(outgoing)]}, status_code=201)
@@ -318,9 +329,23 @@ def _implied_done(events: list[EventIn]) -> list[OutgoingEvent]:
 
 
 async def delete_job(request: Request) -> Response:
-    """One round trip: the delete script checks that the job exists (404) and is the caller's (403)."""
+    """One round trip: the delete script checks that the job exists (404) and is the caller's (403).
+    With an archive, the job is deleted from it too: first asked whether it may be there (its
+    ``archived`` flag), and when Redis no longer holds it, the archive answers 404 and 403."""
     job_id, principal = authenticate(request, write=True)
     if principal.read_only:
         await check_job(request, job_id, principal, write=True)  # 404, else 403: a read token never deletes
-    await services(request).store.delete(job_id, owner=principal.user)
+    svc = services(request)
+    flag = await svc.store.archived_flag(job_id) if svc.archive is not None else None
+    try:
+        await svc.store.delete(job_id, owner=principal.user)
+    except JobNotFound:
+        if svc.archive is None:
+            raise
+        await archived.delete(svc, job_id, principal.user)
+    else:
+        if flag is not None:
+            # "0": not archived yet, unless the archiver was just done with it: deleted there too,
+            # without failing the request if the archive is down (see archived.forget).
+            await archived.forget(svc, job_id, required=flag == "1")
     return Response(status_code=204)

@@ -1,4 +1,5 @@
-"""``GET /v1/jobs``: the caller's jobs, newest first, filtered, a page at a time."""
+"""``GET /v1/jobs``: the caller's jobs, newest first, filtered, a page at a time (those Redis holds,
+then those only the archive holds: listing.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ import re
 from starlette.requests import Request
 from starlette.responses import Response
 
+from jobstream import listing
 from jobstream.auth import require_user
 from jobstream.errors import BadRequest
-from jobstream.jobindex import decode_cursor, encode_cursor
+from jobstream.listing import ListCursor
 from jobstream.models import TAG_PATTERN, JobStatus, to_json
 from jobstream.services import services
 from jobstream.store import ListQuery
@@ -26,20 +28,20 @@ async def list_jobs(request: Request) -> Response:
     svc = services(request)
     principal = svc.auth.authenticate(request)
     require_user(principal)
-    query = _list_query(request)
+    query, cursor = _list_query(request)
     if query.job_type is not None and len(query.job_type) > MAX_TYPE_CHARS:
         return _page_response([], None)
-    jobs, next_seq = await svc.store.list_jobs(principal.user, query)
-    return _page_response([job.view_json() for job in jobs], next_seq)
+    jobs, after = await listing.list_jobs(svc, principal.user, query, cursor)
+    return _page_response([job.view_json() for job in jobs], after)
 
 
-def _page_response(views: list[bytes], next_seq: int | None) -> Response:
-    cursor = to_json(None if next_seq is None else encode_cursor(next_seq))
+def _page_response(views: list[bytes], after: ListCursor | None) -> Response:
+    cursor = to_json(None if after is None else after.encode())
     body = b'{"jobs":[' + b",".join(views) + b'],"next_cursor":' + cursor.encode() + b"}"
     return Response(body, media_type="application/json", headers={"Cache-Control": "no-store"})
 
 
-def _list_query(request: Request) -> ListQuery:
+def _list_query(request: Request) -> tuple[ListQuery, ListCursor]:
     """The query, checked: 400 naming the parameter for an unknown status, a tag that breaks the
     tag pattern, a limit outside 1..100 or a cursor no listing gave out."""
     params = request.query_params
@@ -59,12 +61,12 @@ def _list_query(request: Request) -> ListQuery:
         limit = int(raw_limit) if raw_limit.isdigit() and len(raw_limit) <= 4 else 0
         if not 1 <= limit <= MAX_LIMIT:
             errors.append({"loc": ["query", "limit"], "msg": f"must be an integer from 1 to {MAX_LIMIT}"})
-    after_seq = None
-    if (cursor := params.get("cursor")) is not None:
+    cursor = ListCursor()
+    if (given := params.get("cursor")) is not None:
         try:
-            after_seq = decode_cursor(cursor)
+            cursor = ListCursor.decode(given)
         except ValueError:
             errors.append({"loc": ["query", "cursor"], "msg": "not a next_cursor of this listing"})
     if errors:
         raise BadRequest("Invalid query parameters.", errors=errors)
-    return ListQuery(limit=limit, statuses=statuses, job_type=params.get("type"), tag=tag, after_seq=after_seq)
+    return ListQuery(limit=limit, statuses=statuses, job_type=params.get("type"), tag=tag), cursor

@@ -18,7 +18,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jobstream import keys, metrics, sse
+from jobstream import archived, keys, metrics, sse
 from jobstream.auth import Principal
 from jobstream.cursor import parse_id
 from jobstream.errors import BadRequest, Forbidden, JobNotFound, RateLimited
@@ -56,10 +56,12 @@ class Selection:
 
 @dataclass(slots=True)
 class Opened:
-    """The jobs a request follows, read: the first page of each (authorized), in the cursor's terms."""
+    """The jobs a request follows, read: the first page of each (authorized), in the cursor's terms;
+    of those the archive alone holds, those with more history than that page (id -> its last id)."""
 
     cursor: JobsCursor
     reads: dict[str, JobRead] = field(default_factory=dict)
+    more_archived: dict[str, str] = field(default_factory=dict)
 
 
 def selection(request: Request) -> Selection:
@@ -133,7 +135,8 @@ async def open_jobs(
     """Read every job to follow (with ``group``, joined to the hub first, so that nothing falls
     between its history and its live events), in one round trip. With ``jobs=``, an unknown id not
     named by the cursor is 404, then another user's (or one the token does not cover) 403; jobs
-    the cursor followed that are gone now are skipped (marked ended in the cursor)."""
+    the cursor followed that are gone now are skipped (marked ended in the cursor). Listed jobs
+    Redis has forgotten are read from the archive (one query for them all), and leave the group."""
     cursor.keep_only(job_ids)
     wanted = [job_id for job_id in job_ids if not cursor.is_done(job_id)]
     listed = chosen.job_ids is not None
@@ -144,6 +147,8 @@ async def open_jobs(
         await _join(group, {job_id: cursor.after(job_id) for job_id in wanted})
     positions = [(job_id, cursor.after(job_id) if job_id in cursor else None) for job_id in wanted]
     reads = await svc.store.read_jobs(positions, limit, reader=principal.user)
+    if listed:  # (a tag's jobs are those of Redis's index: an archived job is not among them)
+        reads = await _archived_reads(svc, positions, reads, limit)
     opened = Opened(cursor)
     if listed and any(read is None and job_id not in cursor for job_id, read in zip(wanted, reads, strict=True)):
         raise JobNotFound("No such job (it may have expired): one of the listed ids.")
@@ -159,7 +164,32 @@ async def open_jobs(
         opened.reads[job_id] = read
         if job_id not in cursor:
             cursor.advance(job_id, read.after)
+        if read.archived:
+            _opened_archived(opened, job_id, read, limit, group)
     return opened
+
+
+async def _archived_reads(
+    svc: Services, positions: list[tuple[str, str | None]], reads: list[JobRead | None], limit: int
+) -> list[JobRead | None]:
+    """``reads`` with those Redis found no job for read from the archive, in one query."""
+    missing = [position for position, read in zip(positions, reads, strict=True) if read is None]
+    if not missing or svc.archive is None:
+        return reads
+    found = await archived.read_jobs(svc, missing, limit)
+    return [read or found.get(job_id) for (job_id, _), read in zip(positions, reads, strict=True)]
+
+
+def _opened_archived(opened: Opened, job_id: str, read: JobRead, limit: int, group: JobGroup | None) -> None:
+    """An archived job, read: it has ended, so it leaves the hub at once (its history is read from
+    the archive, page by page). Nothing after the cursor: marked ended, as a job gone is (its
+    `done` was delivered, or the archive holds none to wait for)."""
+    if group is not None:
+        group.remove(job_id)
+    if limit > 0 and not read.events:
+        opened.cursor.advance(job_id, read.after, done=True)
+    elif limit > 0 and len(read.events) >= limit:
+        opened.more_archived[job_id] = read.events[-1].id
 
 
 async def _join(group: JobGroup, positions: dict[str, str]) -> None:
@@ -245,7 +275,7 @@ async def stream_many(request: Request) -> Response:
                 headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
             )
         first = _first_chunk(group, opened)
-        stream = ManyStream(svc, group, leases, holder, lease, cursor, chosen, first)
+        stream = ManyStream(svc, group, leases, holder, lease, cursor, chosen, first, opened.more_archived)
         handed_over = True  # the stream's now
     finally:
         if not handed_over:
@@ -284,7 +314,7 @@ def _first_chunk(group: JobGroup, opened: Opened) -> tuple[bytes, Batch]:
     )
     batch: Batch = []
     for job_id, read in opened.reads.items():
-        batch += group.start(job_id, read.events)
+        batch += [(job_id, event) for event in read.events] if read.archived else group.start(job_id, read.events)
     return notices, batch
 
 
@@ -293,7 +323,7 @@ class ManyStream(EventStream):
     shutdown), its batches from a JobGroup, each event's id the whole cursor. A `jobs=` stream ends
     once every listed job has sent `done` or is gone; a `tag=` stream at its lifetime's end."""
 
-    __slots__ = ("_chosen", "_cursor", "_pending")
+    __slots__ = ("_archived", "_chosen", "_cursor", "_pending")
 
     def __init__(
         self,
@@ -305,16 +335,23 @@ class ManyStream(EventStream):
         cursor: JobsCursor,
         chosen: Selection,
         first: tuple[bytes, Batch],
+        more_archived: dict[str, str] | None = None,
     ) -> None:
         notices, pending = first
         super().__init__(svc, "(many)", group, leases, holder, lease, sse.retry(svc.settings.retry_ms) + notices)
         self._cursor = cursor
         self._chosen = chosen
         self._pending = pending
+        #: Archived jobs with history left to read: id -> the last id read (they are not in the group).
+        self._archived = dict(more_archived or {})
 
     async def _next_chunk(self) -> tuple[bytes, bool] | None:
         group = cast_group(self._follower)
-        batch = self._pending or await group.next()
+        batch = self._pending or await self._archived_pages(group.page_size)
+        if not batch and self._chosen.job_ids is not None and not len(group):
+            # The jobs left are archived ones read to their end: nothing more can come.
+            return b"", True
+        batch = batch or await group.next()
         batch, self._pending = batch[:MAX_CHUNK_EVENTS], batch[MAX_CHUNK_EVENTS:]
         for job_id in group.take_gone():
             self._cursor.advance(job_id, self._cursor.after(job_id), done=True)
@@ -326,6 +363,27 @@ class ManyStream(EventStream):
             self._make_room(group, {job_id for job_id, _ in batch if job_id not in self._cursor})
         chunk = frames(batch, self._cursor)
         return chunk, all_done(self._chosen, self._cursor)
+
+    async def _archived_pages(self, page_size: int) -> Batch:
+        """The next page of each archived job with history left, in one archive query (a failure
+        raises ArchiveError: the stream ends with a retry hint). A job the archive no longer holds
+        is skipped from now on, as a job gone from Redis is."""
+        positions = self._archived
+        if not positions:
+            return []
+        assert self._svc.archive is not None
+        pages = await archived.pages(self._svc.archive, positions, page_size)
+        batch: Batch = []
+        for job_id, after in list(positions.items()):
+            page = pages.get(job_id)
+            if page is None:
+                self._cursor.advance(job_id, after, done=True)
+            batch += [(job_id, event) for event in page or ()]
+            if page is None or len(page) < page_size:
+                del positions[job_id]
+            else:
+                positions[job_id] = page[-1].id
+        return batch
 
     def _make_room(self, group: JobGroup, joining: set[str]) -> None:
         """Keep a tag's cursor bounded as jobs keep joining: past MAX_JOBS, the ended jobs that

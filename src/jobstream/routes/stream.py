@@ -16,7 +16,8 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from jobstream import keys, metrics, sentry, sse, uimessage
+from jobstream import archived, keys, metrics, sentry, sse, uimessage
+from jobstream.archive import ArchiveError
 from jobstream.auth import Principal, possible_owner
 from jobstream.cursor import NEWEST, is_before, resolve_cursor
 from jobstream.errors import BadRequest, JobNotFound, RateLimited, pydantic_errors
@@ -52,9 +53,12 @@ async def read_job(
 ) -> JobRead:
     """A reader's job in one round trip: its metadata, where reading starts (``$`` resolved, the
     trimmed check made) and, with ``limit``, the events from there; with ``snapshot`` (and no
-    cursor), its snapshot, if it keeps one, and the events after it; 404 if gone, then 403."""
+    cursor), its snapshot, if it keeps one, and the events after it; 404 if gone, then 403.
+    A job Redis has forgotten is read from the archive, in one query (``read.archived``)."""
     reader = possible_owner(principal, job_id)
     read = await svc.store.read_job(job_id, cursor, limit, reader=reader, snapshot=snapshot and cursor is None)
+    if read is None:
+        read = await archived.read_job(svc, job_id, cursor, limit, snapshot=snapshot)
     if read is None:
         raise JobNotFound()
     authorize(principal, read.job)
@@ -73,11 +77,16 @@ async def stream_events(request: Request) -> Response:
         raise
     # The reader joins the hub before the job is read, so that the read's round trip brings the
     # first page of history too (gap-free: events published from here on reach the follower).
-    follower = None if request.method == "HEAD" else await _joined(svc, job_id, cursor)
+    follower: Follower | None = None if request.method == "HEAD" else await _joined(svc, job_id, cursor)
     try:
         page = HISTORY_PAGE if follower and follower.joined else 0
         # HEAD answers headers only: no snapshot to read for it.
         read = await read_job(svc, principal, job_id, cursor, page, snapshot=snapshot and follower is not None)
+        if read.archived and follower is not None:
+            # Ended, and kept by the archive alone: nothing live to follow, so out of the hub at once.
+            follower.close()
+            assert svc.archive is not None
+            follower = archived.ArchivedFollower(svc.archive, job_id)
         job = read.job
         if has_seen_end(job, cursor):
             # 204 is the one answer that makes EventSource stop reconnecting.
@@ -96,7 +105,8 @@ async def stream_events(request: Request) -> Response:
                 headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
             )
         # An authorized reader owns the job, so the read brought its events (see possible_owner).
-        follower.start(read.after, read.events if follower.joined else None)
+        # (Read with no page when the hub could not be joined: the follower reads it itself.)
+        follower.start(read.after, read.events if page else None)
         head = _head(svc, read) if renderer is None else _ui_head(svc, read, renderer, cursor)
         stream = EventStream(svc, job.id, follower, leases, holder, lease, head, renderer)
         follower = None  # the stream's now
@@ -262,9 +272,10 @@ class EventStream:
         except (JobGone, HubClosed):
             self._state = _ENDED
             raise StopAsyncIteration from None
-        except (RedisError, TimeoutError, OSError) as exc:
-            # Redis is unreachable: the reader retries after the hint and resumes from its last id.
-            logger.warning("event stream of job %s ended by a redis error: %s", self._job_id, type(exc).__name__)
+        except (RedisError, TimeoutError, OSError, ArchiveError) as exc:
+            # Redis (or, for an archived job, the archive) is unreachable: the reader retries after
+            # the hint and resumes from its last id.
+            logger.warning("event stream of job %s ended by a store's error: %s", self._job_id, type(exc).__name__)
             return self._last(sse.retry(self._svc.settings.retry_ms))
         if produced is None:
             return sse.PING

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from jobstream import archived
 from jobstream.auth import require_user
 from jobstream.errors import Forbidden, JobNotFound, ValidationFailed, pydantic_errors
 from jobstream.models import ReadTokenCreate, iso
@@ -18,8 +19,8 @@ from jobstream.store import NOT_YOURS
 
 async def create_read_token(request: Request) -> Response:
     """201 with the token and when it expires. Every listed job must exist (else 404) and be the
-    caller's (else 403), checked in one round trip; a tag's token covers the caller's jobs that
-    carry it, present and future."""
+    caller's (else 403), checked in one round trip (and one archive query for those Redis has
+    forgotten); a tag's token covers the caller's jobs that carry it, present and future."""
     svc = services(request)
     principal = svc.auth.authenticate(request)
     require_user(principal)
@@ -31,6 +32,10 @@ async def create_read_token(request: Request) -> Response:
     if not all(is_job_id(job_id) for job_id in job_ids):
         raise JobNotFound()
     owners = await svc.store.owners(job_ids)
+    missing = [job_id for job_id, owner in zip(job_ids, owners, strict=True) if owner is None]
+    if missing:
+        found = await archived.owners(svc, missing)
+        owners = [owner or found.get(job_id) for job_id, owner in zip(job_ids, owners, strict=True)]
     if any(owner is None for owner in owners):
         raise JobNotFound()
     if any(owner != principal.user for owner in owners):
