@@ -230,3 +230,24 @@ def test_backoff_doublesUpToItsCap_withJitter() -> None:
     assert all(archiver.MAX_BACKOFF_S <= w <= archiver.MAX_BACKOFF_S * (1 + archiver.JITTER) for w in waits[6:])
     # Within a minute of the archive's return, whatever the attempts so far.
     assert archiver.MAX_BACKOFF_S * (1 + archiver.JITTER) < 60
+
+
+def test_jobForgottenByRedis_isServedFromTheArchive_withTheSameEventsAndDocument(
+    make_stack: Callable[..., LiveStack], rdb: SyncRedis, archive_url: str
+) -> None:
+    stack = make_stack(archive_url=archive_url, retention_s=2)
+    with stack.client() as http:
+        job = create_job(http, "test.echo", input={"events": [{"type": "delta", "data": {"text": "hi"}}]})
+        wait_until(lambda: status_of(http, job["id"])["status"] == "completed", interval_s=0.05)
+        before = status_of(http, job["id"])
+        from_redis = http.get(f"/v1/jobs/{job['id']}/events", params={"token": job["token"]}).text
+        polled = http.get(f"/v1/jobs/{job['id']}/poll", params={"token": job["token"]}).json()
+        # Archived, then gone from Redis 2 s after its end: every read goes on from the archive.
+        wait_until(lambda: not rdb.exists(keys.meta_key(job["id"])), timeout_s=20, interval_s=0.1)
+        after = status_of(http, job["id"])
+        assert after["archived"] is True
+        assert {**after, "expires_at": None, "archived": None} == {**before, "expires_at": None, "archived": None}
+        assert http.get(f"/v1/jobs/{job['id']}/events", params={"token": job["token"]}).text == from_redis
+        assert http.get(f"/v1/jobs/{job['id']}/poll", params={"token": job["token"]}).json() == polled
+        listed = http.get("/v1/jobs", headers=ALICE).json()
+        assert [j["id"] for j in listed["jobs"]] == [job["id"]]
