@@ -88,7 +88,7 @@ def archived_job(
     ended_ms = int(fields.get("completed_ms") or fields.get("updated_ms") or now_ms())
     fields["expires_ms"] = str(ended_ms + retention_ms)
     fields["archived"] = "1"
-    fields.pop("kept_ms", None)
+    # kept_ms stays: when Redis lets the job go once archived (from then on only the archive holds it).
     if output is not None and fields.get("output_id") and len(output.encode()) == int(fields.get("output_len") or 0):
         fields["output_text"] = output
     return ArchivedJob(fields, [decode_entry(entry_id, entry) for entry_id, entry in events])

@@ -155,15 +155,17 @@ else
   ttl = tonumber(redis.call('HGET', KEYS[1], 'ttl_s'))
 end
 local expires = now + ttl * 1000
--- A job to archive that ends is kept until the archive holds it (archiver.py then gives it back
--- the expiry it would have had: kept_ms), at most as long as its outbox record lives.
+-- When Redis lets the job go (its keys' TTL, its owner's index): a job to archive that ends is
+-- kept until the archive holds it, at most as long as its outbox record lives (archiver.py then
+-- lets it go at kept_ms: its expires_ms, the expiry its status document shows throughout).
+local held = expires
 if effective ~= status and (effective == 'completed' or effective == 'failed' or effective == 'cancelled')
     and redis.call('HGET', KEYS[1], 'archived') == '0' then
   redis.call('HSET', KEYS[1], 'kept_ms', expires)
   ttl = math.max(ttl, """
     + str(OUTBOX_TTL_S)
     + """)
-  expires = now + ttl * 1000
+  held = now + ttl * 1000
 end
 if status == 'pending' and effective == 'running' then
   redis.call('HSET', KEYS[1], 'started_ms', now)
@@ -208,7 +210,7 @@ ids[2] = effective
 ids[3] = redis.call('HGET', KEYS[1], 'started_ms') or ''
 if effective ~= status then  -- for the owner's job index (jobindex.py), kept in the owner's slot
   ids[4] = redis.call('HGET', KEYS[1], 'owner')
-  ids[5] = tostring(expires)
+  ids[5] = tostring(held)
 end
 """
 )
