@@ -386,3 +386,28 @@ def test_readMany_whenSeveralJobsAsked_thenEachFromItsOwnPositionInOneAnswer(arc
         assert len(pages) == 100 and all(ids(read.job.events) == ["2-0"] for read in pages.values())
 
     run(archive_url, scenario)
+
+
+def test_sqlite_whenAWriteIsCutShortWhileWaitingForTheLock_thenNoTransactionIsLeftOpen(tmp_path: Path) -> None:
+    path = tmp_path / "archive.db"
+
+    async def scenario() -> None:
+        archive = open_archive(f"sqlite:///{path}")
+        await archive.migrate()
+        other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # another process writes
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.3):  # a caller's bound, shorter than the busy timeout
+                    await archive.delete("some-job")
+            other.execute("ROLLBACK")  # its lock freed: the BEGIN queued above runs now
+            await archive.store([job("j1")])
+            assert await archive.get("j1") is not None
+            other.execute("PRAGMA busy_timeout=2000")
+            other.execute("BEGIN IMMEDIATE")  # others can write: nothing of ours stayed open
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+            await archive.close()
+
+    asyncio.run(scenario())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from jobstream.archiver import Archiver
 from jobstream.connection import create_client
 from jobstream.store import StoredEvent
 from tests.conftest import ALICE, LiveStack, SyncRedis, append, create_job, make_settings
-from tests.helpers import wait_until
+from tests.helpers import wait_until, wait_until_async
 
 ENDING = [
     {"type": "delta", "data": {"text": "Hello, "}},
@@ -251,3 +251,147 @@ def test_jobForgottenByRedis_isServedFromTheArchive_withTheSameEventsAndDocument
         assert http.get(f"/v1/jobs/{job['id']}/poll", params={"token": job["token"]}).json() == polled
         listed = http.get("/v1/jobs", headers=ALICE).json()
         assert [j["id"] for j in listed["jobs"]] == [job["id"]]
+
+
+Scenario = Callable[[Archiver, Any], Awaitable[None]]
+
+
+def with_archiver(redis_url: str, archive_url: str, scenario: Scenario) -> None:
+    """Run ``scenario`` with an Archiver of this process (and its archive)."""
+
+    async def main() -> None:
+        settings = make_settings(redis_url, archive_url=archive_url)
+        client = create_client(settings)
+        archive = open_archive(archive_url)
+        try:
+            await scenario(Archiver(client, settings, archive), archive)
+        finally:
+            await archive.close()
+            await client.aclose()
+
+    asyncio.run(main())
+
+
+async def archive_all(worker: Archiver, expected: int) -> None:
+    """Passes until ``expected`` jobs were taken in one (leases lapse in between: see LEASE_MS)."""
+    deadline = time.monotonic() + 10
+    while await worker.run_once() < expected:
+        assert time.monotonic() < deadline, "never took every job"
+        await asyncio.sleep(0.05)
+
+
+def test_longJobs_areReadInPages_andArchivedWhole(
+    make_stack: Callable[..., LiveStack],
+    rdb: SyncRedis,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setattr(archiver, "FIRST_PAGE_EVENTS", 100)
+    monkeypatch.setattr(archiver, "READ_PAGE_EVENTS", 70)
+    monkeypatch.setattr(archiver, "TXN_EVENTS", 300)
+    url = f"sqlite:///{tmp_path / 'archive.db'}"
+    with make_stack(archive_url=url, with_worker=False).client() as http:
+        jobs = [create_job(http, "external") for _ in range(3)]
+        for job, count in zip(jobs, (0, 49, 250), strict=True):
+            for start in range(0, count, 100):
+                append(http, job, [{"type": "log", "data": {"n": n}} for n in range(start, min(count, start + 100))])
+            append(http, job, ENDING)
+
+    async def scenario(worker: Archiver, archive: Any) -> None:
+        await archive_all(worker, 3)
+
+    with_archiver(redis_url, url, scenario)
+    for job in jobs:
+        stored = archived(url, job["id"])
+        assert stored is not None and stored.events == redis_events(rdb, job["id"])
+
+
+def test_crashAfterMarking_andRedisLetTheJobGo_thenRetryKeepsTheArchivedCopy(
+    make_stack: Callable[..., LiveStack],
+    rdb: SyncRedis,
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setattr(archiver, "LEASE_MS", 300)
+    url = f"sqlite:///{tmp_path / 'archive.db'}"
+    with make_stack(archive_url=url, with_worker=False, retention_s=1).client() as http:
+        job = create_job(http, "external")
+        append(http, job, ENDING)
+
+    async def scenario(worker: Archiver, archive: Any) -> None:
+        async def die(*args: Any, **kwargs: Any) -> None:
+            raise ConnectionError("killed")
+
+        # Stored and marked (its 1 s retention then lets it go), then the process dies.
+        monkeypatch.setattr(worker, "_settled", die)
+        with pytest.raises(ConnectionError):
+            await worker.run_once()
+        await wait_until_async(lambda: not rdb.exists(keys.meta_key(job["id"])), timeout_s=10)
+        await archive_all(Archiver(worker._redis, make_settings(redis_url, archive_url=url), archive), 1)
+
+    with_archiver(redis_url, url, scenario)
+    stored = archived(url, job["id"])
+    assert stored is not None and stored.events[-1].type == "done"
+    assert not rdb.exists(keys.outbox_state_key(job["id"]))
+
+
+def test_jobDeletedWhileItsCopyIsWritten_isDeletedFromTheArchive(
+    make_stack: Callable[..., LiveStack], rdb: SyncRedis, redis_url: str, archive_url: str
+) -> None:
+    with make_stack(archive_url=archive_url, with_worker=False).client() as http:
+        job = create_job(http, "external")
+        append(http, job, ENDING)
+
+        async def scenario(worker: Archiver, archive: Any) -> None:
+            store = archive.store
+
+            async def deleted_meanwhile(jobs: Any) -> None:
+                # The user's DELETE lands between the archiver's read and its write.
+                assert http.delete(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 204
+                await store(jobs)
+
+            archive.store = deleted_meanwhile
+            await archive_all(worker, 1)
+
+        with_archiver(redis_url, archive_url, scenario)
+        assert http.get(f"/v1/jobs/{job['id']}", headers=ALICE).status_code == 404
+    assert archived(archive_url, job["id"]) is None
+
+
+def test_archiveDown_eachRetryKeepsTheJobInRedis(
+    make_stack: Callable[..., LiveStack], rdb: SyncRedis, redis_url: str, tmp_path: Path, fast_retries: None
+) -> None:
+    url = f"sqlite:///{tmp_path / 'missing' / 'archive.db'}"
+    with make_stack(archive_url=url, with_worker=False).client() as http:
+        job = create_job(http, "external")
+        append(http, job, ENDING)
+    for key in (keys.meta_key(job["id"]), keys.events_key(job["id"])):
+        rdb.expire(key, 100)  # as if the archive had been down for almost 3 days
+
+    async def scenario(worker: Archiver, archive: Any) -> None:
+        await worker.run_once()
+
+    with_archiver(redis_url, url, scenario)
+    for key in (keys.meta_key(job["id"]), keys.events_key(job["id"])):
+        assert rdb.ttl(key) > 3 * 86_400 - 60
+    assert rdb.hget(keys.meta_key(job["id"]), "archived") == "0"
+
+
+def test_aJobTheArchiveRefuses_holdsUpNoOtherJobOfItsBatch(
+    make_stack: Callable[..., LiveStack], rdb: SyncRedis, redis_url: str, archive_url: str, fast_retries: None
+) -> None:
+    with make_stack(archive_url=archive_url, with_worker=False).client() as http:
+        good, bad = create_job(http, "external"), create_job(http, "external")
+        for job in (good, bad):
+            append(http, job, ENDING)
+    rdb.hset(keys.meta_key(bad["id"]), "created_ms", "not a number")  # no store can take it
+
+    async def scenario(worker: Archiver, archive: Any) -> None:
+        await archive_all(worker, 2)
+
+    with_archiver(redis_url, archive_url, scenario)
+    assert archived(archive_url, good["id"]) is not None
+    assert archived(archive_url, bad["id"]) is None
+    assert rdb.hget(keys.meta_key(bad["id"]), "archived") == "0"  # kept, retried later

@@ -17,19 +17,21 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import uuid
 from collections.abc import Sequence
 from typing import Any, cast
 
+import asyncpg
 from prometheus_client import Counter
 from redis.exceptions import RedisError
 
 from jobstream import keys, metrics
-from jobstream.archive import Archive, ArchivedJob
+from jobstream.archive import Archive, ArchivedJob, ArchiveError
 from jobstream.connection import RedisClient
 from jobstream.jobindex import JobIndex
 from jobstream.models import JobStatus
-from jobstream.outbox import ARCHIVE_CONSUMER, IDLE_LOOK_MS, KEEP, Outbox, Record
+from jobstream.outbox import ARCHIVE_CONSUMER, KEEP, OUTBOX_TTL_S, Outbox, Record
 from jobstream.settings import Settings
 from jobstream.store import decode_entry, now_ms
 
@@ -38,8 +40,20 @@ logger = logging.getLogger("jobstream.archiver")
 CONSUMER = ARCHIVE_CONSUMER
 #: Jobs one pass takes at most, written to the archive in one transaction.
 BATCH = 100
+#: Events one round trip reads from Redis: the first page of every job of a pass together, then
+#: each longer job's rest page by page (one command reading a whole 10,000-event stream holds up
+#: Redis's other clients for milliseconds).
+FIRST_PAGE_EVENTS = 5000
+READ_PAGE_EVENTS = 1000
+#: A transaction of the archive carries this many events or so (jobs are not split).
+TXN_EVENTS = 10_000
+#: Where the outbox state remembers the ending record whose job was marked archived.
+MARKED = "archive:marked"
 #: A taken job is left alone by other processes this long: more than a pass can take.
 LEASE_MS = 60_000
+#: A job that has not ended is looked at again this long after (its ending nudges the archiver at
+#: once; this finds an ending whose nudge was lost when its writer died).
+ARCHIVE_IDLE_LOOK_MS = 300_000
 #: How often an archiver looks for due jobs when it has nothing to do.
 POLL_S = 0.5
 #: Retries while the archive is down: from the first, doubling up to the most, plus jitter.
@@ -52,6 +66,7 @@ STORE_TIMEOUT_S = 30.0
 #: How often a worker deletes the jobs whose archive retention ended, and how many per transaction.
 SWEEP_EVERY_S = 600.0
 SWEEP_BATCH = 500
+SWEEP_TIMEOUT_S = 300.0
 _ENDED = frozenset(status.value for status in JobStatus if status.terminal)
 
 archived_jobs = Counter("jobstream_archived_jobs_total", "Ended jobs written to the archive.")
@@ -61,16 +76,41 @@ archive_failures = Counter(
 archive_deleted = Counter("jobstream_archive_deleted_total", "Jobs deleted from the archive as their retention ended.")
 
 #: Mark a job archived, and give it back the expiry it would have had had it not been kept for the
-#: archive (kept_ms; already past: its keys go now, and readers find it in the archive).
-#: KEYS: meta, events, output. Returns {} (the job is gone: deleted meanwhile) | {owner, status, kept_ms}.
-_MARK = """
+#: archive (kept_ms; already past: its keys go now, and readers find it in the archive); remember
+#: which ending record it was, for a process that would take the record again after a crash.
+#: KEYS: meta, events, output, outbox state. ARGV: the record's id.
+#: Returns {} (the job is gone: deleted meanwhile) | {owner, status, kept_ms}.
+_MARK = (
+    """
 local meta = redis.call('HMGET', KEYS[1], 'owner', 'status', 'kept_ms', 'expires_ms')
 if not meta[1] then return {} end
 local kept = meta[3] or meta[4]
 redis.call('HSET', KEYS[1], 'archived', '1', 'expires_ms', kept)
 for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], kept) end
+redis.call('HSET', KEYS[4], '"""
+    + MARKED
+    + """', ARGV[1])
 return {meta[1], meta[2], kept}
 """
+)
+
+#: Keep a job that waits for the archive as long as its record does (each retry extends both),
+#: so that an archive down for days loses nothing. KEYS: meta, events, output. ARGV: seconds.
+_HOLD = """
+if redis.call('HGET', KEYS[1], 'archived') ~= '0' then return 0 end
+for i = 1, 3 do
+  if redis.call('TTL', KEYS[i]) > 0 and redis.call('TTL', KEYS[i]) < tonumber(ARGV[1]) then
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
+  end
+end
+return 1
+"""
+
+
+def _unreachable(exc: Exception) -> bool:
+    """The archive could not be reached or did not answer (not: it refused what it was given)."""
+    unreachable = ArchiveError | TimeoutError | OSError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
+    return isinstance(exc, unreachable | sqlite3.OperationalError)
 
 
 def backoff_s(failed_attempts: int) -> float:
@@ -103,6 +143,7 @@ class Archiver:
         self._outbox = Outbox(client)
         self._index = JobIndex(client)
         self._mark = client.register_script(_MARK)
+        self._hold = client.register_script(_HOLD)
         self._retention_ms = round(settings.archive_retention_days * 86_400_000)
         #: Names this process's leases.
         self._token = uuid.uuid4().hex
@@ -152,7 +193,7 @@ class Archiver:
                 await outbox.reschedule(CONSUMER, job_id, taken_ms, claim.until_ms, KEEP)
                 return None
             if claim.kind == "idle":
-                await outbox.reschedule(CONSUMER, job_id, taken_ms, now_ms() + IDLE_LOOK_MS, None)
+                await outbox.reschedule(CONSUMER, job_id, taken_ms, now_ms() + ARCHIVE_IDLE_LOOK_MS, None)
                 return None
             if claim.kind == "finished" or claim.record is None:
                 await outbox.reschedule(CONSUMER, job_id, taken_ms, None, None)
@@ -163,58 +204,113 @@ class Archiver:
             await outbox.settle(CONSUMER, claim.record, self._token, "done")
 
     async def _archive_records(self, records: list[Record], taken_ms: int) -> None:
-        found = await self._read_jobs([record.job_id for record in records])
-        jobs = [job for job in found if job is not None]
+        """Read the jobs from Redis and store them, a transaction per TXN_EVENTS events or so."""
+        page = max(1, FIRST_PAGE_EVENTS // len(records))
+        firsts = await self._read_firsts([record.job_id for record in records], page)
+        group: list[tuple[Record, ArchivedJob]] = []
+        events = 0
+        for record, (meta, first, output) in zip(records, firsts, strict=True):
+            if not meta:
+                await self._gone(record, taken_ms)
+                continue
+            job = archived_job(meta, await self._rest(record.job_id, first, page), output, self._retention_ms)
+            group.append((record, job))
+            events += len(job.events)
+            if events >= TXN_EVENTS:
+                await self._store_group(group, taken_ms)
+                group, events = [], 0
+        if group:
+            await self._store_group(group, taken_ms)
+
+    async def _store_group(self, group: list[tuple[Record, ArchivedJob]], taken_ms: int) -> None:
         try:
             async with asyncio.timeout(STORE_TIMEOUT_S):
                 if not self._migrated:
                     await self._archive.migrate()
                     self._migrated = True
-                await self._archive.store(jobs)
-        except Exception as exc:  # the archive is down or refused: every record is retried
+                await self._archive.store([job for _, job in group])
+        except Exception as exc:
+            if len(group) > 1 and not _unreachable(exc):
+                # The archive refused the batch: each job alone, so that one it cannot take holds up no other.
+                for one in group:
+                    await self._store_group([one], taken_ms)
+                return
             archive_failures.inc()
-            logger.warning("archiver: %d jobs wait for the archive: %s", len(records), exc)
-            await asyncio.gather(*(self._retry(record, taken_ms) for record in records))
+            logger.warning("archiver: %d jobs wait for the archive: %s", len(group), exc)
+            await asyncio.gather(*(self._retry(record, taken_ms) for record, _ in group))
             return
-        archived_jobs.inc(len(jobs))
-        pairs = zip(records, found, strict=True)
-        done = [self._done(record, taken_ms, archived=job is not None) for record, job in pairs]
-        await asyncio.gather(*done)
+        archived_jobs.inc(len(group))
+        await asyncio.gather(*(self._done(record, taken_ms) for record, _ in group))
 
     async def _retry(self, record: Record, taken_ms: int) -> None:
+        """Try again later; meanwhile Redis keeps the job as long as its record waits."""
+        await self._hold(keys=_job_keys(record.job_id), args=[OUTBOX_TTL_S])
         retry_ms = now_ms() + round(backoff_s(record.failed_attempts + 1) * 1000)
         await self._outbox.settle(CONSUMER, record, self._token, "retry", retry_ms)
         await self._outbox.reschedule(CONSUMER, record.job_id, taken_ms, retry_ms, record.at_ms)
 
-    async def _done(self, record: Record, taken_ms: int, *, archived: bool) -> None:
+    async def _done(self, record: Record, taken_ms: int) -> None:
         """Mark the job archived (it was deleted meanwhile: then out of the archive too), settle
         its record, and look for what follows (nothing, usually: the job is then finished)."""
-        if archived:
-            marked = await self._mark(keys=_job_keys(record.job_id))
-            if marked:
-                owner, status, kept_ms = marked
-                await self._index.status_changed(owner, record.job_id, status, int(kept_ms), now_ms())
-            else:
+        job_keys = [*_job_keys(record.job_id), keys.outbox_state_key(record.job_id)]
+        marked = await self._mark(keys=job_keys, args=[record.id])
+        if marked:
+            owner, status, kept_ms = marked
+            await self._index.status_changed(owner, record.job_id, status, int(kept_ms), now_ms())
+        elif not await self._forget(record, taken_ms):
+            return
+        await self._settled(record, taken_ms)
+
+    async def _gone(self, record: Record, taken_ms: int) -> None:
+        """The job of an ending to archive is gone from Redis: archived and let go already (a
+        process died before it settled the record), or deleted, which the archive must follow
+        (whether or not a copy made it there before the delete)."""
+        marked = await self._redis.hget(keys.outbox_state_key(record.job_id), MARKED)
+        if marked != record.id and not await self._forget(record, taken_ms):
+            return
+        await self._settled(record, taken_ms)
+
+    async def _forget(self, record: Record, taken_ms: int) -> bool:
+        """Delete the job from the archive; False if it could not (the record is retried)."""
+        try:
+            async with asyncio.timeout(STORE_TIMEOUT_S):
                 await self._archive.delete(record.job_id)
+        except Exception as exc:
+            logger.warning("archiver: job %s, deleted, waits to be deleted from the archive: %s", record.job_id, exc)
+            await self._retry(record, taken_ms)
+            return False
+        return True
+
+    async def _settled(self, record: Record, taken_ms: int) -> None:
         await self._outbox.settle(CONSUMER, record, self._token, "done")
         following = await self._next_ending(record.job_id, taken_ms)
         if following is not None:  # never expected (one ending per job): looked at again at once
             await self._outbox.settle(CONSUMER, following, self._token, "release")
             await self._outbox.reschedule(CONSUMER, record.job_id, taken_ms, now_ms(), KEEP)
 
-    async def _read_jobs(self, job_ids: list[str]) -> list[ArchivedJob | None]:
-        """Each job as the archive keeps it (None: gone), read in one round trip."""
+    async def _read_firsts(self, job_ids: list[str], page: int) -> list[tuple[dict[str, str], list[Any], str | None]]:
+        """Each job's metadata, first ``page`` events and snapshot text, in one round trip."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(keys.meta_key(job_id))
-                pipe.xrange(keys.events_key(job_id))
+                pipe.xrange(keys.events_key(job_id), count=page)
                 pipe.get(keys.output_key(job_id))
             replies = await pipe.execute()
-        found: list[ArchivedJob | None] = []
-        for i in range(0, len(replies), 3):
-            meta, events, output = cast(tuple[dict[str, str], list[Any], str | None], replies[i : i + 3])
-            found.append(archived_job(meta, events, output, self._retention_ms) if meta else None)
-        return found
+        Read = tuple[dict[str, str], list[Any], str | None]
+        return [cast(Read, tuple(replies[i : i + 3])) for i in range(0, len(replies), 3)]
+
+    async def _rest(self, job_id: str, first: list[Any], asked: int) -> list[Any]:
+        """The job's events: ``first`` (``asked`` were asked for), then the rest, READ_PAGE_EVENTS
+        per round trip (a long stream read in one command would hold up Redis's other clients)."""
+        events, got = list(first), len(first)
+        while got and got >= asked:
+            more = cast(
+                list[Any],
+                await self._redis.xrange(keys.events_key(job_id), min=f"({events[-1][0]}", count=READ_PAGE_EVENTS),
+            )
+            events += more
+            got, asked = len(more), READ_PAGE_EVENTS
+        return events
 
     async def _sweep_loop(self, stopping: asyncio.Event) -> None:
         """Delete the jobs whose archive retention ended, now and then (each worker, at a random
@@ -226,7 +322,8 @@ class Archiver:
             if stopping.is_set():
                 return
             try:
-                deleted = await self._archive.delete_expired(now_ms(), SWEEP_BATCH)
+                async with asyncio.timeout(SWEEP_TIMEOUT_S):
+                    deleted = await self._archive.delete_expired(now_ms(), SWEEP_BATCH)
             except Exception as exc:
                 logger.warning("archiver: the archive's retention sweep failed: %s", exc)
                 continue

@@ -16,6 +16,7 @@ another process take the job again: at least once.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import json
 import time
@@ -206,8 +207,10 @@ class Outbox:
 
     async def nudge(self, job_id: str, record_ms: int, now_ms: int, consumers: Sequence[str]) -> None:
         """Tell the job's consumers that it has a new record: due at once."""
-        for consumer in consumers:
-            await self._nudge(keys=_consumer_keys(consumer), args=[job_id, now_ms, "", record_ms])
+        calls = [
+            self._nudge(keys=_consumer_keys(consumer), args=[job_id, now_ms, "", record_ms]) for consumer in consumers
+        ]
+        await asyncio.gather(*calls)
 
     async def take(self, consumer: str, n: int, now_ms: int, lease_end_ms: int) -> list[str]:
         return cast(list[str], await self._take(keys=[keys.outbox_due_key(consumer)], args=[now_ms, lease_end_ms, n]))

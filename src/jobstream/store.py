@@ -447,8 +447,8 @@ class JobStore:
         create_keys = [meta, keys.queue_key] if together else [meta]
         try:
             if isinstance(self._redis, RedisCluster):
-                for call in first:
-                    await self.index.run(call)
+                # Each in its own slot, none depending on another: at once.
+                await asyncio.gather(*(self.index.run(call) for call in first))
                 await self._create(keys=create_keys, args=args)
             else:  # one round trip
                 await run_scripts(self._redis, [*first, (self._create, create_keys, args)])

@@ -8,6 +8,7 @@ migrating at once queue on it, within the busy timeout, instead of failing mid-w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -38,6 +39,13 @@ async def _wal(db: aiosqlite.Connection) -> None:
             await asyncio.sleep(0.05)
 
 
+async def _rollback(db: aiosqlite.Connection) -> None:
+    """End whatever transaction the connection has open (none: nothing to do). aiosqlite runs the
+    calls it queued in order, also those whose caller stopped waiting: this runs after them."""
+    with contextlib.suppress(sqlite3.Error):
+        await db.execute("ROLLBACK")
+
+
 def _q(statement: str) -> str:
     return queries.fill(statement, lambda n: "?")
 
@@ -47,6 +55,8 @@ class SqliteArchive:
         self.path = path
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        #: A transaction's call was cut short: the next use ends whatever it left open.
+        self._unfinished = False
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -54,6 +64,9 @@ class SqliteArchive:
         async with self._lock:
             if self._db is None:
                 self._db = await self._open()
+            if self._unfinished:
+                await _rollback(self._db)
+                self._unfinished = False
             yield self._db
 
     async def _open(self) -> aiosqlite.Connection:
@@ -77,13 +90,19 @@ class SqliteArchive:
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._connection() as db:
-            await db.execute("BEGIN IMMEDIATE")
             try:
+                await db.execute("BEGIN IMMEDIATE")
                 yield db
-            except BaseException:
-                await db.execute("ROLLBACK")
+                await db.execute("COMMIT")
+            except asyncio.CancelledError:
+                # A call cut short (a timeout) may still run, queued in aiosqlite's thread (a BEGIN
+                # waiting for another process's lock): whoever uses the connection next ends it
+                # first, so that the caller's bound is not spent waiting for it here.
+                self._unfinished = True
                 raise
-            await db.execute("COMMIT")
+            except BaseException:
+                await _rollback(db)
+                raise
 
     async def migrate(self) -> None:
         try:
