@@ -10,6 +10,7 @@ expires them after the archive holds them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import threading
@@ -24,12 +25,13 @@ import pytest
 from httpx_sse import ServerSentEvent, connect_sse
 
 from jobstream import keys
-from jobstream.archive import open_archive
+from jobstream.archive import ArchivedJob, open_archive
 from jobstream.archive.bounded import BoundedArchive
 from jobstream.archiver import Archiver
 from jobstream.connection import create_client
 from jobstream.devredis import free_port
 from jobstream.multicursor import JobsCursor
+from jobstream.store import now_ms
 from tests.conftest import ALICE, BOB, LiveStack, SyncRedis, append, create_job, read_sse, subscribed_channels
 from tests.helpers import assert_problem, wait_until, wait_until_async
 
@@ -75,9 +77,22 @@ class Site:
         asyncio.run(run())
 
     def forget(self, *jobs: dict[str, Any]) -> None:
-        """Delete the jobs' keys, as Redis expires them once archived: only the archive holds them."""
+        """Delete the jobs' keys, as Redis expires them once archived, at their ``kept_ms``: only the
+        archive holds them, and its copy says Redis let them go (now: as if that time had come)."""
         for job in jobs:
             self.rdb.delete(keys.meta_key(job["id"]), keys.events_key(job["id"]), keys.output_key(job["id"]))
+
+        async def let_go() -> None:
+            store = open_archive(self.archive_url)
+            try:
+                for job in jobs:
+                    found = await store.get(job["id"])
+                    assert found is not None, "forget archived jobs"
+                    await store.store([ArchivedJob({**found.fields, "kept_ms": str(now_ms() - 1)})])
+            finally:
+                await store.close()
+
+        asyncio.run(let_go())
 
     def in_archive(self, job_id: str) -> bool:
         async def get() -> bool:
@@ -348,6 +363,61 @@ def test_listing_whenJobsAreInRedisAndInTheArchive_thenRedisOnesFirstThenArchive
     bob_ids = [job["id"] for job in site.http.get("/v1/jobs", headers=BOB).json()["jobs"]]
     assert bob_ids == [bobs["id"]]
     assert_problem(site.http.get("/v1/jobs", params={"cursor": "YTE6eHl6"}, headers=ALICE), 400)
+
+
+def _pages(http: httpx.Client, **params: str) -> list[list[str]]:
+    """Every page of a listing, each page's ids."""
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    for _ in range(50):
+        answer = http.get("/v1/jobs", params={**params, **({"cursor": cursor} if cursor else {})}, headers=ALICE)
+        assert answer.status_code == 200, answer.text
+        pages.append([job["id"] for job in answer.json()["jobs"]])
+        cursor = answer.json()["next_cursor"]
+        if cursor is None:
+            return pages
+    raise AssertionError("the listing never ended")
+
+
+def test_listing_whenManyArchivedJobsRedisStillHolds_thenEveryPageIsFullWhileMoreMatch(site: Site) -> None:
+    gone = [ended_job(site.http) for _ in range(2)]
+    held = [ended_job(site.http) for _ in range(10)]
+    site.archive(*gone, *held)
+    site.forget(*gone)
+    for limit in ("1", "3"):
+        pages = _pages(site.http, limit=limit)
+        assert all(len(page) == int(limit) for page in pages[:-1]), pages
+        assert [i for page in pages for i in page] == [j["id"] for j in reversed(gone + held)]
+
+
+def test_listing_whenRedisLetsAListedJobGoBetweenPages_thenItIsNotListedAgain(site: Site) -> None:
+    gone = ended_job(site.http)
+    first, second = ended_job(site.http), ended_job(site.http)
+    site.archive(gone, first, second)
+    site.forget(gone)
+    page = site.http.get("/v1/jobs", params={"limit": "1"}, headers=ALICE).json()
+    assert [job["id"] for job in page["jobs"]] == [second["id"]]
+    # Redis forgets the job listed already (its keys expire), before its kept_ms as the archive
+    # knows it: the rest of the listing, as of its first page, does not list it again.
+    site.rdb.delete(keys.meta_key(second["id"]), keys.events_key(second["id"]))
+    rest = _pages(site.http, limit="1", cursor=page["next_cursor"])
+    assert [i for ids in rest for i in ids] == [first["id"], gone["id"]]
+    # A listing begun once Redis has let it go lists it from the archive (after Redis's jobs).
+    site.forget(second)
+    assert [i for ids in _pages(site.http) for i in ids] == [first["id"], second["id"], gone["id"]]
+
+
+def test_listing_whenACursorHoldsNumbersTheStoresCannot_then400(site: Site) -> None:
+    job_id = "00000000-0000-4000-8000-000000000000"
+    for text in (
+        f"a1:{2**63}:{job_id}",
+        f"a1:{10**19 - 1}:{job_id}",
+        f"a2:1:{2**63}:{job_id}",
+        f"a2:{2**63}",
+        f"l2:{2**63}:1",
+    ):
+        forged = base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+        assert_problem(site.http.get("/v1/jobs", params={"cursor": forged}, headers=ALICE), 400)
 
 
 def test_readTokens_whenJobsAreArchived_thenIssuedAndTheyRead(site: Site) -> None:

@@ -136,15 +136,23 @@ async def list_owner(
     tag: str | None,
     before: Before | None,
     limit: int,
+    let_go_by: int,
 ) -> list[JobRecord]:
     """A page of the owner's archived jobs, newest first (by creation, then id), before ``before``
-    (None: from the newest), filtered; those past the archive's retention included (the caller
-    skips them, and pages on from the last)."""
+    (None: from the newest), filtered: those Redis had let go by ``let_go_by`` (epoch ms) and not
+    past the archive's retention."""
     if svc.archive is None:
         return []
     with _asked():
         found = await svc.archive.list_owner(
-            owner, status=set(statuses) or None, type=job_type, tag=tag, before=before, limit=limit
+            owner,
+            status=set(statuses) or None,
+            type=job_type,
+            tag=tag,
+            before=before,
+            limit=limit,
+            let_go_by=let_go_by,
+            alive_at=now_ms(),
         )
     return [JobRecord(job.fields) for job in found]
 

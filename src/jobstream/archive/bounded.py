@@ -99,7 +99,18 @@ class BoundedArchive:
         tag: str | None = None,
         before: Before | None = None,
         limit: int = 50,
+        let_go_by: int | None = None,
+        alive_at: int | None = None,
     ) -> list[ArchivedJob]:
         return await self._call(
-            lambda: self.inner.list_owner(owner, status=status, type=type, tag=tag, before=before, limit=limit)
+            lambda: self.inner.list_owner(
+                owner,
+                status=status,
+                type=type,
+                tag=tag,
+                before=before,
+                limit=limit,
+                let_go_by=let_go_by,
+                alive_at=alive_at,
+            )
         )
