@@ -463,11 +463,14 @@ def test_writes_whenOnlyTheArchiveHoldsTheJob_then409ForCancelAndAppendAndDelete
     assert_problem(site.http.delete(path, headers=ALICE), 404)
     assert_problem(site.http.post(f"{path}/cancel", headers=ALICE), 404)
 
-    # A job Redis still holds, archived: deleted from both.
+    # A job Redis still holds, archived: deleted from both, its archived flag read by the delete
+    # script itself (the one HGET is the owner's index's script reading its entry).
     both = ended_job(site.http)
     site.archive(both)
     assert site.in_archive(both["id"])
+    hgets = site.rdb.info("commandstats").get("cmdstat_hget", {}).get("calls", 0)
     assert site.http.delete(f"/v1/jobs/{both['id']}", headers=ALICE).status_code == 204
+    assert site.rdb.info("commandstats").get("cmdstat_hget", {}).get("calls", 0) == hgets + 1
     assert not site.in_archive(both["id"]) and site.rdb.exists(keys.meta_key(both["id"])) == 0
     assert_problem(site.http.get(f"/v1/jobs/{both['id']}", headers=ALICE), 404)
 
@@ -613,6 +616,14 @@ def test_archiveDown_whenAJobOnlyItHoldsIsRead_then503QuicklyWhileRedisJobsRead(
         # A job that was not yet archived is deleted from Redis even so.
         fresh = create_job(http)
         assert http.delete(f"/v1/jobs/{fresh['id']}", headers=ALICE).status_code == 204
+        # One the archive holds: 503, so that the client retries (gone from Redis already: the
+        # retry finds it only in the archive, and deletes it there).
+        stored = ended_job(site.http)
+        site.archive(stored)
+        assert_problem(http.delete(f"/v1/jobs/{stored['id']}", headers=ALICE), 503)
+        assert site.rdb.exists(keys.meta_key(stored["id"])) == 0 and site.in_archive(stored["id"])
+    assert site.http.delete(f"/v1/jobs/{stored['id']}", headers=ALICE).status_code == 204
+    assert not site.in_archive(stored["id"])
     # The archive answers again: the job reads, from the first gateway's archive.
     assert site.http.get(f"/v1/jobs/{archived['id']}", headers=ALICE).status_code == 200
 

@@ -187,19 +187,13 @@ async def delete(svc: Services, job_id: str, owner: str) -> None:
     await forget(svc, job_id)
 
 
-async def forget(svc: Services, job_id: str, *, required: bool = True) -> None:
-    """Delete a job Redis deleted from the archive too. ``required`` False (the job had not been
-    archived when Redis deleted it): the archive's failure is logged, not raised; an archiver
-    that archives it meanwhile finds it gone from Redis, and deletes it from the archive itself."""
+async def forget(svc: Services, job_id: str) -> None:
+    """Delete a job from the archive (Redis deleted it, or never held it any more); the archive
+    down is 503, so that the client retries rather than the job coming back."""
     if svc.archive is None:
         return
-    try:
-        with _asked():
-            await svc.archive.delete(job_id)
-    except ArchiveUnavailable:
-        if required:
-            raise
-        logger.warning("job %s: deleted from Redis before it was archived; the archive was not reachable", job_id)
+    with _asked():
+        await svc.archive.delete(job_id)
 
 
 class ArchivedFollower:
