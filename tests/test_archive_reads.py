@@ -600,6 +600,15 @@ def test_archiveDown_whenAJobOnlyItHoldsIsRead_then503QuicklyWhileRedisJobsRead(
             assert time.monotonic() - started < 4, (method, url)
         issued = http.post("/v1/read-tokens", json={"jobs": [archived["id"]]}, headers=ALICE)
         assert_problem(issued, 503)
+        # A reconnect whose cursor names the archived job: the job Redis holds is answered, the
+        # archived one keeps its position (not ended) for a later request.
+        both = {"jobs": f"{held['id']},{archived['id']}"}
+        started = site.http.get("/v1/poll", params={**both, "limit": "1"}, headers=ALICE).json()
+        polled = http.get("/v1/poll", params={**both, "cursor": started["cursor"]}, headers=ALICE)
+        assert polled.status_code == 200, polled.text
+        assert {e["job_id"] for e in polled.json()["events"]} == {held["id"]} and polled.json()["done"] is False
+        response, streamed = _read_many(http, both, last_event_id=started["cursor"])
+        assert response.status_code == 200 and {json.loads(e.data)["job_id"] for e in streamed} == {held["id"]}
         # Jobs Redis holds never touch the archive.
         assert http.get(f"/v1/jobs/{held['id']}", headers=ALICE).json()["archived"] is True
         response, events = read_sse(http, held)
@@ -624,8 +633,12 @@ def test_archiveDown_whenAJobOnlyItHoldsIsRead_then503QuicklyWhileRedisJobsRead(
         assert site.rdb.exists(keys.meta_key(stored["id"])) == 0 and site.in_archive(stored["id"])
     assert site.http.delete(f"/v1/jobs/{stored['id']}", headers=ALICE).status_code == 204
     assert not site.in_archive(stored["id"])
-    # The archive answers again: the job reads, from the first gateway's archive.
+    # The archive answers again: the job reads, from the first gateway's archive, and the cursor
+    # reads it from where it stood.
     assert site.http.get(f"/v1/jobs/{archived['id']}", headers=ALICE).status_code == 200
+    rest = site.http.get("/v1/poll", params={**both, "cursor": polled.json()["cursor"]}, headers=ALICE).json()
+    seen = sum(e["job_id"] == archived["id"] for e in started["events"])
+    assert [e["job_id"] for e in rest["events"]] == [archived["id"]] * (len(EVENTS) + 3 - seen) and rest["done"]
 
 
 def test_boundedArchive_whenMigrationFailsAtStart_thenRetriedAtFirstUse(archive_url: str, tmp_path: Any) -> None:
