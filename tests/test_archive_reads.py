@@ -25,7 +25,7 @@ import pytest
 from httpx_sse import ServerSentEvent, connect_sse
 
 from jobstream import keys
-from jobstream.archive import ArchivedJob, open_archive
+from jobstream.archive import ArchivedJob, ArchiveError, open_archive
 from jobstream.archive.bounded import BoundedArchive
 from jobstream.archiver import Archiver
 from jobstream.connection import create_client
@@ -652,5 +652,45 @@ def test_boundedArchive_whenMigrationFailsAtStart_thenRetriedAtFirstUse(archive_
         (tmp_path / "later").mkdir()
         assert await missing.read("nothing", None, 10) is None  # migrated now, at first use
         await missing.close()
+
+    asyncio.run(scenario())
+
+
+def test_boundedArchive_whenTheArchiveHangsOrFails_thenFailsFastForTheCooldownThenTriesAgain(tmp_path: Any) -> None:
+    async def scenario() -> None:
+        now = [1_000.0]
+        server = SilentServer()
+        hung = BoundedArchive(
+            open_archive(f"postgresql://postgres@127.0.0.1:{server.port}/js"), 0.5, 5.0, lambda: now[0]
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(ArchiveError, match="within"):
+                await hung.get("nothing")
+            assert time.monotonic() - started >= 0.5
+            for _ in range(3):  # at once, for the cooldown
+                started = time.monotonic()
+                with pytest.raises(ArchiveError, match="moments ago"):
+                    await hung.list_owner("alice")
+                assert time.monotonic() - started < 0.1
+            now[0] += 5.0  # then one call tries it again, and waits the bound
+            started = time.monotonic()
+            with pytest.raises(ArchiveError, match="within"):
+                await hung.get("nothing")
+            assert time.monotonic() - started >= 0.5
+        finally:
+            await hung.close()
+            server.close()
+        # An archive back after failing answers again once the cooldown is over.
+        back = BoundedArchive(open_archive(f"sqlite:///{tmp_path}/later/archive.db"), 5.0, 5.0, lambda: now[0])
+        with pytest.raises(ArchiveError):
+            await back.get("nothing")
+        (tmp_path / "later").mkdir()
+        with pytest.raises(ArchiveError, match="moments ago"):
+            await back.get("nothing")
+        now[0] += 5.0
+        assert await back.get("nothing") is None
+        assert await back.get("nothing") is None  # closed again
+        await back.close()
 
     asyncio.run(scenario())
