@@ -432,3 +432,45 @@ def test_listOwner_whenFilteredByTagStatusOrType_thenAnIndexInTheListingsOrderDr
     # ranges merged, at most a limit of each).
     for text in (tag, one_status, kind):
         assert "TEMP B-TREE" not in text and "Sort" not in text, text
+
+
+def test_migrateV2_whenRowsWereStoredUnderV1_thenTheirLetGoTimeAndTagsAreFilledIn(archive_url: str) -> None:
+    """A v1 archive with a job (its fields holding kept_ms) and one without kept_ms: after v2, the
+    listing's let-go rule and tag index see them as if stored now."""
+    from jobstream.archive.migrations import MIGRATIONS, VERSION_TABLE
+
+    dialect, address = parse_url(archive_url)
+    v1 = [VERSION_TABLE, *MIGRATIONS[0].statements[dialect], "INSERT INTO schema_version VALUES (1, 0)"]
+    rows = [
+        ("kept", '{"id":"kept","owner":"alice","kept_ms":"5000","tags":"[\\"x\\"]"}', 2_000),
+        ("old", '{"id":"old","owner":"alice","tags":"[\\"x\\"]"}', 1_000),
+    ]
+    job_sql = "INSERT INTO jobs VALUES ({}, 'alice', 'completed', 't', {}, 99999999999999, {})"
+    if dialect == "sqlite":
+        with sqlite3.connect(address) as db:
+            for statement in v1:
+                db.execute(statement)
+            for job_id, fields, created in rows:
+                db.execute(job_sql.format("?", "?", "?"), (job_id, created, fields))
+                db.execute("INSERT INTO job_tags VALUES (?, 'x')", (job_id,))
+    else:
+
+        async def create() -> None:
+            conn = await asyncpg.connect(address)
+            try:
+                for statement in v1:
+                    await conn.execute(statement)
+                for job_id, fields, created in rows:
+                    await conn.execute(job_sql.format("$1", "$2", "$3"), job_id, created, fields)
+                    await conn.execute("INSERT INTO job_tags VALUES ($1, 'x')", job_id)
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+
+    async def scenario(archive: Archive) -> None:
+        assert [j.id for j in await archive.list_owner("alice", tag="x", let_go_by=4_999)] == ["old"]
+        assert [j.id for j in await archive.list_owner("alice", tag="x", let_go_by=5_000)] == ["kept", "old"]
+
+    run(archive_url, scenario)
+    assert schema_versions(archive_url) == [1, 2]
