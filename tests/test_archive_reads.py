@@ -10,6 +10,7 @@ expires them after the archive holds them."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import socket
 import threading
@@ -24,12 +25,13 @@ import pytest
 from httpx_sse import ServerSentEvent, connect_sse
 
 from jobstream import keys
-from jobstream.archive import open_archive
+from jobstream.archive import ArchivedJob, ArchiveError, open_archive
 from jobstream.archive.bounded import BoundedArchive
 from jobstream.archiver import Archiver
 from jobstream.connection import create_client
 from jobstream.devredis import free_port
 from jobstream.multicursor import JobsCursor
+from jobstream.store import now_ms
 from tests.conftest import ALICE, BOB, LiveStack, SyncRedis, append, create_job, read_sse, subscribed_channels
 from tests.helpers import assert_problem, wait_until, wait_until_async
 
@@ -75,9 +77,22 @@ class Site:
         asyncio.run(run())
 
     def forget(self, *jobs: dict[str, Any]) -> None:
-        """Delete the jobs' keys, as Redis expires them once archived: only the archive holds them."""
+        """Delete the jobs' keys, as Redis expires them once archived, at their ``kept_ms``: only the
+        archive holds them, and its copy says Redis let them go (now: as if that time had come)."""
         for job in jobs:
             self.rdb.delete(keys.meta_key(job["id"]), keys.events_key(job["id"]), keys.output_key(job["id"]))
+
+        async def let_go() -> None:
+            store = open_archive(self.archive_url)
+            try:
+                for job in jobs:
+                    found = await store.get(job["id"])
+                    assert found is not None, "forget archived jobs"
+                    await store.store([ArchivedJob({**found.fields, "kept_ms": str(now_ms() - 1)})])
+            finally:
+                await store.close()
+
+        asyncio.run(let_go())
 
     def in_archive(self, job_id: str) -> bool:
         async def get() -> bool:
@@ -350,6 +365,61 @@ def test_listing_whenJobsAreInRedisAndInTheArchive_thenRedisOnesFirstThenArchive
     assert_problem(site.http.get("/v1/jobs", params={"cursor": "YTE6eHl6"}, headers=ALICE), 400)
 
 
+def _pages(http: httpx.Client, **params: str) -> list[list[str]]:
+    """Every page of a listing, each page's ids."""
+    pages: list[list[str]] = []
+    cursor: str | None = None
+    for _ in range(50):
+        answer = http.get("/v1/jobs", params={**params, **({"cursor": cursor} if cursor else {})}, headers=ALICE)
+        assert answer.status_code == 200, answer.text
+        pages.append([job["id"] for job in answer.json()["jobs"]])
+        cursor = answer.json()["next_cursor"]
+        if cursor is None:
+            return pages
+    raise AssertionError("the listing never ended")
+
+
+def test_listing_whenManyArchivedJobsRedisStillHolds_thenEveryPageIsFullWhileMoreMatch(site: Site) -> None:
+    gone = [ended_job(site.http) for _ in range(2)]
+    held = [ended_job(site.http) for _ in range(10)]
+    site.archive(*gone, *held)
+    site.forget(*gone)
+    for limit in ("1", "3"):
+        pages = _pages(site.http, limit=limit)
+        assert all(len(page) == int(limit) for page in pages[:-1]), pages
+        assert [i for page in pages for i in page] == [j["id"] for j in reversed(gone + held)]
+
+
+def test_listing_whenRedisLetsAListedJobGoBetweenPages_thenItIsNotListedAgain(site: Site) -> None:
+    gone = ended_job(site.http)
+    first, second = ended_job(site.http), ended_job(site.http)
+    site.archive(gone, first, second)
+    site.forget(gone)
+    page = site.http.get("/v1/jobs", params={"limit": "1"}, headers=ALICE).json()
+    assert [job["id"] for job in page["jobs"]] == [second["id"]]
+    # Redis forgets the job listed already (its keys expire), before its kept_ms as the archive
+    # knows it: the rest of the listing, as of its first page, does not list it again.
+    site.rdb.delete(keys.meta_key(second["id"]), keys.events_key(second["id"]))
+    rest = _pages(site.http, limit="1", cursor=page["next_cursor"])
+    assert [i for ids in rest for i in ids] == [first["id"], gone["id"]]
+    # A listing begun once Redis has let it go lists it from the archive (after Redis's jobs).
+    site.forget(second)
+    assert [i for ids in _pages(site.http) for i in ids] == [first["id"], second["id"], gone["id"]]
+
+
+def test_listing_whenACursorHoldsNumbersTheStoresCannot_then400(site: Site) -> None:
+    job_id = "00000000-0000-4000-8000-000000000000"
+    for text in (
+        f"a1:{2**63}:{job_id}",
+        f"a1:{10**19 - 1}:{job_id}",
+        f"a2:1:{2**63}:{job_id}",
+        f"a2:{2**63}",
+        f"l2:{2**63}:1",
+    ):
+        forged = base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+        assert_problem(site.http.get("/v1/jobs", params={"cursor": forged}, headers=ALICE), 400)
+
+
 def test_readTokens_whenJobsAreArchived_thenIssuedAndTheyRead(site: Site) -> None:
     job = ended_job(site.http)
     in_redis = ended_job(site.http)
@@ -393,11 +463,14 @@ def test_writes_whenOnlyTheArchiveHoldsTheJob_then409ForCancelAndAppendAndDelete
     assert_problem(site.http.delete(path, headers=ALICE), 404)
     assert_problem(site.http.post(f"{path}/cancel", headers=ALICE), 404)
 
-    # A job Redis still holds, archived: deleted from both.
+    # A job Redis still holds, archived: deleted from both, its archived flag read by the delete
+    # script itself (the one HGET is the owner's index's script reading its entry).
     both = ended_job(site.http)
     site.archive(both)
     assert site.in_archive(both["id"])
+    hgets = site.rdb.info("commandstats").get("cmdstat_hget", {}).get("calls", 0)
     assert site.http.delete(f"/v1/jobs/{both['id']}", headers=ALICE).status_code == 204
+    assert site.rdb.info("commandstats").get("cmdstat_hget", {}).get("calls", 0) == hgets + 1
     assert not site.in_archive(both["id"]) and site.rdb.exists(keys.meta_key(both["id"])) == 0
     assert_problem(site.http.get(f"/v1/jobs/{both['id']}", headers=ALICE), 404)
 
@@ -527,6 +600,15 @@ def test_archiveDown_whenAJobOnlyItHoldsIsRead_then503QuicklyWhileRedisJobsRead(
             assert time.monotonic() - started < 4, (method, url)
         issued = http.post("/v1/read-tokens", json={"jobs": [archived["id"]]}, headers=ALICE)
         assert_problem(issued, 503)
+        # A reconnect whose cursor names the archived job: the job Redis holds is answered, the
+        # archived one keeps its position (not ended) for a later request.
+        both = {"jobs": f"{held['id']},{archived['id']}"}
+        started = site.http.get("/v1/poll", params={**both, "limit": "1"}, headers=ALICE).json()
+        polled = http.get("/v1/poll", params={**both, "cursor": started["cursor"]}, headers=ALICE)
+        assert polled.status_code == 200, polled.text
+        assert {e["job_id"] for e in polled.json()["events"]} == {held["id"]} and polled.json()["done"] is False
+        response, streamed = _read_many(http, both, last_event_id=started["cursor"])
+        assert response.status_code == 200 and {json.loads(e.data)["job_id"] for e in streamed} == {held["id"]}
         # Jobs Redis holds never touch the archive.
         assert http.get(f"/v1/jobs/{held['id']}", headers=ALICE).json()["archived"] is True
         response, events = read_sse(http, held)
@@ -543,8 +625,20 @@ def test_archiveDown_whenAJobOnlyItHoldsIsRead_then503QuicklyWhileRedisJobsRead(
         # A job that was not yet archived is deleted from Redis even so.
         fresh = create_job(http)
         assert http.delete(f"/v1/jobs/{fresh['id']}", headers=ALICE).status_code == 204
-    # The archive answers again: the job reads, from the first gateway's archive.
+        # One the archive holds: 503, so that the client retries (gone from Redis already: the
+        # retry finds it only in the archive, and deletes it there).
+        stored = ended_job(site.http)
+        site.archive(stored)
+        assert_problem(http.delete(f"/v1/jobs/{stored['id']}", headers=ALICE), 503)
+        assert site.rdb.exists(keys.meta_key(stored["id"])) == 0 and site.in_archive(stored["id"])
+    assert site.http.delete(f"/v1/jobs/{stored['id']}", headers=ALICE).status_code == 204
+    assert not site.in_archive(stored["id"])
+    # The archive answers again: the job reads, from the first gateway's archive, and the cursor
+    # reads it from where it stood.
     assert site.http.get(f"/v1/jobs/{archived['id']}", headers=ALICE).status_code == 200
+    rest = site.http.get("/v1/poll", params={**both, "cursor": polled.json()["cursor"]}, headers=ALICE).json()
+    seen = sum(e["job_id"] == archived["id"] for e in started["events"])
+    assert [e["job_id"] for e in rest["events"]] == [archived["id"]] * (len(EVENTS) + 3 - seen) and rest["done"]
 
 
 def test_boundedArchive_whenMigrationFailsAtStart_thenRetriedAtFirstUse(archive_url: str, tmp_path: Any) -> None:
@@ -558,5 +652,45 @@ def test_boundedArchive_whenMigrationFailsAtStart_thenRetriedAtFirstUse(archive_
         (tmp_path / "later").mkdir()
         assert await missing.read("nothing", None, 10) is None  # migrated now, at first use
         await missing.close()
+
+    asyncio.run(scenario())
+
+
+def test_boundedArchive_whenTheArchiveHangsOrFails_thenFailsFastForTheCooldownThenTriesAgain(tmp_path: Any) -> None:
+    async def scenario() -> None:
+        now = [1_000.0]
+        server = SilentServer()
+        hung = BoundedArchive(
+            open_archive(f"postgresql://postgres@127.0.0.1:{server.port}/js"), 0.5, 5.0, lambda: now[0]
+        )
+        try:
+            started = time.monotonic()
+            with pytest.raises(ArchiveError, match="within"):
+                await hung.get("nothing")
+            assert time.monotonic() - started >= 0.5
+            for _ in range(3):  # at once, for the cooldown
+                started = time.monotonic()
+                with pytest.raises(ArchiveError, match="moments ago"):
+                    await hung.list_owner("alice")
+                assert time.monotonic() - started < 0.1
+            now[0] += 5.0  # then one call tries it again, and waits the bound
+            started = time.monotonic()
+            with pytest.raises(ArchiveError, match="within"):
+                await hung.get("nothing")
+            assert time.monotonic() - started >= 0.5
+        finally:
+            await hung.close()
+            server.close()
+        # An archive back after failing answers again once the cooldown is over.
+        back = BoundedArchive(open_archive(f"sqlite:///{tmp_path}/later/archive.db"), 5.0, 5.0, lambda: now[0])
+        with pytest.raises(ArchiveError):
+            await back.get("nothing")
+        (tmp_path / "later").mkdir()
+        with pytest.raises(ArchiveError, match="moments ago"):
+            await back.get("nothing")
+        now[0] += 5.0
+        assert await back.get("nothing") is None
+        assert await back.get("nothing") is None  # closed again
+        await back.close()
 
     asyncio.run(scenario())

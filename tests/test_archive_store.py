@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from jobstream.archive import Archive, ArchivedJob, open_archive, parse_url
+from jobstream.archive import Archive, ArchivedJob, open_archive, parse_url, queries
 from jobstream.devredis import free_port
 from jobstream.settings import SettingsError, load_settings
 from jobstream.store import StoredEvent
@@ -94,7 +94,7 @@ def test_migrate_whenRunTwiceAndByTwoConnectionsAtOnce_thenEachVersionAppliesOnc
             await second.close()
 
     asyncio.run(scenario())
-    assert schema_versions(archive_url) == [1]
+    assert schema_versions(archive_url) == [1, 2]
 
 
 def test_store_whenRead_thenFieldsComeBackExactlyAsGiven(archive_url: str) -> None:
@@ -266,7 +266,7 @@ def test_migrateCommand_whenArchiveReachable_thenExitsZeroWithOneLine(archive_ur
         done = migrate_command(JOBSTREAM_ARCHIVE_URL=archive_url)
         assert done.returncode == 0, done.stderr
         assert len(done.stdout.splitlines()) == 1 and "up to date" in done.stdout
-    assert schema_versions(archive_url) == [1]
+    assert schema_versions(archive_url) == [1, 2]
     assert migrate_command("--url", archive_url).returncode == 0
 
 
@@ -411,3 +411,91 @@ def test_sqlite_whenAWriteIsCutShortWhileWaitingForTheLock_thenNoTransactionIsLe
             await archive.close()
 
     asyncio.run(scenario())
+
+
+def query_plan(url: str, sql: str, args: list[object]) -> str:
+    """The plan the store makes for a statement of ``queries`` (filled with its placeholders), as
+    one text: SQLite's EXPLAIN QUERY PLAN details; PostgreSQL's EXPLAIN with sequential scans
+    discouraged (a table of a few rows is scanned whatever its indexes)."""
+    dialect, address = parse_url(url)
+    if dialect == "sqlite":
+        with sqlite3.connect(address) as db:
+            return "\n".join(row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args))
+
+    async def explain() -> str:
+        conn = await asyncpg.connect(address)
+        try:
+            await conn.execute("SET enable_seqscan = off")
+            return "\n".join(row[0] for row in await conn.fetch(f"EXPLAIN {sql}", *args))
+        finally:
+            await conn.close()
+
+    return asyncio.run(explain())
+
+
+def test_listOwner_whenFilteredByTagStatusOrType_thenAnIndexInTheListingsOrderDrivesIt(archive_url: str) -> None:
+    many = [job(f"j{i:03}", created_ms=i, tags='["chat:1"]' if i % 50 == 0 else None) for i in range(300)]
+    run(archive_url, lambda archive: archive.store(many))
+    dialect, _ = parse_url(archive_url)
+    mark = (lambda n: "?") if dialect == "sqlite" else (lambda n: f"${n}")
+
+    def plan(**filters: object) -> str:
+        sql, args = queries.list_owner(mark, "alice", before=(5_000, "x"), limit=2, let_go_by=9, alive_at=1, **filters)  # type: ignore[arg-type]
+        return query_plan(archive_url, sql, args)
+
+    tag, one_status, statuses, kind = (
+        plan(tag="chat:1", status=None, type=None),
+        plan(tag=None, status={"failed"}, type=None),
+        plan(tag=None, status={"failed", "cancelled"}, type=None),
+        plan(tag=None, status=None, type="t.rare"),
+    )
+    # The tag's own rows drive it, in order: the owner's other jobs are never visited.
+    assert "job_tags_owner_tag_created" in tag and "jobs_owner_created" not in tag, tag
+    assert "jobs_owner_status_created" in one_status and "jobs_owner_status_created" in statuses
+    assert "jobs_owner_type_created" in kind
+    # Walked in the listing's order, stopping at the limit: nothing sorted (several statuses: their
+    # ranges merged, at most a limit of each).
+    for text in (tag, one_status, kind):
+        assert "TEMP B-TREE" not in text and "Sort" not in text, text
+
+
+def test_migrateV2_whenRowsWereStoredUnderV1_thenTheirLetGoTimeAndTagsAreFilledIn(archive_url: str) -> None:
+    """A v1 archive with a job (its fields holding kept_ms) and one without kept_ms: after v2, the
+    listing's let-go rule and tag index see them as if stored now."""
+    from jobstream.archive.migrations import MIGRATIONS, VERSION_TABLE
+
+    dialect, address = parse_url(archive_url)
+    v1 = [VERSION_TABLE, *MIGRATIONS[0].statements[dialect], "INSERT INTO schema_version VALUES (1, 0)"]
+    rows = [
+        ("kept", '{"id":"kept","owner":"alice","kept_ms":"5000","tags":"[\\"x\\"]"}', 2_000),
+        ("old", '{"id":"old","owner":"alice","tags":"[\\"x\\"]"}', 1_000),
+    ]
+    job_sql = "INSERT INTO jobs VALUES ({}, 'alice', 'completed', 't', {}, 99999999999999, {})"
+    if dialect == "sqlite":
+        with sqlite3.connect(address) as db:
+            for statement in v1:
+                db.execute(statement)
+            for job_id, fields, created in rows:
+                db.execute(job_sql.format("?", "?", "?"), (job_id, created, fields))
+                db.execute("INSERT INTO job_tags VALUES (?, 'x')", (job_id,))
+    else:
+
+        async def create() -> None:
+            conn = await asyncpg.connect(address)
+            try:
+                for statement in v1:
+                    await conn.execute(statement)
+                for job_id, fields, created in rows:
+                    await conn.execute(job_sql.format("$1", "$2", "$3"), job_id, created, fields)
+                    await conn.execute("INSERT INTO job_tags VALUES ($1, 'x')", job_id)
+            finally:
+                await conn.close()
+
+        asyncio.run(create())
+
+    async def scenario(archive: Archive) -> None:
+        assert [j.id for j in await archive.list_owner("alice", tag="x", let_go_by=4_999)] == ["old"]
+        assert [j.id for j in await archive.list_owner("alice", tag="x", let_go_by=5_000)] == ["kept", "old"]
+
+    run(archive_url, scenario)
+    assert schema_versions(archive_url) == [1, 2]

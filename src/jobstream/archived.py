@@ -136,15 +136,23 @@ async def list_owner(
     tag: str | None,
     before: Before | None,
     limit: int,
+    let_go_by: int,
 ) -> list[JobRecord]:
     """A page of the owner's archived jobs, newest first (by creation, then id), before ``before``
-    (None: from the newest), filtered; those past the archive's retention included (the caller
-    skips them, and pages on from the last)."""
+    (None: from the newest), filtered: those Redis had let go by ``let_go_by`` (epoch ms) and not
+    past the archive's retention."""
     if svc.archive is None:
         return []
     with _asked():
         found = await svc.archive.list_owner(
-            owner, status=set(statuses) or None, type=job_type, tag=tag, before=before, limit=limit
+            owner,
+            status=set(statuses) or None,
+            type=job_type,
+            tag=tag,
+            before=before,
+            limit=limit,
+            let_go_by=let_go_by,
+            alive_at=now_ms(),
         )
     return [JobRecord(job.fields) for job in found]
 
@@ -179,19 +187,13 @@ async def delete(svc: Services, job_id: str, owner: str) -> None:
     await forget(svc, job_id)
 
 
-async def forget(svc: Services, job_id: str, *, required: bool = True) -> None:
-    """Delete a job Redis deleted from the archive too. ``required`` False (the job had not been
-    archived when Redis deleted it): the archive's failure is logged, not raised; an archiver
-    that archives it meanwhile finds it gone from Redis, and deletes it from the archive itself."""
+async def forget(svc: Services, job_id: str) -> None:
+    """Delete a job from the archive (Redis deleted it, or never held it any more); the archive
+    down is 503, so that the client retries rather than the job coming back."""
     if svc.archive is None:
         return
-    try:
-        with _asked():
-            await svc.archive.delete(job_id)
-    except ArchiveUnavailable:
-        if required:
-            raise
-        logger.warning("job %s: deleted from Redis before it was archived; the archive was not reachable", job_id)
+    with _asked():
+        await svc.archive.delete(job_id)
 
 
 class ArchivedFollower:

@@ -340,16 +340,18 @@ return {fields, snapshot_of()}
 #: Delete a job: its metadata and its stream, then tell the hubs (an empty message), so that open
 #: readers close at once. KEYS: meta, events, output. ARGV: owner ('' = anyone; else the job must
 #: exist and be theirs), channel. Returns {'gone'} | {'forbidden'} | {'deleted', number of keys
-#: removed, owner ('' if there was no job)}.
+#: removed, owner ('' if there was no job), its ``archived`` flag as it was ('' if none)}: read in
+#: the same step, so the caller knows whether the archive holds the job without another round trip.
 DELETE = """
-local owner = redis.call('HGET', KEYS[1], 'owner')
+local meta = redis.call('HMGET', KEYS[1], 'owner', 'archived')
+local owner = meta[1]
 if ARGV[1] ~= '' then
   if not owner then return {'gone'} end
   if owner ~= ARGV[1] then return {'forbidden'} end
 end
 local removed = redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 redis.call('PUBLISH', ARGV[2], '')
-return {'deleted', removed, owner or ''}
+return {'deleted', removed, owner or '', meta[2] or ''}
 """
 
 #: Store a new job's metadata with its TTL, in one step; with a second key (the queue, on a single

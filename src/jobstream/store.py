@@ -470,11 +470,6 @@ class JobStore:
         fields = cast(dict[str, str], await self._redis.hgetall(keys.meta_key(job_id)))
         return JobRecord(fields) if fields else None
 
-    async def archived_flag(self, job_id: str) -> str | None:
-        """The job's ``archived`` field: None (no such job, or created without an archive), "0" (not
-        archived yet), "1"."""
-        return cast(str | None, await self._redis.hget(keys.meta_key(job_id), "archived"))
-
     async def get_with_output(self, job_id: str) -> tuple[JobRecord, Snapshot | None] | None:
         """The job and its snapshot (None: it keeps none), in one step; None if there is no such job."""
         reply = await self._status_with_output(keys=self._append_keys(job_id))
@@ -764,10 +759,11 @@ class JobStore:
             if status is None or cancel == "1" or JobStatus(status).terminal
         }
 
-    async def delete(self, job_id: str, *, owner: str = "") -> bool:
+    async def delete(self, job_id: str, *, owner: str = "") -> str | None:
         """Remove the job's keys and tell the hubs it is gone (an empty message), so that open
         readers close at once; one step. With ``owner``, the job must exist (else JobNotFound) and
-        be theirs (else Forbidden), checked first in the same step."""
+        be theirs (else Forbidden), checked first in the same step. Returns the job's ``archived``
+        flag as it was ("1": the archive holds it; "0": not yet; None: no job, or no archive)."""
         args = [owner, keys.live_channel(job_id)]
         if owner and not isinstance(self._redis, RedisCluster):
             # The owner's index forgets it in the same round trip (harmless if the job is not
@@ -780,7 +776,7 @@ class JobStore:
                 await self.index.remove(reply[2], [job_id])
         if reply[0] != "deleted":
             _appended(reply)  # raises for a job gone or not the owner's
-        return bool(reply[1])
+        return cast(str, reply[3]) or None
 
     async def read(self, job_id: str, after: str, count: int) -> list[StoredEvent]:
         """Events strictly after ``after`` (a stream id), oldest first."""

@@ -125,8 +125,13 @@ class Archive(Protocol):
         tag: str | None = None,
         before: Before | None = None,
         limit: int = 50,
+        let_go_by: int | None = None,
+        alive_at: int | None = None,
     ) -> list[ArchivedJob]:
-        """The owner's jobs, newest first (by created_ms, then id), older than ``before`` if given."""
+        """The owner's jobs, newest first (by created_ms, then id), older than ``before`` if given;
+        with ``let_go_by`` (epoch ms), only those Redis had let go by then (its ``kept_ms``; a job
+        stored without one counts as let go); with ``alive_at``, only those whose archive
+        retention ends after it."""
         ...
 
 

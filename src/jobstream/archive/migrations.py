@@ -36,7 +36,36 @@ def _v1(without_rowid: str) -> tuple[str, ...]:
     )
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, {"sqlite": _v1(" WITHOUT ROWID"), "postgresql": _v1("")}),)
+def _v2(kept_ms: str) -> tuple[str, ...]:
+    """When Redis lets each job go (listing.py lists from the archive only jobs Redis had let go
+    when the listing began), filled for rows stored before it from their ``kept_ms`` (``kept_ms``:
+    that field of ``fields`` as SQL); and what the listing's filters walk, newest first: per status,
+    per type, and per tag (the tags table carries its job's owner and creation, so that a tag's
+    jobs are found without visiting the owner's others)."""
+    return (
+        "ALTER TABLE jobs ADD COLUMN redis_until_ms BIGINT NOT NULL DEFAULT 0",
+        f"UPDATE jobs SET redis_until_ms = CAST({kept_ms} AS BIGINT) WHERE {kept_ms} IS NOT NULL",
+        "CREATE INDEX jobs_owner_status_created ON jobs (owner, status, created_ms DESC, job_id DESC)",
+        "CREATE INDEX jobs_owner_type_created ON jobs (owner, type, created_ms DESC, job_id DESC)",
+        "ALTER TABLE job_tags ADD COLUMN owner TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE job_tags ADD COLUMN created_ms BIGINT NOT NULL DEFAULT 0",
+        "UPDATE job_tags SET owner = (SELECT j.owner FROM jobs j WHERE j.job_id = job_tags.job_id),"
+        " created_ms = (SELECT j.created_ms FROM jobs j WHERE j.job_id = job_tags.job_id)",
+        "CREATE INDEX job_tags_owner_tag_created ON job_tags (owner, tag, created_ms DESC, job_id DESC)",
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, {"sqlite": _v1(" WITHOUT ROWID"), "postgresql": _v1("")}),
+    # The kept_ms digits, as stored (PostgreSQL finds them in the text: see queries._field).
+    Migration(
+        2,
+        {
+            "sqlite": _v2("json_extract(fields, '$.kept_ms')"),
+            "postgresql": _v2('substring(fields from \'[{,]"kept_ms":"([0-9]{1,18})"\')'),
+        },
+    ),
+)
 
 
 def pending(current: int, dialect: Dialect) -> list[tuple[int, tuple[str, ...]]]:

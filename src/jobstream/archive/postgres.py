@@ -70,7 +70,7 @@ class PostgresArchive:
             return
         rows = [queries.job_row(job) for job in jobs]
         events = [(job.id, *queries.split_id(e.id), e.type, e.data) for job in jobs for e in job.events]
-        tags = [(job.id, tag) for job in jobs for tag in job.tags]
+        tags = [row for job in jobs for row in queries.tag_rows(job)]
         pool = await self._get_pool()
         async with pool.acquire() as conn, conn.transaction():
             await conn.executemany(_q(queries.UPSERT_JOB), rows)
@@ -133,9 +133,19 @@ class PostgresArchive:
         tag: str | None = None,
         before: Before | None = None,
         limit: int = 50,
+        let_go_by: int | None = None,
+        alive_at: int | None = None,
     ) -> list[ArchivedJob]:
         sql, args = queries.list_owner(
-            lambda n: f"${n}", owner, status=status, type=type, tag=tag, before=before, limit=limit
+            lambda n: f"${n}",
+            owner,
+            status=status,
+            type=type,
+            tag=tag,
+            before=before,
+            limit=limit,
+            let_go_by=let_go_by,
+            alive_at=alive_at,
         )
         pool = await self._get_pool()
         rows = await pool.fetch(sql, *args)

@@ -6,24 +6,25 @@ placeholder style (``?`` for SQLite, ``$n`` for PostgreSQL)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, cast
 
 from jobstream.archive import ArchivedJob, ArchivedRead, Before, Dialect, Position
-from jobstream.store import StoredEvent
+from jobstream.store import StoredEvent, now_ms
 
 #: A placeholder for the n-th parameter (1-based).
 Placeholder = Callable[[int], str]
 
 UPSERT_JOB = (
-    "INSERT INTO jobs (job_id, owner, status, type, created_ms, expires_ms, fields)"
-    " VALUES ({}, {}, {}, {}, {}, {}, {})"
+    "INSERT INTO jobs (job_id, owner, status, type, created_ms, expires_ms, fields, redis_until_ms)"
+    " VALUES ({}, {}, {}, {}, {}, {}, {}, {})"
     " ON CONFLICT (job_id) DO UPDATE SET owner = excluded.owner, status = excluded.status,"
     " type = excluded.type, created_ms = excluded.created_ms, expires_ms = excluded.expires_ms,"
-    " fields = excluded.fields"
+    " fields = excluded.fields, redis_until_ms = excluded.redis_until_ms"
 )
 DELETE_TAGS = "DELETE FROM job_tags WHERE job_id = {}"
-INSERT_TAG = "INSERT INTO job_tags (job_id, tag) VALUES ({}, {}) ON CONFLICT DO NOTHING"
+#: A tag carries its job's owner and creation: the listing's tag filter walks them (migrations v2).
+INSERT_TAG = "INSERT INTO job_tags (job_id, tag, owner, created_ms) VALUES ({}, {}, {}, {}) ON CONFLICT DO NOTHING"
 INSERT_EVENT = "INSERT INTO events (job_id, ms, seq, type, data) VALUES ({}, {}, {}, {}, {}) ON CONFLICT DO NOTHING"
 GET_JOB = "SELECT fields FROM jobs WHERE job_id = {}"
 #: Events after (ms, seq); the first page passes (-1, -1).
@@ -61,9 +62,9 @@ def cursor_of(after: str | None) -> tuple[int, int]:
     return (MAX_BIGINT, MAX_BIGINT) if ms > MAX_BIGINT else (ms, min(seq, MAX_BIGINT))
 
 
-def job_row(job: ArchivedJob) -> tuple[str, str, str, str, int, int, str]:
-    """The jobs table's columns for ``job``: the indexed ones, then the whole hash as compact JSON
-    (a flat object of strings, which ``_field`` relies on)."""
+def job_row(job: ArchivedJob) -> tuple[str, str, str, str, int, int, str, int]:
+    """The jobs table's columns for ``job``: the indexed ones, the whole hash as compact JSON (a
+    flat object of strings, which ``_field`` relies on), and when Redis lets the job go."""
     return (
         job.id,
         job.owner,
@@ -72,7 +73,22 @@ def job_row(job: ArchivedJob) -> tuple[str, str, str, str, int, int, str]:
         job.created_ms,
         job.expires_ms,
         json.dumps(job.fields, ensure_ascii=False, separators=(",", ":")),
+        redis_until_ms(job.fields),
     )
+
+
+def redis_until_ms(fields: Mapping[str, str]) -> int:
+    """When Redis lets the job go, as far as the archive can know: its ``kept_ms``, or now if that
+    has passed (the archiver marks the job, which drops it from Redis, right after storing it);
+    0 when it has none (stored by an older archiver: counted as let go)."""
+    kept = fields.get("kept_ms")
+    if not kept or not kept.isdigit():
+        return 0
+    return min(max(int(kept), now_ms()), MAX_BIGINT)
+
+
+def tag_rows(job: ArchivedJob) -> list[tuple[str, str, str, int]]:
+    return [(job.id, tag, job.owner, job.created_ms) for tag in job.tags]
 
 
 def from_fields(fields_json: str) -> ArchivedJob:
@@ -88,27 +104,56 @@ def list_owner(
     tag: str | None,
     before: Before | None,
     limit: int,
+    let_go_by: int | None = None,
+    alive_at: int | None = None,
 ) -> tuple[str, list[object]]:
-    """The owner's jobs newest first, filtered: walks the (owner, created_ms, job_id) index."""
-    args: list[object] = [owner]
-    where = [f"owner = {placeholder(1)}"]
+    """The owner's jobs newest first (by created_ms, then job id), filtered; with ``let_go_by``,
+    only those Redis had let go by then; with ``alive_at``, only those whose retention runs past it.
+
+    Each filter walks an index in the listing's order and stops at ``limit`` (migrations v2): a tag
+    walks job_tags (owner, tag, created_ms, job_id) and looks up each job; else each status its own
+    (owner, status, ...) range, the ranges merged (a union of at most one per status); else a type
+    its (owner, type, ...) range; else the owner's (owner, created_ms, job_id)."""
+    args: list[object] = []
 
     def param(value: object) -> str:
         args.append(value)
         return placeholder(len(args))
 
-    if status:
-        where.append(f"status IN ({', '.join(param(s) for s in sorted(status))})")
-    if type is not None:
-        where.append(f"type = {param(type)}")
-    if tag is not None:
-        where.append(f"EXISTS (SELECT 1 FROM job_tags t WHERE t.job_id = jobs.job_id AND t.tag = {param(tag)})")
-    if before is not None:
-        where.append(f"(created_ms, job_id) < ({param(before[0])}, {param(before[1])})")
-    sql = (
-        f"SELECT fields FROM jobs WHERE {' AND '.join(where)}"
-        f" ORDER BY created_ms DESC, job_id DESC LIMIT {param(limit)}"
-    )
+    def branch(one_status: str | None) -> str:
+        if tag is not None:
+            source = f"job_tags t JOIN jobs j ON j.job_id = t.job_id WHERE t.owner = {param(owner)}"
+            source += f" AND t.tag = {param(tag)}"
+            order = "t.created_ms DESC, t.job_id DESC"
+            key = "(t.created_ms, t.job_id)"
+        else:
+            source = f"jobs j WHERE j.owner = {param(owner)}"
+            order = "j.created_ms DESC, j.job_id DESC"
+            key = "(j.created_ms, j.job_id)"
+        where = [source]
+        if one_status is not None:
+            where.append(f"j.status = {param(one_status)}")
+        elif status:
+            where.append(f"j.status IN ({', '.join(param(s) for s in sorted(status))})")
+        if type is not None:
+            where.append(f"j.type = {param(type)}")
+        if let_go_by is not None:
+            where.append(f"j.redis_until_ms <= {param(let_go_by)}")
+        if alive_at is not None:
+            where.append(f"j.expires_ms > {param(alive_at)}")
+        if before is not None:
+            where.append(f"{key} < ({param(before[0])}, {param(before[1])})")
+        return (
+            f"SELECT j.fields, j.created_ms, j.job_id FROM {' AND '.join(where)} ORDER BY {order} LIMIT {param(limit)}"
+        )
+
+    if tag is None and status and len(status) > 1:
+        # One ordered range per status, merged: an IN over the status index would sort them all.
+        parts = [f"SELECT * FROM ({branch(one)}) AS s{i}" for i, one in enumerate(sorted(status))]
+        union = " UNION ALL ".join(parts)
+        sql = f"SELECT fields FROM ({union}) AS u ORDER BY created_ms DESC, job_id DESC LIMIT {param(limit)}"
+    else:
+        sql = branch(None)  # its first column: the fields
     return sql, args
 
 

@@ -135,7 +135,7 @@ class SqliteArchive:
         async with self._transaction() as db:
             await db.executemany(_q(queries.UPSERT_JOB), rows)
             await db.executemany(_q(queries.DELETE_TAGS), [(job.id,) for job in jobs])
-            await db.executemany(_q(queries.INSERT_TAG), [(job.id, tag) for job in jobs for tag in job.tags])
+            await db.executemany(_q(queries.INSERT_TAG), [row for job in jobs for row in queries.tag_rows(job)])
             await db.executemany(_q(queries.INSERT_EVENT), events)
 
     async def get(self, job_id: str) -> ArchivedJob | None:
@@ -193,9 +193,19 @@ class SqliteArchive:
         tag: str | None = None,
         before: Before | None = None,
         limit: int = 50,
+        let_go_by: int | None = None,
+        alive_at: int | None = None,
     ) -> list[ArchivedJob]:
         sql, args = queries.list_owner(
-            lambda n: "?", owner, status=status, type=type, tag=tag, before=before, limit=limit
+            lambda n: "?",
+            owner,
+            status=status,
+            type=type,
+            tag=tag,
+            before=before,
+            limit=limit,
+            let_go_by=let_go_by,
+            alive_at=alive_at,
         )
         async with self._connection() as db, db.execute(sql, args) as cursor:
             rows = await cursor.fetchall()

@@ -329,23 +329,22 @@ def _implied_done(events: list[EventIn]) -> list[OutgoingEvent]:
 
 
 async def delete_job(request: Request) -> Response:
-    """One round trip: the delete script checks that the job exists (404) and is the caller's (403).
-    With an archive, the job is deleted from it too: first asked whether it may be there (its
-    ``archived`` flag), and when Redis no longer holds it, the archive answers 404 and 403."""
+    """One round trip: the delete script checks that the job exists (404) and is the caller's (403),
+    and tells whether the archive holds it. With an archive: a job it holds ("1") is deleted from
+    it too, and the archive down is 503 (the job would come back; the retry finds it only there); a
+    job not yet archived needs no archive call (the archiver, finding it gone when it marks it,
+    deletes what it stored). When Redis no longer holds the job, the archive answers 404 and 403."""
     job_id, principal = authenticate(request, write=True)
     if principal.read_only:
         await check_job(request, job_id, principal, write=True)  # 404, else 403: a read token never deletes
     svc = services(request)
-    flag = await svc.store.archived_flag(job_id) if svc.archive is not None else None
     try:
-        await svc.store.delete(job_id, owner=principal.user)
+        flag = await svc.store.delete(job_id, owner=principal.user)
     except JobNotFound:
         if svc.archive is None:
             raise
         await archived.delete(svc, job_id, principal.user)
     else:
-        if flag is not None:
-            # "0": not archived yet, unless the archiver was just done with it: deleted there too,
-            # without failing the request if the archive is down (see archived.forget).
-            await archived.forget(svc, job_id, required=flag == "1")
+        if flag == "1":
+            await archived.forget(svc, job_id)
     return Response(status_code=204)

@@ -21,7 +21,7 @@ from starlette.responses import Response
 from jobstream import archived, keys, metrics, sse
 from jobstream.auth import Principal
 from jobstream.cursor import parse_id
-from jobstream.errors import BadRequest, Forbidden, JobNotFound, RateLimited
+from jobstream.errors import ArchiveUnavailable, BadRequest, Forbidden, JobNotFound, RateLimited
 from jobstream.hub import HISTORY_PAGE
 from jobstream.jobgroup import Batch, JobGroup
 from jobstream.models import TAG_PATTERN, to_json
@@ -62,6 +62,8 @@ class Opened:
     cursor: JobsCursor
     reads: dict[str, JobRead] = field(default_factory=dict)
     more_archived: dict[str, str] = field(default_factory=dict)
+    #: Jobs the cursor names that only the archive, down now, could answer for: left as they stand.
+    unresolved: set[str] = field(default_factory=set)
 
 
 def selection(request: Request) -> Selection:
@@ -147,37 +149,57 @@ async def open_jobs(
         await _join(group, {job_id: cursor.after(job_id) for job_id in wanted})
     positions = [(job_id, cursor.after(job_id) if job_id in cursor else None) for job_id in wanted]
     reads = await svc.store.read_jobs(positions, limit, reader=principal.user)
+    unresolved: set[str] = set()
     if listed:  # (a tag's jobs are those of Redis's index: an archived job is not among them)
-        reads = await _archived_reads(svc, positions, reads, limit)
-    opened = Opened(cursor)
+        reads, unresolved = await _archived_reads(svc, positions, reads, limit, cursor)
+    opened = Opened(cursor, unresolved=unresolved)
     if listed and any(read is None and job_id not in cursor for job_id, read in zip(wanted, reads, strict=True)):
         raise JobNotFound("No such job (it may have expired): one of the listed ids.")
     if listed and any(read is not None and not principal.may_read(read.job) for read in reads):
         raise Forbidden(NOT_YOURS)
     for job_id, read in zip(wanted, reads, strict=True):
-        if read is None or not principal.may_read(read.job):
-            if job_id in cursor:
-                cursor.advance(job_id, cursor.after(job_id), done=True)  # gone: skipped from now on
-            if group is not None:
-                group.remove(job_id)
-            continue
-        opened.reads[job_id] = read
-        if job_id not in cursor:
-            cursor.advance(job_id, read.after)
-        if read.archived:
-            _opened_archived(opened, job_id, read, limit, group)
+        _opened(opened, job_id, read if read is not None and principal.may_read(read.job) else None, limit, group)
     return opened
 
 
+def _opened(opened: Opened, job_id: str, read: JobRead | None, limit: int, group: JobGroup | None) -> None:
+    """One job read (None: gone, or not the reader's), taken into ``opened``."""
+    cursor = opened.cursor
+    if read is None or job_id in opened.unresolved:
+        # Gone: skipped from now on. Unresolved (only the archive, down, could answer): its
+        # position stays as it was, not ended, for a later request to read it.
+        if job_id in cursor and job_id not in opened.unresolved:
+            cursor.advance(job_id, cursor.after(job_id), done=True)
+        if group is not None:
+            group.remove(job_id)
+        return
+    opened.reads[job_id] = read
+    if job_id not in cursor:
+        cursor.advance(job_id, read.after)
+    if read.archived:
+        _opened_archived(opened, job_id, read, limit, group)
+
+
 async def _archived_reads(
-    svc: Services, positions: list[tuple[str, str | None]], reads: list[JobRead | None], limit: int
-) -> list[JobRead | None]:
-    """``reads`` with those Redis found no job for read from the archive, in one query."""
+    svc: Services,
+    positions: list[tuple[str, str | None]],
+    reads: list[JobRead | None],
+    limit: int,
+    cursor: JobsCursor,
+) -> tuple[list[JobRead | None], set[str]]:
+    """``reads`` with those Redis found no job for read from the archive, in one query; and the ids
+    left unresolved because the archive is down. Those the cursor names are left for a later
+    request (the jobs Redis holds are answered all the same); a newly listed one is the 503."""
     missing = [position for position, read in zip(positions, reads, strict=True) if read is None]
     if not missing or svc.archive is None:
-        return reads
-    found = await archived.read_jobs(svc, missing, limit)
-    return [read or found.get(job_id) for (job_id, _), read in zip(positions, reads, strict=True)]
+        return reads, set()
+    try:
+        found = await archived.read_jobs(svc, missing, limit)
+    except ArchiveUnavailable:
+        if any(job_id not in cursor for job_id, _ in missing):
+            raise
+        return reads, {job_id for job_id, _ in missing}
+    return [read or found.get(job_id) for (job_id, _), read in zip(positions, reads, strict=True)], set()
 
 
 def _opened_archived(opened: Opened, job_id: str, read: JobRead, limit: int, group: JobGroup | None) -> None:
@@ -275,7 +297,7 @@ async def stream_many(request: Request) -> Response:
                 headers={"Retry-After": str(max(1, svc.settings.retry_ms // 1000))},
             )
         first = _first_chunk(group, opened)
-        stream = ManyStream(svc, group, leases, holder, lease, cursor, chosen, first, opened.more_archived)
+        stream = ManyStream(svc, group, leases, holder, lease, cursor, chosen, first, opened)
         handed_over = True  # the stream's now
     finally:
         if not handed_over:
@@ -323,7 +345,7 @@ class ManyStream(EventStream):
     shutdown), its batches from a JobGroup, each event's id the whole cursor. A `jobs=` stream ends
     once every listed job has sent `done` or is gone; a `tag=` stream at its lifetime's end."""
 
-    __slots__ = ("_archived", "_chosen", "_cursor", "_pending")
+    __slots__ = ("_archived", "_chosen", "_cursor", "_pending", "_unresolved")
 
     def __init__(
         self,
@@ -335,7 +357,7 @@ class ManyStream(EventStream):
         cursor: JobsCursor,
         chosen: Selection,
         first: tuple[bytes, Batch],
-        more_archived: dict[str, str] | None = None,
+        opened: Opened | None = None,
     ) -> None:
         notices, pending = first
         super().__init__(svc, "(many)", group, leases, holder, lease, sse.retry(svc.settings.retry_ms) + notices)
@@ -343,7 +365,9 @@ class ManyStream(EventStream):
         self._chosen = chosen
         self._pending = pending
         #: Archived jobs with history left to read: id -> the last id read (they are not in the group).
-        self._archived = dict(more_archived or {})
+        self._archived = dict(opened.more_archived if opened else {})
+        #: Jobs left for a later connection (the archive was down): they keep no stream open.
+        self._unresolved = frozenset(opened.unresolved if opened else ())
 
     async def _next_chunk(self) -> tuple[bytes, bool] | None:
         group = cast_group(self._follower)
@@ -356,13 +380,20 @@ class ManyStream(EventStream):
         for job_id in group.take_gone():
             self._cursor.advance(job_id, self._cursor.after(job_id), done=True)
         if not batch:
-            return (b"", True) if all_done(self._chosen, self._cursor) else None
+            return (b"", True) if self._ended() else None
         metrics.deliveries.sse += len(batch)
         self._written = batch[-1][1].id
         if self._chosen.tag is not None:
             self._make_room(group, {job_id for job_id, _ in batch if job_id not in self._cursor})
         chunk = frames(batch, self._cursor)
-        return chunk, all_done(self._chosen, self._cursor)
+        return chunk, self._ended()
+
+    def _ended(self) -> bool:
+        """Every listed job has sent `done`, is gone, or is left for a later connection."""
+        job_ids = self._chosen.job_ids
+        return job_ids is not None and all(
+            self._cursor.is_done(job_id) or job_id in self._unresolved for job_id in job_ids
+        )
 
     async def _archived_pages(self, page_size: int) -> Batch:
         """The next page of each archived job with history left, in one archive query (a failure
