@@ -181,6 +181,11 @@ _SCHEMAS: dict[str, Any] = {
             "tags": {"type": "array", "items": {"type": "string"}},
             "metadata": {"type": "object"},
             "output": {**_ref("Output"), "description": "With `include=output` only."},
+            "archived": {
+                "type": "boolean",
+                "description": "With an archive configured (JOBSTREAM_ARCHIVE_URL) when the job was created: whether"
+                " the archive holds it yet (it is written once the job ends).",
+            },
         },
     },
     "Output": {
