@@ -205,7 +205,7 @@ class Archiver:
 
     async def _archive_records(self, records: list[Record], taken_ms: int) -> None:
         """Read the jobs from Redis and store them, a transaction per TXN_EVENTS events or so."""
-        page = max(1, FIRST_PAGE_EVENTS // len(records))
+        page = max(1, min(READ_PAGE_EVENTS, FIRST_PAGE_EVENTS // len(records)))
         firsts = await self._read_firsts([record.job_id for record in records], page)
         group: list[tuple[Record, ArchivedJob]] = []
         events = 0
