@@ -4,6 +4,8 @@
     python -m bench.archive throughput --runs 3 --stores sqlite --shapes 2000x20
     python -m bench.archive appends --pairs 5 --appends 5000 --backlog 20000   # ~2 minutes
     python -m bench.archive appends --pairs 3 --backlog 60 --backlog-events 10000   # long jobs waiting, ~2 minutes
+    python -m bench.archive appends --pairs 3 --backlog 20000 --nice 19 --script-times   # (c), Redis's times, ~3 min
+    python -m bench.archive reads --rounds 7                                    # ~1 minute
 
 Run from the repository's root with its src/ first on the path (``PYTHONPATH=.:src``) when the
 venv's jobstream is installed from another tree.
@@ -37,9 +39,24 @@ Scenarios (``--stores sqlite postgresql`` for both, the default):
   PostgreSQL and the archiver, how long this process's and Redis's threads waited for a core
   (/proc/<pid>/schedstat), and the Redis commands that took 0.5 ms or more (SLOWLOG, scripts named).
 
-A ``reads`` scenario (an archived job's 10,000-event history over SSE and poll) is to come with the
-gateway's archive read path: a function taking ``args`` and returning its rows, added to
-``SCENARIOS`` with its parser.
+  With ``--nice N``, each pair gets a window (c) too, beside a child started at niceness N (the
+  backlog topped up again before it). With ``--script-times``, Redis's slow log keeps every command
+  (``slowlog-log-slower-than 0``), so that each run of the appends' own script (``scripts.APPEND``)
+  is timed by Redis's clock apart from the archiver's commands: its mean, p50 and p99 per window
+  (INFO commandstats' µs per EVALSHA is given too: every script's, the archiver's included). The
+  log costs Redis an entry per command (Redis 6.2 logs the commands inside scripts too), so the
+  latencies of such a run are not comparable with those of a run without it.
+- ``reads``: one ``jobstream serve`` process (its own Redis, the store as its archive) and one
+  ``external`` job made over HTTP, its 10,000 deltas and its end appended through ``JobStore``
+  (``stream_maxlen`` 100,000: nothing trimmed). Its whole history (10,003 events) read ``--rounds``
+  times each way, SSE then poll alternating, after one of each not counted: SSE (``GET
+  /v1/jobs/{id}/events``, httpx streaming) from the request to the stream's close, and to its first
+  byte; poll (``/poll?limit=1000``, following ``next`` until ``done``: 11 requests on one
+  keep-alive connection, each answer parsed by the client), to the last answer, and to the first.
+  Each read checked: 10,003 events, the last ``done``. First while Redis holds the job (the
+  baseline), then once ``Archiver.run_once()`` archived it and its Redis keys (meta, events,
+  output) were deleted, so that the gateway reads it from the archive. Medians with their ranges,
+  and the ratio archive/Redis of the medians.
 
 Every run's figures and the medians go to ``bench/results/<UTC time>-archive-<scenario>.jsonl``
 (after a ``meta`` line: the git commit and the state of src/); a markdown table is printed.
@@ -369,7 +386,10 @@ async def throughput(args: argparse.Namespace, out: Callable[[dict[str, Any]], N
     return medians
 
 
-def spread(values: list[float], digits: int = 1) -> dict[str, Any]:
+def spread(values: list[Any], digits: int = 1) -> dict[str, Any] | None:
+    """Median and range; None if any value is None (not measured)."""
+    if any(value is None for value in values):
+        return None
     return {
         "median": round(statistics.median(values), digits),
         "range": [round(min(values), digits), round(max(values), digits)],
@@ -452,6 +472,8 @@ class Processes:
     child: subprocess.Popen[str] | None = None
     #: Lua scripts by SHA1, for the slow log.
     scripts: dict[str, str] = field(default_factory=dict)
+    #: The slow log keeps every command (--script-times).
+    script_times: bool = False
 
     def pids(self) -> list[int]:
         return self.store.pids()
@@ -500,6 +522,11 @@ async def read_counters(client: RedisClient, watched: Processes, db_pids: list[i
 
 #: Redis commands that ran this long or longer are counted in a window (SLOWLOG).
 SLOW_US = 500
+#: The slow log keeps every command (``slowlog-log-slower-than 0``), this many at most, so that a
+#: window's append scripts can be timed by Redis's own clock apart from the archiver's commands.
+SLOWLOG_LEN = 200_000
+#: The script a producer's ``JobStore.append`` runs.
+APPEND_SCRIPT = "scripts.APPEND"
 
 
 def script_names() -> dict[str, str]:
@@ -514,11 +541,16 @@ def script_names() -> dict[str, str]:
     return names
 
 
-async def slow_commands(client: RedisClient, names: dict[str, str]) -> dict[str, Any]:
-    """What Redis's slow log holds (commands of SLOW_US or more, by Redis's own clock, which runs on
-    while Redis waits for a core): how many, and the five longest (scripts named)."""
-    entries = sorted(await client.slowlog_get(1024), key=lambda entry: -entry["duration"])
-    entries = [entry for entry in entries if not str(entry["command"]).upper().startswith(("SLOWLOG", "B'SLOWLOG"))]
+async def slow_commands(client: RedisClient, names: dict[str, str], every: bool) -> dict[str, Any]:
+    """What Redis's slow log holds (every command, by Redis's own clock, which runs on while Redis
+    waits for a core): how many took SLOW_US or more, the five longest (scripts named), and the
+    time of each append script run (``APPEND_SCRIPT``: the producer's, never the archiver's) when
+    ``every`` command was logged (else None)."""
+    entries = [
+        entry
+        for entry in await client.slowlog_get(SLOWLOG_LEN)
+        if not str(entry["command"]).upper().startswith(("SLOWLOG", "B'SLOWLOG"))
+    ]
 
     def named(entry: dict[str, Any]) -> str:
         command = entry["command"]
@@ -527,11 +559,26 @@ async def slow_commands(client: RedisClient, names: dict[str, str]) -> dict[str,
             return names.get(words[1], "EVALSHA " + words[1][:8])
         return " ".join(words[:2])[:60]
 
+    slow = sorted((entry for entry in entries if entry["duration"] >= SLOW_US), key=lambda entry: -entry["duration"])
+    runs = sorted(entry["duration"] for entry in entries if named(entry) == APPEND_SCRIPT) if every else []
     return {
-        "redis_slow_commands": len(entries),
-        "redis_slowest_us": entries[0]["duration"] if entries else 0,
-        "redis_slowest": [[entry["duration"], named(entry)] for entry in entries[:5]],
+        "redis_slow_commands": len(slow),
+        "redis_slowest_us": slow[0]["duration"] if slow else 0,
+        "redis_slowest": [[entry["duration"], named(entry)] for entry in slow[:5]],
+        "slowlog_entries": len(entries),
+        "slowlog_full": len(entries) >= SLOWLOG_LEN - 1,
+        "append_script_runs": len(runs),
+        "append_script_us_mean": round(statistics.fmean(runs), 2) if runs else None,
+        "append_script_us_p50": runs[len(runs) // 2] if runs else None,
+        "append_script_us_p99": runs[min(len(runs) - 1, int(len(runs) * 0.99))] if runs else None,
+        "append_script_us_max": runs[-1] if runs else None,
     }
+
+
+async def evalsha_stats(client: RedisClient) -> tuple[int, int]:
+    """Microseconds Redis has spent in EVALSHA (every script's), and its calls (INFO commandstats)."""
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
+    return int(stats.get("usec", 0)), int(stats.get("calls", 0))
 
 
 async def measure(store: JobStore, client: RedisClient, watched: Processes, appends: int, phase: str) -> dict[str, Any]:
@@ -543,7 +590,9 @@ async def measure(store: JobStore, client: RedisClient, watched: Processes, appe
     await client.slowlog_reset()
     gc.collect()
     before = await read_counters(client, watched, watched.pids())
+    evalsha0 = await evalsha_stats(client)
     latencies = await append_window(store, job_id, appends)
+    evalsha1 = await evalsha_stats(client)
     # The archive server's processes that were there at the start or are now (a backend started
     # in the window counts whole; one that ended in it is missed).
     after = await read_counters(client, watched, sorted(set(before.db_pids) | set(watched.pids())))
@@ -562,7 +611,10 @@ async def measure(store: JobStore, client: RedisClient, watched: Processes, appe
         # Runnable but waiting for a core: the appender's event loop thread, and Redis's.
         "appender_runqueue_wait_ms": round((after.self_wait_s - before.self_wait_s) * 1000, 1),
         "redis_runqueue_wait_ms": round((after.redis_wait_s - before.redis_wait_s) * 1000, 1),
-        **await slow_commands(client, watched.scripts),
+        **await slow_commands(client, watched.scripts, watched.script_times),
+        # Every script's runs (the archiver's too, in (b) and (c)), by INFO commandstats.
+        "evalsha_usec_per_call": round((evalsha1[0] - evalsha0[0]) / max(1, evalsha1[1] - evalsha0[1]), 2),
+        "evalsha_calls": evalsha1[1] - evalsha0[1],
         "backlog_before": before.backlog,
         "backlog_after": after.backlog,
         "archived_jobs_per_s": round(archived / seconds, 0),
@@ -574,12 +626,18 @@ async def measure(store: JobStore, client: RedisClient, watched: Processes, appe
 
 
 @contextlib.asynccontextmanager
-async def archiver_child(redis_url: str, archive_url: str) -> AsyncIterator[subprocess.Popen[str]]:
-    """``python -m bench.archive archiver`` on the same Redis and archive, stopped (SIGTERM, then
-    SIGKILL after 30 s) on the way out; it stops by itself after CHILD_MAX_S."""
+async def archiver_child(redis_url: str, archive_url: str, nice: int = 0) -> AsyncIterator[subprocess.Popen[str]]:
+    """``python -m bench.archive archiver`` on the same Redis and archive (at ``nice``), stopped
+    (SIGTERM, then SIGKILL after 30 s) on the way out; it stops by itself after CHILD_MAX_S."""
     command = [sys.executable, "-m", "bench.archive", "archiver", "--redis-url", redis_url]
     command += ["--archive-url", archive_url, "--max-seconds", str(CHILD_MAX_S)]
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+
+    def before_exec() -> None:
+        die_with_parent()
+        if nice:
+            os.nice(nice)
+
+    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, preexec_fn=before_exec)
     try:
         yield child
     finally:
@@ -603,18 +661,37 @@ async def wait_archiving(child: subprocess.Popen[str]) -> None:
         raise RuntimeError(f"the archiver child did not start (exit code {child.poll()}, said {line!r})")
 
 
-async def measure_pair(
-    jobs: JobStore, client: RedisClient, watched: Processes, archive_url: str, appends: int
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Window (a), no archiving, then window (b) beside an archiver child."""
-    a = await measure(jobs, client, watched, appends, "a")
-    async with archiver_child(watched.redis_url, archive_url) as child:
+async def measure_beside(
+    jobs: JobStore, client: RedisClient, watched: Processes, archive_url: str, appends: int, phase: str, nice: int
+) -> dict[str, Any]:
+    """A window beside an archiver child (at ``nice``)."""
+    async with archiver_child(watched.redis_url, archive_url, nice) as child:
         watched.child = child
-        b = await measure(jobs, client, watched, appends, "b")
+        row = await measure(jobs, client, watched, appends, phase)
     watched.child = None
     # What the child stored in its whole life (from its start to its stop, the window inside).
-    b["archiver_life"] = json.loads((child.stdout.read() if child.stdout else "") or "{}")
-    return a, b
+    row["archiver_life"] = json.loads((child.stdout.read() if child.stdout else "") or "{}")
+    row["archiver_nice"] = nice
+    return row
+
+
+async def top_up(jobs: JobStore, client: RedisClient, shape: Shape) -> None:
+    """The backlog back to ``shape.jobs`` ended jobs."""
+    backlog = await client.zcard(keys.outbox_backlog_key("archive"))
+    await make_ended(jobs, Shape(max(0, shape.jobs - backlog), shape.events))
+
+
+async def measure_pair(
+    jobs: JobStore, client: RedisClient, watched: Processes, archive_url: str, args: argparse.Namespace, shape: Shape
+) -> list[dict[str, Any]]:
+    """Window (a), no archiving, then window (b) beside an archiver child; with ``--nice``, then
+    (c) beside one at that niceness, the backlog topped up again before it."""
+    a = await measure(jobs, client, watched, args.appends, "a")
+    windows = [a, await measure_beside(jobs, client, watched, archive_url, args.appends, "b", 0)]
+    if args.nice:
+        await top_up(jobs, client, shape)
+        windows.append(await measure_beside(jobs, client, watched, archive_url, args.appends, "c", args.nice))
+    return windows
 
 
 async def appends_store(
@@ -626,23 +703,26 @@ async def appends_store(
     settings = settings_for(redis_server.url, archive_url)
     client = create_client(settings)
     jobs = JobStore(client, settings)
-    watched = Processes(redis_server.process.pid, redis_server.url, store, scripts=script_names())
+    watched = Processes(
+        redis_server.process.pid, redis_server.url, store, scripts=script_names(), script_times=args.script_times
+    )
     shape = Shape(args.backlog, args.backlog_events)
     rows: list[dict[str, Any]] = []
     try:
         await client.flushall()
-        await client.config_set("slowlog-log-slower-than", SLOW_US)
-        await client.config_set("slowlog-max-len", 1024)
+        # With --script-times, every command (to time the append scripts by Redis's clock); it costs
+        # Redis an entry per command, the commands inside scripts included (Redis 6.2).
+        await client.config_set("slowlog-log-slower-than", 0 if args.script_times else SLOW_US)
+        await client.config_set("slowlog-max-len", SLOWLOG_LEN if args.script_times else 1024)
         archive = open_archive(archive_url)
         await archive.migrate()
         await archive.close()
         for pair in range(1, args.pairs + 1):
             for attempt in range(args.retries + 1):
-                backlog = await client.zcard(keys.outbox_backlog_key("archive"))
-                await make_ended(jobs, Shape(max(0, shape.jobs - backlog), shape.events))
-                a, b = await measure_pair(jobs, client, watched, archive_url, args.appends)
-                kept = max(a["other_cores_busy"], b["other_cores_busy"]) <= args.max_other or attempt == args.retries
-                for row in (a, b):
+                await top_up(jobs, client, shape)
+                windows = await measure_pair(jobs, client, watched, archive_url, args, shape)
+                kept = max(row["other_cores_busy"] for row in windows) <= args.max_other or attempt == args.retries
+                for row in windows:
                     row = {"store": store.name, "pair": pair, **row}
                     print(json.dumps(row), file=sys.stderr)
                     out(row if kept else {**row, "kind": "replaced"})  # replaced: other processes were busy
@@ -669,59 +749,301 @@ async def appends(args: argparse.Namespace, out: Callable[[dict[str, Any]], None
 
 
 def appends_median(rows: list[dict[str, Any]], store: str) -> dict[str, Any]:
-    a = [row for row in rows if row["store"] == store and row["phase"] == "a"]
-    b = [row for row in rows if row["store"] == store and row["phase"] == "b"]
+    phases = {
+        phase: [row for row in rows if row["store"] == store and row["phase"] == phase] for phase in ("a", "b", "c")
+    }
+    phases = {phase: mine for phase, mine in phases.items() if mine}
     figures = ["p50_ms", "p99_ms", "max_ms", "redis_cores", "postgres_cores", "appender_runqueue_wait_ms"]
     figures += ["redis_runqueue_wait_ms", "redis_slow_commands", "redis_slowest_us", "appends_per_s"]
+    figures += ["append_script_us_mean", "append_script_us_p50", "append_script_us_p99", "evalsha_usec_per_call"]
+    a = phases["a"]
+    beside = {phase: mine for phase, mine in phases.items() if phase != "a"}
     return {
         "kind": "median",
         "store": store,
         "pairs": len(a),
+        "phases": list(phases),
         **{
             f"{phase}_{name}": spread([row[name] for row in mine], 3)
-            for phase, mine in (("a", a), ("b", b))
+            for phase, mine in phases.items()
             for name in figures
         },  # fmt: skip
-        "b_archiver_cores": spread([row["archiver_cores"] for row in b], 3),
-        # Each pair's ratio, then their median and range.
-        "ratio_b_a": {
-            name: spread([after[name] / before[name] for before, after in zip(a, b, strict=True)], 2)
-            for name in ("p50_ms", "p99_ms", "max_ms")
+        **{
+            f"{phase}_archiver_cores": spread([row["archiver_cores"] for row in mine], 3)
+            for phase, mine in beside.items()
         },
-        "b_archived_jobs_per_s": spread([row["archived_jobs_per_s"] for row in b], 0),
-        "b_backlog_ran_out": sum(row["backlog_ran_out"] for row in b),
-        "other_cores_busy_max": max(row["other_cores_busy"] for row in a + b),
-        "steal_cores_max": max(row["steal_cores"] for row in a + b),
+        # Each pair's ratio, then their median and range.
+        **{
+            f"ratio_{phase}_a": {
+                name: spread([ratio(after[name], before[name]) for before, after in zip(a, mine, strict=True)], 2)
+                for name in ("p50_ms", "p99_ms", "max_ms", "append_script_us_mean")
+            }
+            for phase, mine in beside.items()
+        },
+        **{
+            f"{phase}_archived_jobs_per_s": spread([row["archived_jobs_per_s"] for row in mine], 0)
+            for phase, mine in beside.items()
+        },
+        **{f"{phase}_backlog_ran_out": sum(row["backlog_ran_out"] for row in mine) for phase, mine in beside.items()},
+        "slowlog_full": any(row["slowlog_full"] for mine in phases.values() for row in mine),
+        "other_cores_busy_max": max(row["other_cores_busy"] for mine in phases.values() for row in mine),
+        "steal_cores_max": max(row["steal_cores"] for mine in phases.values() for row in mine),
     }
 
 
-def cell(figure: dict[str, Any], digits: int = 2) -> str:
+def ratio(after: float | None, before: float | None) -> float | None:
+    return None if after is None or before is None else after / before
+
+
+def cell(figure: dict[str, Any] | None, digits: int = 2) -> str:
+    if figure is None:
+        return "—"
     low, high = figure["range"]
     return f"{figure['median']:,.{digits}f} ({low:,.{digits}f}–{high:,.{digits}f})"
+
+
+def median(figure: dict[str, Any] | None) -> str:
+    return "—" if figure is None else f"{figure['median']:.0f}"
 
 
 def appends_table(medians: list[dict[str, Any]]) -> None:
     print(
         "| store | archiving | append p50 ms (pairs' range) | p99 ms (range) | max ms (range) | b/a p50 | b/a p99"
-        " | cores: Redis / PostgreSQL / archiver | ms waiting for a core: appender / Redis"
+        " | Redis µs per append script run: mean (range) / p50 / p99 | b/a Redis µs per append"
+        " | µs per EVALSHA, all scripts | cores: Redis / PostgreSQL / archiver"
+        " | ms waiting for a core: appender / Redis"
         " | Redis commands ≥ 0.5 ms (longest µs) | jobs archived/s meanwhile | cores: others / stolen (max) |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    labels = {"a": "none", "b": "another process", "c": "another process at nice 19"}
     for row in medians:
-        for phase, label in (("a", "none"), ("b", "another process")):
-            ratio = row["ratio_b_a"]
-            p50, p99 = (cell(ratio["p50_ms"]), cell(ratio["p99_ms"])) if phase == "b" else ("", "")
-            archiver = f"{row['b_archiver_cores']['median']:.2f}" if phase == "b" else "—"
-            rate = f"{row['b_archived_jobs_per_s']['median']:,.0f}" if phase == "b" else "0"
+        for phase in row["phases"]:
+            ratio = row.get(f"ratio_{phase}_a")
+            p50, p99 = (cell(ratio["p50_ms"]), cell(ratio["p99_ms"])) if ratio else ("", "")
+            script = cell(ratio["append_script_us_mean"]) if ratio else ""
+            archiver = f"{row[f'{phase}_archiver_cores']['median']:.2f}" if ratio else "—"
+            rate = f"{row[f'{phase}_archived_jobs_per_s']['median']:,.0f}" if ratio else "0"
             f = {name[2:]: value for name, value in row.items() if name.startswith(f"{phase}_")}
             print(
-                f"| {row['store']} | {label} | {cell(f['p50_ms'], 3)} | {cell(f['p99_ms'])} | {cell(f['max_ms'])}"
-                f" | {p50} | {p99} | {f['redis_cores']['median']:.2f} / {f['postgres_cores']['median']:.2f}"
+                f"| {row['store']} | {labels[phase]} | {cell(f['p50_ms'], 3)} | {cell(f['p99_ms'])}"
+                f" | {cell(f['max_ms'])}"
+                f" | {p50} | {p99} | {cell(f['append_script_us_mean'], 1)} / {median(f['append_script_us_p50'])}"
+                f" / {median(f['append_script_us_p99'])} | {script} | {f['evalsha_usec_per_call']['median']:.1f}"
+                f" | {f['redis_cores']['median']:.2f} / {f['postgres_cores']['median']:.2f}"
                 f" / {archiver} | {f['appender_runqueue_wait_ms']['median']:.0f}"
                 f" / {f['redis_runqueue_wait_ms']['median']:.0f} | {f['redis_slow_commands']['median']:.0f}"
                 f" ({f['redis_slowest_us']['median']:,.0f}) | {rate} | {row['other_cores_busy_max']:.2f}"
                 f" / {row['steal_cores_max']:.2f} |"
             )
+
+
+# --- reads of an archived job -----------------------------------------------------------------
+
+#: Events of the job read back: 10,000 deltas, with the status, result and done around them.
+READ_DELTAS = 10_000
+#: Events per poll request (the most it allows).
+POLL_LIMIT = 1000
+
+
+@contextlib.contextmanager
+def gateway(redis_url: str, archive_url: str) -> Iterator[tuple[int, int]]:
+    """One ``jobstream serve`` process on that Redis and archive, its output to /dev/null (access log
+    on, as by default); yields (port, pid); stopped (SIGINT, then SIGKILL after 15 s) on the way out."""
+    from bench.run import API_KEY, TOKEN_SECRET, wait_http
+    from jobstream.devredis import free_port
+
+    port = free_port()
+    env = {key: value for key, value in os.environ.items() if not key.startswith("JOBSTREAM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
+    env |= {
+        "JOBSTREAM_REDIS_URL": redis_url,
+        "JOBSTREAM_API_KEYS": f"{API_KEY}=bench",
+        "JOBSTREAM_TOKEN_SECRET": TOKEN_SECRET,
+        "JOBSTREAM_ARCHIVE_URL": archive_url,
+        "JOBSTREAM_STREAM_MAXLEN": "100000",
+    }
+    command = [sys.executable, "-m", "jobstream", "serve", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_http(port, "/healthz")
+        yield port, process.pid
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def read_sse(http: Any, job_id: str) -> dict[str, Any]:
+    """The job's whole history over SSE: from the request to the stream's close, and to its first
+    byte; the frames counted afterwards (the last one must be ``done``)."""
+    chunks: list[bytes] = []
+    started = time.perf_counter()
+    first = None
+    async with http.stream("GET", f"/v1/jobs/{job_id}/events") as response:
+        if response.status_code != 200:
+            raise AssertionError(f"SSE answered {response.status_code}")
+        async for chunk in response.aiter_raw():
+            if first is None:
+                first = time.perf_counter()
+            chunks.append(chunk)
+    closed = time.perf_counter()
+    body = b"".join(chunks)
+    frames = [frame for frame in body.split(b"\n\n") if frame.startswith(b"id: ")]
+    return {
+        "ms": round((closed - started) * 1000, 2),
+        "ttfb_ms": round(((first or closed) - started) * 1000, 2),
+        "events": len(frames),
+        "last": frames[-1].split(b"\n")[1].removeprefix(b"event: ").decode() if frames else None,
+        "bytes": len(body),
+    }
+
+
+async def read_poll(http: Any, job_id: str) -> dict[str, Any]:
+    """The job's whole history by poll: ``limit=POLL_LIMIT``, following ``next`` until ``done``."""
+    events, requests, after, last = 0, 0, "", None
+    started = time.perf_counter()
+    first = None
+    while True:
+        query = f"?limit={POLL_LIMIT}" + (f"&after={after}" if after else "")
+        response = await http.get(f"/v1/jobs/{job_id}/poll{query}")
+        requests += 1
+        if response.status_code != 200:
+            raise AssertionError(f"poll answered {response.status_code}: {response.text[:200]}")
+        page = response.json()
+        if first is None:
+            first = time.perf_counter()
+        events += len(page["events"])
+        last = page["events"][-1]["type"] if page["events"] else last
+        after = page["next"]
+        if page["done"] or not page["events"]:
+            break
+    took = time.perf_counter() - started
+    return {
+        "ms": round(took * 1000, 2),
+        "first_page_ms": round(((first or started) - started) * 1000, 2),
+        "events": events,
+        "last": last,
+        "requests": requests,
+    }
+
+
+async def read_rounds(http: Any, job_id: str, held_by: str, store: str, rounds: int) -> list[dict[str, Any]]:
+    """``rounds`` reads each way (SSE, poll, SSE, poll…), after one of each not counted."""
+    rows: list[dict[str, Any]] = []
+    for round_ in range(rounds + 1):
+        for way, reader in (("sse", read_sse), ("poll", read_poll)):
+            gc.collect()
+            others0 = others_cpu()
+            started = time.perf_counter()
+            row = await reader(http, job_id)
+            busy = other_cores_busy(others0, others_cpu(), time.perf_counter() - started)
+            if row["events"] != READ_DELTAS + 3 or row["last"] != "done":
+                raise AssertionError(f"{way} from {held_by}: {row['events']} events, the last {row['last']!r}")
+            row = {"kind": "read", "store": store, "held_by": held_by, "way": way, "round": round_, **row}
+            row["other_cores_busy"] = busy
+            if round_ > 0:
+                rows.append(row)
+            print(json.dumps(row), file=sys.stderr)
+    return rows
+
+
+async def reads_store(
+    args: argparse.Namespace, redis_server: EmbeddedRedis, store: Store, out: Callable[[dict[str, Any]], None]
+) -> list[dict[str, Any]]:
+    """One job of READ_DELTAS deltas, read while Redis holds it, then archived, let go by Redis, and
+    read again from the archive through the same gateway."""
+    import httpx
+
+    from bench.run import API_KEY
+
+    archive_url = await store.fresh()
+    settings = settings_for(redis_server.url, archive_url)
+    client = create_client(settings)
+    archive = open_archive(archive_url)
+    rows: list[dict[str, Any]] = []
+    try:
+        await client.flushall()
+        await archive.migrate()
+        with gateway(redis_server.url, archive_url) as (port, _pid):
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers, timeout=60) as http:
+                created = await http.post("/v1/jobs", json={"type": "external"})
+                if created.status_code != 201:
+                    raise AssertionError(f"POST /v1/jobs answered {created.status_code}: {created.text[:200]}")
+                job_id = created.json()["id"]
+                jobs = JobStore(client, settings)
+                for start in range(0, READ_DELTAS, CHUNK):
+                    await jobs.append(job_id, [DELTA] * min(CHUNK, READ_DELTAS - start))
+                await jobs.append(job_id, ENDING)
+                rows += await read_rounds(http, job_id, "redis", store.name, args.rounds)
+                archiver = Archiver(client, settings, archive)
+                deadline = time.monotonic() + DRAIN_LIMIT_S
+                while await client.hget(keys.meta_key(job_id), "archived") != "1":
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the job was not archived")
+                    if not await archiver.run_once():
+                        await asyncio.sleep(0.05)
+                await client.delete(keys.meta_key(job_id), keys.events_key(job_id), keys.output_key(job_id))
+                rows += await read_rounds(http, job_id, "archive", store.name, args.rounds)
+    finally:
+        await archive.close()
+        await client.aclose()
+        await store.drop(archive_url)
+    for row in rows:
+        out(row)
+    return rows
+
+
+async def reads(args: argparse.Namespace, out: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    with stores(args.stores) as found:
+        for store in found.values():
+            with EmbeddedRedis().start() as redis_server:
+                rows += await reads_store(args, redis_server, store, out)
+    medians = [reads_median(rows, name, way) for name in found for way in ("sse", "poll")]
+    for row in medians:
+        out(row)
+    return medians
+
+
+def reads_median(rows: list[dict[str, Any]], store: str, way: str) -> dict[str, Any]:
+    mine = {
+        held: [r for r in rows if r["store"] == store and r["way"] == way and r["held_by"] == held]
+        for held in ("redis", "archive")
+    }
+    first = "ttfb_ms" if way == "sse" else "first_page_ms"
+    ms = {held: statistics.median(r["ms"] for r in found) for held, found in mine.items()}
+    firsts = {held: statistics.median(r[first] for r in found) for held, found in mine.items()}
+    return {
+        "kind": "median",
+        "store": store,
+        "way": way,
+        "rounds": len(mine["archive"]),
+        **{f"{held}_ms": spread([r["ms"] for r in found], 1) for held, found in mine.items()},
+        **{f"{held}_first_ms": spread([r[first] for r in found], 2) for held, found in mine.items()},
+        "ratio_archive_redis": round(ms["archive"] / ms["redis"], 2),
+        "ratio_first_archive_redis": round(firsts["archive"] / firsts["redis"], 2),
+        "requests": mine["archive"][0].get("requests", 1),
+        "other_cores_busy_max": max(r["other_cores_busy"] for found in mine.values() for r in found),
+    }
+
+
+def reads_table(medians: list[dict[str, Any]]) -> None:
+    print(
+        "| store | way | whole history ms, Redis holds the job (range) | archive only (range) | archive/Redis"
+        " | first byte (SSE) or first page (poll) ms: Redis | archive | archive/Redis | others' cores (max) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for row in medians:
+        way = "SSE" if row["way"] == "sse" else f"poll ({row['requests']} requests)"
+        print(
+            f"| {row['store']} | {way} | {cell(row['redis_ms'], 1)} | {cell(row['archive_ms'], 1)}"
+            f" | {row['ratio_archive_redis']:.2f} | {cell(row['redis_first_ms'])} | {cell(row['archive_first_ms'])}"
+            f" | {row['ratio_first_archive_redis']:.2f} | {row['other_cores_busy_max']:.2f} |"
+        )
 
 
 # --- the archiver child -----------------------------------------------------------------------
@@ -781,6 +1103,7 @@ Scenario = Callable[[argparse.Namespace, Callable[[dict[str, Any]], None]], Awai
 SCENARIOS: dict[str, tuple[Scenario, Callable[[list[dict[str, Any]]], None]]] = {
     "throughput": (throughput, throughput_table),
     "appends": (appends, appends_table),
+    "reads": (reads, reads_table),
 }
 
 
@@ -795,7 +1118,13 @@ def parser() -> argparse.ArgumentParser:
     two.add_argument("--appends", type=int, default=5000, help="sequential appends per window")
     two.add_argument("--backlog", type=int, default=20000, help="ended jobs waiting, topped up before each pair")
     two.add_argument("--backlog-events", type=int, default=20, help="deltas of each backlog job")
-    for scenario in (one, two):
+    two.add_argument(
+        "--script-times", action="store_true", help="time each append script by Redis's clock (slow log of everything)"
+    )
+    two.add_argument("--nice", type=int, default=0, help="also a window (c) beside an archiver at this niceness")
+    three = scenarios.add_parser("reads", help="an archived job's 10,000-event history over SSE and poll")
+    three.add_argument("--rounds", type=int, default=5, help="reads each way, from Redis and from the archive")
+    for scenario in (one, two, three):
         scenario.add_argument("--stores", nargs="+", choices=STORES, default=list(STORES))
         scenario.add_argument("--max-other", type=float, default=0.25, help="cores others may keep busy in a run")
         scenario.add_argument("--retries", type=int, default=2, help="times a disturbed run (or pair) is taken again")
