@@ -14,10 +14,11 @@ from typing import Any
 import httpx
 import pytest
 
-from jobstream import archiver, keys
+from jobstream import archiver, keys, outbox
 from jobstream.archive import ArchivedJob, open_archive
 from jobstream.archiver import Archiver
 from jobstream.connection import create_client
+from jobstream.outbox import Outbox
 from jobstream.store import StoredEvent
 from tests.conftest import ALICE, LiveStack, SyncRedis, append, create_job, make_settings
 from tests.helpers import wait_until, wait_until_async
@@ -395,3 +396,28 @@ def test_aJobTheArchiveRefuses_holdsUpNoOtherJobOfItsBatch(
     assert archived(archive_url, good["id"]) is not None
     assert archived(archive_url, bad["id"]) is None
     assert rdb.hget(keys.meta_key(bad["id"]), "archived") == "0"  # kept, retried later
+
+
+def test_lostNudge_thenTheLooksWhileTheJobRunsFindItsEnding(
+    make_stack: Callable[..., LiveStack], rdb: SyncRedis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process that wrote an ending died before nudging the archivers: the look the job was
+    registered for at create, then the looks while it runs, find the record."""
+
+    async def lost(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    monkeypatch.setattr(Outbox, "nudge", lost)
+    monkeypatch.setattr(outbox, "REGISTERED_LOOK_MS", 300)
+    monkeypatch.setattr(archiver, "ARCHIVE_IDLE_LOOK_MS", 300)
+    due = keys.outbox_due_key("archive")
+    url = f"sqlite:///{tmp_path / 'archive.db'}"
+    with make_stack(archive_url=url).client() as http:
+        job = create_job(http, "external")
+        registered = rdb.zscore(due, job["id"])
+        assert registered is not None
+        append(http, job, [{"type": "delta", "data": {"text": "hi"}}])
+        # Looked at while running (nothing to archive): due again later.
+        wait_until(lambda: (rdb.zscore(due, job["id"]) or 0) > registered + 250, message="never looked at")
+        append(http, job, ENDING)
+        wait_until(lambda: archived(url, job["id"]) is not None, timeout_s=10, interval_s=0.1)
