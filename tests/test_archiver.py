@@ -18,6 +18,7 @@ from jobstream import archiver, keys, outbox
 from jobstream.archive import ArchivedJob, open_archive
 from jobstream.archiver import Archiver
 from jobstream.connection import create_client
+from jobstream.models import iso
 from jobstream.outbox import Outbox
 from jobstream.store import StoredEvent
 from tests.conftest import ALICE, LiveStack, SyncRedis, append, create_job, make_settings
@@ -89,8 +90,9 @@ def test_endedJob_isArchived_withItsStatusDocumentAndEveryEvent_thenExpiresFromR
     assert [e.type for e in stored.events] == ["status", "delta", "delta", "progress", "result", "done"]
     # The archive keeps it for its retention (30 days by default) from the job's end.
     assert int(stored.fields["expires_ms"]) == int(meta["completed_ms"]) + 30 * 86_400_000
-    # Redis gives it back the expiry it had before it was kept for the archive.
-    assert document["expires_at"] is not None
+    # Redis gives it back the expiry it had before it was kept for the archive, which its status
+    # document showed all along.
+    assert document["expires_at"] == iso(int(meta["completed_ms"]) + 600_000)
     assert int(meta["expires_ms"]) == int(meta["completed_ms"]) + 600_000
     assert 590 <= rdb.ttl(keys.meta_key(job["id"])) <= 600
     assert 590 <= rdb.ttl(keys.events_key(job["id"])) <= 600
