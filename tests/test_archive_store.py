@@ -18,7 +18,7 @@ from jobstream.archive import Archive, ArchivedJob, open_archive, parse_url, que
 from jobstream.devredis import free_port
 from jobstream.settings import SettingsError, load_settings
 from jobstream.store import StoredEvent
-from tests.helpers import clean_env
+from tests.helpers import clean_env, wait_until_async
 
 Scenario = Callable[[Archive], Awaitable[None]]
 
@@ -401,6 +401,18 @@ def test_sqlite_whenAWriteIsCutShortWhileWaitingForTheLock_thenNoTransactionIsLe
                 async with asyncio.timeout(0.3):  # a caller's bound, shorter than the busy timeout
                     await archive.delete("some-job")
             other.execute("ROLLBACK")  # its lock freed: the BEGIN queued above runs now
+            # ...and is ended at once, without waiting for this archive's next use.
+            other.execute("PRAGMA busy_timeout=0")
+
+            def others_can_write() -> bool:
+                try:
+                    other.execute("BEGIN IMMEDIATE")
+                except sqlite3.OperationalError:
+                    return False
+                other.execute("ROLLBACK")
+                return True
+
+            await wait_until_async(others_can_write, timeout_s=5)
             await archive.store([job("j1")])
             assert await archive.get("j1") is not None
             other.execute("PRAGMA busy_timeout=2000")

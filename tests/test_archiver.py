@@ -19,8 +19,8 @@ from jobstream.archive import ArchivedJob, open_archive
 from jobstream.archiver import Archiver
 from jobstream.connection import create_client
 from jobstream.models import iso
-from jobstream.outbox import Outbox
-from jobstream.store import StoredEvent
+from jobstream.outbox import Outbox, Record
+from jobstream.store import StoredEvent, now_ms
 from tests.conftest import ALICE, LiveStack, SyncRedis, append, create_job, make_settings
 from tests.helpers import wait_until, wait_until_async
 
@@ -423,3 +423,23 @@ def test_lostNudge_thenTheLooksWhileTheJobRunsFindItsEnding(
         wait_until(lambda: (rdb.zscore(due, job["id"]) or 0) > registered + 250, message="never looked at")
         append(http, job, ENDING)
         wait_until(lambda: archived(url, job["id"]) is not None, timeout_s=10, interval_s=0.1)
+
+
+def test_aPassOverrunByAnotherProcessThatArchivedAndFinished_neverDeletesTheCopy(
+    make_stack: Callable[..., LiveStack], rdb: SyncRedis, redis_url: str, archive_url: str
+) -> None:
+    with make_stack(archive_url=archive_url, with_worker=False, retention_s=1).client() as http:
+        job = create_job(http, "external")
+        append(http, job, ENDING)
+    ending = Record(job["id"], "1-0", "completed", now_ms(), {}, 0)
+
+    async def scenario(worker: Archiver, archive: Any) -> None:
+        # Another process archived the job, Redis let it go, the outbox finished and is gone...
+        await archive_all(Archiver(worker._redis, make_settings(redis_url, archive_url=archive_url), archive), 1)
+        await wait_until_async(lambda: not rdb.exists(keys.meta_key(job["id"]), keys.outbox_state_key(job["id"])))
+        # ...then a slower pass that had stored it too gets to its mark: the job is gone, not deleted.
+        worker._deadline = asyncio.get_running_loop().time() + 30  # (its pass had time left)
+        await worker._done(ending, now_ms() + 1000)
+
+    with_archiver(redis_url, archive_url, scenario)
+    assert archived(archive_url, job["id"]) is not None

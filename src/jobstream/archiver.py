@@ -49,8 +49,10 @@ READ_PAGE_EVENTS = 1000
 TXN_EVENTS = 10_000
 #: Where the outbox state remembers the ending record whose job was marked archived.
 MARKED = "archive:marked"
-#: A taken job is left alone by other processes this long: more than a pass can take.
+#: A taken job is left alone by other processes this long: more than a pass can take, since a
+#: pass asks the archive only within PASS_BUDGET_S (then retries what is left).
 LEASE_MS = 60_000
+PASS_BUDGET_S = 25.0
 #: A job that has not ended is looked at again this long after (its ending nudges the archiver at
 #: once; this finds an ending whose nudge was lost when its writer died).
 ARCHIVE_IDLE_LOOK_MS = 300_000
@@ -75,24 +77,42 @@ archive_failures = Counter(
 )
 archive_deleted = Counter("jobstream_archive_deleted_total", "Jobs deleted from the archive as their retention ended.")
 
+#: What a job's ending to archive leads to once the job is gone from Redis: 'deleted' (the archive
+#: must follow) | 'kept' (its copy was marked archived before Redis let it go, or the outbox is
+#: finished and gone: another process did it all). KEYS[4]: the outbox state; ARGV[1]: the record.
+_WHEN_GONE = (
+    """
+local function when_gone(state, record)
+  if redis.call('EXISTS', state) == 0 or redis.call('HGET', state, '"""
+    + MARKED
+    + """') == record then return {'kept'} end
+  return {'deleted'}
+end
+"""
+)
+
 #: Mark a job archived, and give it back the expiry it would have had had it not been kept for the
 #: archive (kept_ms; already past: its keys go now, and readers find it in the archive); remember
 #: which ending record it was, for a process that would take the record again after a crash.
 #: KEYS: meta, events, output, outbox state. ARGV: the record's id.
-#: Returns {} (the job is gone: deleted meanwhile) | {owner, status, kept_ms}.
+#: Returns {'marked', owner, status, kept_ms} | when_gone's answer.
 _MARK = (
-    """
+    _WHEN_GONE
+    + """
 local meta = redis.call('HMGET', KEYS[1], 'owner', 'status', 'kept_ms', 'expires_ms')
-if not meta[1] then return {} end
+if not meta[1] then return when_gone(KEYS[4], ARGV[1]) end
 local kept = meta[3] or meta[4]
 redis.call('HSET', KEYS[1], 'archived', '1', 'expires_ms', kept)
 for i = 1, 3 do redis.call('PEXPIREAT', KEYS[i], kept) end
-redis.call('HSET', KEYS[4], '"""
+if redis.call('EXISTS', KEYS[4]) == 1 then redis.call('HSET', KEYS[4], '"""
     + MARKED
-    + """', ARGV[1])
-return {meta[1], meta[2], kept}
+    + """', ARGV[1]) end
+return {'marked', meta[1], meta[2], kept}
 """
 )
+
+#: when_gone for a job found gone when read. KEYS: the outbox state. ARGV: the record's id.
+_GONE = _WHEN_GONE + "return when_gone(KEYS[1], ARGV[1])\n"
 
 #: Keep a job that waits for the archive as long as its record does (each retry extends both),
 #: so that an archive down for days loses nothing. KEYS: meta, events, output. ARGV: seconds.
@@ -144,6 +164,11 @@ class Archiver:
         self._index = JobIndex(client)
         self._mark = client.register_script(_MARK)
         self._hold = client.register_script(_HOLD)
+        self._when_gone = client.register_script(_GONE)
+        #: This pass's: when it must be over (loop time, well within the lease), and whether the
+        #: archive failed to answer (then the rest of the pass is retried without asking it).
+        self._deadline = 0.0
+        self._down = False
         self._retention_ms = round(settings.archive_retention_days * 86_400_000)
         #: Names this process's leases.
         self._token = uuid.uuid4().hex
@@ -174,6 +199,7 @@ class Archiver:
         """One pass: archive the endings of up to BATCH due jobs; how many jobs were taken."""
         now = now_ms()
         taken_ms = now + LEASE_MS
+        self._deadline, self._down = asyncio.get_running_loop().time() + PASS_BUDGET_S, False
         taken = await self._outbox.take(CONSUMER, BATCH, now, taken_ms)
         if not taken:
             return 0
@@ -213,7 +239,12 @@ class Archiver:
             if not meta:
                 await self._gone(record, taken_ms)
                 continue
-            job = archived_job(meta, await self._rest(record.job_id, first, page), output, self._retention_ms)
+            try:
+                job = archived_job(meta, await self._rest(record.job_id, first, page), output, self._retention_ms)
+            except (KeyError, ValueError, TypeError):  # a job no store could take: it alone waits
+                logger.exception("archiver: job %s cannot be read for the archive", record.job_id)
+                await self._retry(record, taken_ms)
+                continue
             group.append((record, job))
             events += len(job.events)
             if events >= TXN_EVENTS:
@@ -222,15 +253,22 @@ class Archiver:
         if group:
             await self._store_group(group, taken_ms)
 
+    def _time_left(self) -> float:
+        """How long the archive may take now (0: not asked again in this pass)."""
+        return 0.0 if self._down else min(STORE_TIMEOUT_S, self._deadline - asyncio.get_running_loop().time())
+
     async def _store_group(self, group: list[tuple[Record, ArchivedJob]], taken_ms: int) -> None:
         try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
+            if self._time_left() <= 0:
+                raise TimeoutError("no time left in this pass")
+            async with asyncio.timeout(self._time_left()):
                 if not self._migrated:
                     await self._archive.migrate()
                     self._migrated = True
                 await self._archive.store([job for _, job in group])
         except Exception as exc:
-            if len(group) > 1 and not _unreachable(exc):
+            self._down = self._down or _unreachable(exc)
+            if len(group) > 1 and not self._down:
                 # The archive refused the batch: each job alone, so that one it cannot take holds up no other.
                 for one in group:
                     await self._store_group([one], taken_ms)
@@ -254,10 +292,10 @@ class Archiver:
         its record, and look for what follows (nothing, usually: the job is then finished)."""
         job_keys = [*_job_keys(record.job_id), keys.outbox_state_key(record.job_id)]
         marked = await self._mark(keys=job_keys, args=[record.id])
-        if marked:
-            owner, status, kept_ms = marked
+        if marked[0] == "marked":
+            _, owner, status, kept_ms = marked
             await self._index.status_changed(owner, record.job_id, status, int(kept_ms), now_ms())
-        elif not await self._forget(record, taken_ms):
+        elif marked[0] == "deleted" and not await self._forget(record, taken_ms):
             return
         await self._settled(record, taken_ms)
 
@@ -265,17 +303,20 @@ class Archiver:
         """The job of an ending to archive is gone from Redis: archived and let go already (a
         process died before it settled the record), or deleted, which the archive must follow
         (whether or not a copy made it there before the delete)."""
-        marked = await self._redis.hget(keys.outbox_state_key(record.job_id), MARKED)
-        if marked != record.id and not await self._forget(record, taken_ms):
+        found = await self._when_gone(keys=[keys.outbox_state_key(record.job_id)], args=[record.id])
+        if found[0] == "deleted" and not await self._forget(record, taken_ms):
             return
         await self._settled(record, taken_ms)
 
     async def _forget(self, record: Record, taken_ms: int) -> bool:
         """Delete the job from the archive; False if it could not (the record is retried)."""
         try:
-            async with asyncio.timeout(STORE_TIMEOUT_S):
+            if self._time_left() <= 0:
+                raise TimeoutError("no time left in this pass")
+            async with asyncio.timeout(self._time_left()):
                 await self._archive.delete(record.job_id)
         except Exception as exc:
+            self._down = self._down or _unreachable(exc)
             logger.warning("archiver: job %s, deleted, waits to be deleted from the archive: %s", record.job_id, exc)
             await self._retry(record, taken_ms)
             return False

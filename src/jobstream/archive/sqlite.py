@@ -57,6 +57,7 @@ class SqliteArchive:
         self._lock = asyncio.Lock()
         #: A transaction's call was cut short: the next use ends whatever it left open.
         self._unfinished = False
+        self._cleanups: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -87,6 +88,12 @@ class SqliteArchive:
             raise ArchiveError(f"cannot use the SQLite archive {self.path!r}: {exc}") from exc
         return db
 
+    async def _end_unfinished(self) -> None:
+        async with self._lock:
+            if self._unfinished and self._db is not None:  # (not reopened once closed)
+                await _rollback(self._db)
+                self._unfinished = False
+
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         async with self._connection() as db:
@@ -99,6 +106,10 @@ class SqliteArchive:
                 # waiting for another process's lock): whoever uses the connection next ends it
                 # first, so that the caller's bound is not spent waiting for it here.
                 self._unfinished = True
+                # Ended at once, not at this process's next use: until then others could not write.
+                task = asyncio.get_running_loop().create_task(self._end_unfinished())
+                self._cleanups.add(task)
+                task.add_done_callback(self._cleanups.discard)
                 raise
             except BaseException:
                 await _rollback(db)
