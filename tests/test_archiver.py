@@ -6,6 +6,8 @@ archive's retention deletes old jobs. On both stores (SQLite file, real PostgreS
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -443,3 +445,26 @@ def test_aPassOverrunByAnotherProcessThatArchivedAndFinished_neverDeletesTheCopy
 
     with_archiver(redis_url, archive_url, scenario)
     assert archived(archive_url, job["id"]) is not None
+
+
+def test_workerProcess_archivesThenStopsAtSigterm_whileTheArchiveIsDown(
+    make_stack: Callable[..., LiveStack],
+    worker_process: Callable[..., subprocess.Popen[bytes]],
+    tmp_path: Path,
+) -> None:
+    """`jobstream worker` as deployed: it archives, and SIGTERM stops it promptly, also while
+    the archive cannot be reached and its endings wait for retries."""
+    url = f"sqlite:///{tmp_path / 'archive.db'}"
+    with make_stack(archive_url=url, with_worker=False).client() as http:
+        worker = worker_process(JOBSTREAM_ARCHIVE_URL=url, JOBSTREAM_TOKEN_SECRET="s" * 32)
+        job = create_job(http, "test.echo", input={"result": {"ok": True}})
+        wait_until(lambda: archived(url, job["id"]) is not None, timeout_s=30, interval_s=0.1)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0
+        down = f"sqlite:///{tmp_path / 'missing' / 'archive.db'}"
+        worker = worker_process(JOBSTREAM_ARCHIVE_URL=down, JOBSTREAM_TOKEN_SECRET="s" * 32)
+        waiting = create_job(http, "test.echo", input={"result": {"ok": True}})
+        wait_until(lambda: status_of(http, waiting["id"])["status"] == "completed", timeout_s=30, interval_s=0.1)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=15) == 0
+        assert status_of(http, waiting["id"])["archived"] is False  # kept in Redis for the next worker
